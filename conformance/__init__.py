@@ -1,0 +1,1 @@
+"""Holds each optimized technique equal to its reference and measures the claims of ../shared/SEED.md."""

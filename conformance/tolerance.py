@@ -1,0 +1,184 @@
+"""When is an optimized result equal to its reference? Two rules, each returning an `Equivalence` record.
+
+1. `allclose` (and `bitwise`): where the optimized path can mirror the reference's arithmetic (fp32, same
+   reduction order or nearly), demand what torch.testing.assert_close demands by default for the dtype:
+   |actual - expected| <= atol + rtol * |expected| elementwise.
+
+2. `error_ratio`: for low precision and kernels, the FlashAttention rule (the FA2 repository's tests):
+       ref  = the reference computed in float64
+       base = the naive reference computed in the SAME low dtype as the optimized path
+       pass iff  max|opt - ref| <= factor * max|base - ref| + floor
+   with factor 2 for outputs and 3 for gradients. The kernel may be as wrong as a naive implementation in its own
+   dtype, times a small factor, never more. `floor` is a few ulps of the dtype at the reference's magnitude, so a
+   baseline that happens to be exact cannot make the bound zero.
+
+Every record carries the max and mean error and the bound, whether it passed or not: the report always shows them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor
+
+FORWARD_FACTOR = 2.0
+GRADIENT_FACTOR = 3.0
+FLOOR_ULPS = 4.0
+
+# torch.testing.assert_close defaults: dtype -> (rtol, atol)
+_DEFAULT_TOLERANCES = {
+    torch.float16: (1e-3, 1e-5),
+    torch.bfloat16: (1.6e-2, 1e-5),
+    torch.float32: (1.3e-6, 1e-5),
+    torch.float64: (1e-7, 1e-7),
+}
+
+
+@dataclass(frozen=True)
+class Equivalence:
+    """The verdict of one comparison, with the numbers behind it."""
+
+    name: str
+    """What was compared (e.g. "dq, causal, fp16")."""
+    passed: bool
+    max_error: float
+    """max |actual - expected|."""
+    mean_error: float
+    """mean |actual - expected|."""
+    bound: float
+    """The largest error the rule allowed (for allclose: atol + rtol*|expected| at the worst element)."""
+    rule: str
+    """The rule, in words, with its parameters."""
+    baseline_error: float | None = None
+    """error_ratio only: max |base - ref|."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        verdict = "ok" if self.passed else "FAIL"
+        return f"{self.name}: {verdict} max_err={self.max_error:.3g} mean_err={self.mean_error:.3g} " \
+               f"bound={self.bound:.3g} ({self.rule})"
+
+
+def default_tolerances(dtype: torch.dtype) -> tuple[float, float]:
+    """(rtol, atol) that torch.testing.assert_close uses for `dtype`."""
+    if dtype not in _DEFAULT_TOLERANCES:
+        raise ValueError(f"no default tolerance for dtype {dtype}; allowed: {list(_DEFAULT_TOLERANCES)}")
+    return _DEFAULT_TOLERANCES[dtype]
+
+
+def _check_pair(actual: Tensor, expected: Tensor, name: str) -> None:
+    if actual.shape != expected.shape:
+        raise ValueError(f"{name}: shapes differ, actual {tuple(actual.shape)} vs expected {tuple(expected.shape)}")
+
+
+def _errors(actual: Tensor, expected: Tensor) -> Tensor:
+    return (actual.detach().double().cpu() - expected.detach().double().cpu()).abs()
+
+
+def _stat(err: Tensor) -> tuple[float, float]:
+    if err.numel() == 0:
+        return 0.0, 0.0
+    return float(err.max()), float(err.mean())
+
+
+def allclose(
+    actual: Tensor,
+    expected: Tensor,
+    *,
+    name: str = "",
+    rtol: float | None = None,
+    atol: float | None = None,
+) -> Equivalence:
+    """Elementwise |actual - expected| <= atol + rtol*|expected|; defaults from torch.testing for expected's dtype.
+
+    NaN matches NaN at the same position (as torch.testing with equal_nan=True); inf must match exactly."""
+    _check_pair(actual, expected, name)
+    d_rtol, d_atol = default_tolerances(expected.dtype) if expected.is_floating_point() else (0.0, 0.0)
+    rtol = d_rtol if rtol is None else rtol
+    atol = d_atol if atol is None else atol
+    a = actual.detach().double().cpu()
+    e = expected.detach().double().cpu()
+    same_nonfinite = (a.isnan() & e.isnan()) | (a == e)
+    err = torch.where(same_nonfinite, torch.zeros_like(a), (a - e).abs())
+    err = torch.nan_to_num(err, nan=float("inf"))
+    allowed = atol + rtol * torch.where(e.isfinite(), e.abs(), torch.zeros_like(e))
+    ratio = err / allowed.clamp(min=torch.finfo(torch.float64).tiny)
+    worst = int(ratio.argmax()) if ratio.numel() else 0
+    max_err, mean_err = _stat(err)
+    passed = bool((err <= allowed).all())
+    bound = float(allowed.flatten()[worst]) if allowed.numel() else atol
+    return Equivalence(name, passed, max_err, mean_err, bound, f"allclose rtol={rtol:g} atol={atol:g}")
+
+
+def bitwise(actual: Tensor, expected: Tensor, *, name: str = "") -> Equivalence:
+    """Same dtype, same shape, same bits (NaNs with the same payload count as equal)."""
+    _check_pair(actual, expected, name)
+    if actual.dtype != expected.dtype:
+        raise ValueError(f"{name}: dtypes differ, {actual.dtype} vs {expected.dtype}")
+    a, e = actual.detach().cpu(), expected.detach().cpu()
+    same = a.reshape(-1).view(torch.uint8).equal(e.reshape(-1).view(torch.uint8)) if a.numel() else True
+    max_err, mean_err = _stat(torch.nan_to_num(_errors(a, e), nan=0.0))
+    return Equivalence(name, same, max_err, mean_err, 0.0, "bitwise equal")
+
+
+def dtype_floor(dtype: torch.dtype, magnitude: float = 1.0, ulps: float = FLOOR_ULPS) -> float:
+    """`ulps` units in the last place of `dtype` at `magnitude` (at least 1): the error no result can avoid."""
+    return ulps * torch.finfo(dtype).eps * max(1.0, magnitude)
+
+
+def error_ratio(
+    opt: Tensor,
+    ref: Tensor,
+    base: Tensor,
+    *,
+    name: str = "",
+    factor: float = FORWARD_FACTOR,
+    dtype: torch.dtype | None = None,
+) -> Equivalence:
+    """The FlashAttention rule: max|opt - ref| <= factor * max|base - ref| + floor(dtype).
+
+    ref: float64 reference; base: naive reference in the low dtype; opt: the result under test. `dtype` (default
+    opt's dtype) sets the floor."""
+    _check_pair(opt, ref, name)
+    _check_pair(base, ref, name)
+    if not factor > 0:
+        raise ValueError(f"factor must be > 0, got {factor}")
+    dtype = dtype or opt.dtype
+    err = _errors(opt, ref)
+    base_err = _errors(base, ref)
+    max_err, mean_err = _stat(err)
+    base_max, _ = _stat(base_err)
+    magnitude = float(ref.detach().abs().max()) if ref.numel() else 1.0
+    floor = dtype_floor(dtype, magnitude)
+    bound = factor * base_max + floor
+    passed = bool(torch.isfinite(err).all()) and max_err <= bound
+    rule = f"error ratio: <= {factor:g} x naive {str(dtype).removeprefix('torch.')} error + {floor:.2g} floor"
+    return Equivalence(name, passed, max_err, mean_err, bound, rule, baseline_error=base_max)
+
+
+def combine(name: str, parts: Iterable[Equivalence]) -> Equivalence:
+    """One record for many comparisons (e.g. every parameter of a model): passes iff all pass; reports the worst
+    part by error-to-bound ratio, and the mean of the parts' mean errors."""
+    parts = list(parts)
+    if not parts:
+        raise ValueError(f"{name}: nothing to combine")
+    worst = max(parts, key=lambda e: e.max_error / e.bound if e.bound > 0 else (0.0 if e.max_error == 0 else 1e300))
+    return Equivalence(
+        name,
+        all(p.passed for p in parts),
+        max(p.max_error for p in parts),
+        sum(p.mean_error for p in parts) / len(parts),
+        worst.bound,
+        f"{worst.rule}; worst of {len(parts)}: {worst.name}",
+        baseline_error=worst.baseline_error,
+    )
+
+
+def assert_equivalent(eq: Equivalence) -> None:
+    """Raise AssertionError carrying the whole record unless it passed."""
+    if not eq.passed:
+        raise AssertionError(str(eq))
