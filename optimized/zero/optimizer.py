@@ -78,6 +78,20 @@ class _Bucket:
     ready: set[int] = field(default_factory=set)
 
 
+@dataclass
+class _Unit:
+    """Stage 3: parameters of one module, contiguous in one flat buffer, sharing one storage that is filled just
+    before the module runs and resized to 0 bytes right after (a parameter is a view of `full`)."""
+
+    flat: int
+    lo: int
+    hi: int
+    params: list[nn.Parameter]
+    full: Tensor
+    gathered: bool = False
+    ready: set[int] = field(default_factory=set)
+
+
 def _probe_elementwise(optimizer_class: type, optimizer_kwargs: dict) -> None:
     """Refuse an optimizer whose update is not elementwise, before any state changes.
 
@@ -216,10 +230,11 @@ class ZeroOptimizer(torch.optim.Optimizer):
             for flat in self._flats:
                 for p in flat.params:
                     self._hooks.append(p.register_post_accumulate_grad_hook(self._on_grad_ready))
-        self._gathered: set[int] = set()
+        self._units: list[_Unit] = []
+        self._unit_of: dict[int, _Unit] = {}
         self._pinned = False
         if stage == 3:
-            self._register_module_hooks(model)
+            self._build_units(model)
 
         inner_groups = []
         for g, options in enumerate(self._group_options):
@@ -281,10 +296,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
             for p, slot in zip(params, layout.slots, strict=True):
                 p.data = buffer[slot.offset : slot.end].view(slot.shape)
         else:
-            buffer = compute[start : start + layout.shard_numel].clone()
-            for p, slot in zip(params, layout.slots, strict=True):
-                p.data = torch.empty(slot.shape, dtype=layout.dtype, device=self.device)
-                p.untyped_storage().resize_(0)
+            buffer = compute[start : start + layout.shard_numel].clone()  # the parameters get storage in _Unit
         own = buffer[start : start + owned] if self.stage < 3 else buffer[:owned]
         master_is_view = self.param_dtype is None and not self.offload
         if master_is_view:
@@ -329,12 +341,40 @@ class ZeroOptimizer(torch.optim.Optimizer):
         for p, _ in members:
             self._bucket_of[id(p)] = bucket
 
-    def _register_module_hooks(self, model: nn.Module) -> None:
+    def _build_units(self, model: nn.Module) -> None:
+        """Stage 3: one _Unit per module (per contiguous run of its own parameters), and the hooks that gather a
+        module's units before its forward and backward and free them after."""
+        flat_index = {id(flat): i for i, flat in enumerate(self._flats)}
         for module in model.modules():
             own = [p for p in module._parameters.values() if p is not None and id(p) in self._where]
-            if own:
-                self._hooks.append(module.register_forward_pre_hook(partial(self._before_forward, own)))
-                self._hooks.append(module.register_forward_hook(partial(self._after_forward, own)))
+            new = sorted((p for p in own if id(p) not in self._unit_of), key=lambda p: (
+                flat_index[id(self._where[id(p)][0])], self._where[id(p)][1].offset))
+            run: list[nn.Parameter] = []
+            for p in new:
+                if run and (self._where[id(run[-1])][0] is not self._where[id(p)][0]
+                            or self._where[id(run[-1])][1].end != self._where[id(p)][1].offset):
+                    self._add_unit(run, flat_index)
+                    run = []
+                run.append(p)
+            if run:
+                self._add_unit(run, flat_index)
+            units = list({id(self._unit_of[id(p)]): self._unit_of[id(p)] for p in own}.values())
+            if units:
+                self._hooks.append(module.register_forward_pre_hook(partial(self._before_forward, units)))
+                self._hooks.append(module.register_forward_hook(partial(self._after_forward, units)))
+
+    def _add_unit(self, params: list[nn.Parameter], flat_index: dict[int, int]) -> None:
+        flat, first = self._where[id(params[0])]
+        lo, hi = first.offset, self._where[id(params[-1])][1].end
+        full = torch.empty(hi - lo, dtype=flat.layout.dtype, device=self.device)
+        for p in params:
+            slot = self._where[id(p)][1]
+            p.data = full[slot.offset - lo : slot.end - lo].view(slot.shape)
+        full.untyped_storage().resize_(0)
+        unit = _Unit(flat_index[id(flat)], lo, hi, params, full)
+        self._units.append(unit)
+        for p in params:
+            self._unit_of[id(p)] = unit
 
     # --- collectives ---------------------------------------------------------------------------------------------
 
@@ -362,42 +402,41 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     # --- stage 3: gather before use, free after ------------------------------------------------------------------
 
-    def _gather(self, params: Iterable[nn.Parameter]) -> None:
-        """Give each parameter its full storage back and fill it: each owner broadcasts its piece."""
-        for p in params:
-            if id(p) in self._gathered:
+    def _gather(self, units: Iterable[_Unit]) -> None:
+        """Give each unit its storage back and fill it: each owner of a piece of [lo, hi) broadcasts it."""
+        for unit in units:
+            if unit.gathered:
                 continue
-            flat, slot = self._where[id(p)]
-            layout = flat.layout
-            p.untyped_storage().resize_(slot.numel * p.element_size())
-            full = p.data.view(-1)  # .data: writing here must not bump the version autograd checks
-            for r, a, b in layout.pieces(slot.offset, slot.end):
-                piece = full[a - slot.offset : b - slot.offset]
+            layout = self._flats[unit.flat].layout
+            buffer = self._flats[unit.flat].buffer
+            unit.full.untyped_storage().resize_((unit.hi - unit.lo) * unit.full.element_size())
+            for r, a, b in layout.pieces(unit.lo, unit.hi):
+                piece = unit.full[a - unit.lo : b - unit.lo]
                 if r == self.rank:
-                    piece.copy_(flat.buffer[a - layout.shard_start(r) : b - layout.shard_start(r)])
+                    piece.copy_(buffer[a - layout.shard_start(r) : b - layout.shard_start(r)])
                 self._broadcast(piece, r)
-            self._gathered.add(id(p))
+            unit.gathered = True
 
-    def _release(self, params: Iterable[nn.Parameter]) -> None:
+    def _release(self, units: Iterable[_Unit]) -> None:
         if self._pinned:
             return
-        for p in params:
-            if id(p) in self._gathered:
-                p.untyped_storage().resize_(0)  # autograd's saved views share this storage: they are freed too
-                self._gathered.discard(id(p))
+        for unit in units:
+            if unit.gathered:
+                unit.full.untyped_storage().resize_(0)  # autograd's saved views share it: they are freed too
+                unit.gathered = False
 
-    def _before_forward(self, params: list[nn.Parameter], module: nn.Module, args: Any) -> None:
-        self._gather(params)
+    def _before_forward(self, units: list[_Unit], module: nn.Module, args: Any) -> None:
+        self._gather(units)
 
-    def _after_forward(self, params: list[nn.Parameter], module: nn.Module, args: Any, output: Any) -> None:
-        self._release(params)
+    def _after_forward(self, units: list[_Unit], module: nn.Module, args: Any, output: Any) -> None:
+        self._release(units)
         if torch.is_grad_enabled():
             for t in tree_flatten(output)[0]:
                 if isinstance(t, Tensor) and t.requires_grad:
-                    t.register_hook(partial(self._before_backward, params))
+                    t.register_hook(partial(self._before_backward, units))
 
-    def _before_backward(self, params: list[nn.Parameter], grad: Tensor) -> None:
-        self._gather(params)
+    def _before_backward(self, units: list[_Unit], grad: Tensor) -> None:
+        self._gather(units)
 
     @contextmanager
     def gathered_parameters(self) -> Iterator[None]:
@@ -407,13 +446,13 @@ class ZeroOptimizer(torch.optim.Optimizer):
         if self.stage < 3 or self._pinned:
             yield
             return
-        self._gather(p for flat in self._flats for p in flat.params)
+        self._gather(self._units)
         self._pinned = True
         try:
             yield
         finally:
             self._pinned = False
-            self._release([p for flat in self._flats for p in flat.params])
+            self._release(self._units)
 
     # --- gradients -----------------------------------------------------------------------------------------------
 
@@ -430,7 +469,11 @@ class ZeroOptimizer(torch.optim.Optimizer):
         p.grad = None
         bucket.ready.add(id(p))
         if self.stage == 3:
-            self._release([p])
+            unit = self._unit_of[id(p)]
+            unit.ready.add(id(p))
+            if len(unit.ready) == len(unit.params):  # every parameter of the unit has its gradient: free it
+                self._release([unit])
+                unit.ready.clear()
         if len(bucket.ready) == len(bucket.params):
             self._reduce_bucket(bucket)
 
@@ -439,8 +482,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
         for bucket in self._buckets:
             if bucket.buffer is not None:
                 self._reduce_bucket(bucket)
-        if self.stage == 3:
-            self._release([p for flat in self._flats for p in flat.params])
+        for unit in self._units:
+            unit.ready.clear()
+        self._release(self._units)
         self._backward_queued = False
 
     def _reduce_bucket(self, bucket: _Bucket) -> None:
@@ -575,7 +619,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     def state_dict(self) -> dict:
         """This rank's shard: its master slices, the optimizer state of those slices, the hyperparameters, the
-        layout they belong to, and the frozen parameters. Load it with load_state_dict at the same world size and
+        layout they belong to, and the replicated model state (frozen parameters, buffers). Load it with load_state_dict at the same world size and
         rank; save_checkpoint/load_checkpoint reshard to another world size."""
         inner = self.optimizer.state_dict()
         return {
@@ -585,10 +629,11 @@ class ZeroOptimizer(torch.optim.Optimizer):
             "masters": [flat.master.detach().clone() for flat in self._flats],  # a view would save its whole base
             "state": [_clone_state(inner["state"].get(i, {})) for i in range(len(self._flats))],
             "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in inner["param_groups"]],
-            "frozen": {name: p.detach().clone() for name, p in self._frozen.items()},
+            "state_dict_keys": list(self.module.state_dict(keep_vars=True)),
+            "replicated": {name: t.detach().clone() for name, t in self._replicated().items()},
         }
 
-    def check_compatible(self, meta: dict, layouts: list[dict], frozen: Iterable[str], source: str) -> None:
+    def check_compatible(self, meta: dict, layouts: list[dict], replicated: Iterable[str], source: str) -> None:
         """Raise ValueError naming what differs between a saved optimizer (meta, layouts) and this one."""
         mine = self._meta()
         if meta.get("version") != FORMAT_VERSION:
@@ -597,32 +642,37 @@ class ZeroOptimizer(torch.optim.Optimizer):
             if meta.get(key) != mine[key]:
                 raise ValueError(f"{source}: saved with {key}={meta.get(key)!r}, this optimizer has {key}={mine[key]!r}")
         ours = [flat.layout.describe() for flat in self._flats]
-        saved_params = {tuple(p["names"]): (p["shape"], ld["dtype"], ld["group"]) for ld in layouts for p in ld["params"]}
-        our_params = {tuple(p["names"]): (p["shape"], ld["dtype"], ld["group"]) for ld in ours for p in ld["params"]}
-        for names, (shape, dtype, group) in our_params.items():
-            if names not in saved_params:
-                raise ValueError(f"{source}: parameter {names[0]!r} of this model is not in the checkpoint "
+
+        def by_name(lays: list[dict]) -> dict[str, tuple]:
+            return {p["names"][0]: (p["shape"], ld["dtype"], ld["group"]) for ld in lays for p in ld["params"]}
+
+        saved, current = by_name(layouts), by_name(ours)
+        for name, (shape, dtype, group) in current.items():
+            if name not in saved:
+                raise ValueError(f"{source}: trainable parameter {name!r} of this model is not in the checkpoint "
                                  f"(a checkpoint of another model?)")
-            if saved_params[names] != (shape, dtype, group):
-                s = saved_params[names]
-                raise ValueError(f"{source}: parameter {names[0]!r} was saved with shape {s[0]}, dtype {s[1]}, group "
+            if saved[name] != (shape, dtype, group):
+                s = saved[name]
+                raise ValueError(f"{source}: parameter {name!r} was saved with shape {s[0]}, dtype {s[1]}, group "
                                  f"{s[2]}; this model has shape {shape}, dtype {dtype}, group {group}")
-        extra = set(saved_params) - set(our_params)
-        if extra:
-            raise ValueError(f"{source}: parameter {sorted(extra)[0][0]!r} is in the checkpoint but not trainable in "
-                             f"this model (a checkpoint of another model?)")
-        if [(ld["group"], ld["dtype"], ld["numel"]) for ld in layouts] != [
-            (ld["group"], ld["dtype"], ld["numel"]) for ld in ours
-        ] or layouts != ours:
-            raise ValueError(f"{source}: the parameters are in another order than in this model")
-        missing = set(self._frozen) - set(frozen)
+        for name in saved:
+            if name not in current:
+                raise ValueError(f"{source}: parameter {name!r} is in the checkpoint but is not a trainable "
+                                 f"parameter of this model (a checkpoint of another model?)")
+        if layouts != ours:
+            raise ValueError(f"{source}: the same parameters in another order or grouping than in this model")
+        missing = sorted(set(self._replicated()) - set(replicated))
         if missing:
-            raise ValueError(f"{source}: frozen parameter {sorted(missing)[0]!r} is not in the checkpoint")
+            raise ValueError(f"{source}: frozen parameter or buffer {missing[0]!r} is not in the checkpoint")
+
+    def _replicated(self) -> dict[str, Tensor]:
+        """Model state every rank holds whole: frozen parameters and buffers, by state_dict name."""
+        return {k: v for k, v in self.module.state_dict(keep_vars=True).items() if id(v) not in self._where}
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load this rank's shard written by state_dict() at the same world size; see load_checkpoint to reshard."""
         meta = state_dict["zero"]
-        self.check_compatible(meta, state_dict["layouts"], state_dict["frozen"], "state_dict")
+        self.check_compatible(meta, state_dict["layouts"], state_dict["replicated"], "state_dict")
         if (meta["world_size"], meta["rank"]) != (self.world_size, self.rank):
             raise ValueError(
                 f"state_dict: saved by rank {meta['rank']} of {meta['world_size']}, this is rank {self.rank} of "
@@ -641,9 +691,10 @@ class ZeroOptimizer(torch.optim.Optimizer):
         with torch.no_grad():
             for flat, master in zip(self._flats, state_dict["masters"], strict=True):
                 flat.master.copy_(master)
-            for name, value in state_dict["frozen"].items():
-                if name in self._frozen:
-                    self._frozen[name].copy_(value)
+            replicated = self._replicated()
+            for name, value in state_dict["replicated"].items():
+                if name in replicated:
+                    replicated[name].copy_(value)
         self.optimizer.load_state_dict({
             "state": {i: s for i, s in enumerate(state_dict["state"]) if s},
             "param_groups": [{**saved, "params": ours["params"]}

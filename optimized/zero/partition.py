@@ -16,6 +16,7 @@ and reduced by reducing each piece to its owner.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -31,13 +32,8 @@ class Slot:
     shape: tuple[int, ...]
     offset: int
     """First element in the flat buffer."""
+    numel: int
 
-    @property
-    def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
 
     @property
     def end(self) -> int:
@@ -64,7 +60,7 @@ class FlatLayout:
               world_size: int) -> FlatLayout:
         slots, offset = [], 0
         for names, shape in named:
-            slot = Slot(tuple(names), tuple(shape), offset)
+            slot = Slot(tuple(names), tuple(shape), offset, math.prod(shape))
             slots.append(slot)
             offset = slot.end
         return cls(group, dtype, tuple(slots), world_size)
