@@ -8,10 +8,11 @@ For each batch b and query head h, with scale s = 1/sqrt(d) unless given:
     O = P V                              (N, d)
     LSE[i] = log sum_j exp(S[i, j])      (N,)     the log-sum-exp, -inf on a row that sees no key
 
-S and P are materialised in full, and autograd keeps P for the backward pass (dV = Pᵀ dO, dS = P ∘ (dP - rowsum(dP ∘ P))),
-so the memory of attention grows as O(B·H·N·M): at N = M = 4096 that is 64 MiB per head in fp32. FlashAttention
-(Dao et al. 2022, arXiv 2205.14135; FA2: Dao 2023, arXiv 2307.08691) computes the same O without ever holding an
-N x M matrix (see optimized/attention/); this file is what it must equal.
+S and P are materialised in full, and autograd keeps P for the backward pass (dV = Pᵀ dO, dP = dO Vᵀ,
+dS = P ∘ (dP - rowsum(dP ∘ P)), dQ = s · dS K, dK = s · dSᵀ Q), so the memory of attention grows as O(B·H·N·M):
+at N = M = 4096 that is 64 MiB per head in fp32. FlashAttention (Dao et al. 2022, arXiv 2205.14135; FA2: Dao 2023,
+arXiv 2307.08691) computes the same O without ever holding an N x M matrix (see optimized/attention/); this file is
+what it must equal.
 
 Options
 - Grouped-query attention (GQA, Ainslie et al. 2023, arXiv 2305.13245): q has H heads, k and v have Hkv heads with
