@@ -1,5 +1,6 @@
 """The `attention` conformance check: its rows, its byte accounting and its verdicts, on small sizes."""
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ def small(monkeypatch):
              causal_alignment="bottom_right", padding=True),
     ))
     monkeypatch.setattr(check, "INTERPRETER_CASES", (
-        Case("tiny", B=1, H=2, Hkv=1, N=17, M=20, d=16, is_causal=True, causal_alignment="bottom_right"),
+        Case("tiny", B=1, H=1, Hkv=1, N=9, M=16, d=16, is_causal=True, causal_alignment="bottom_right"),
     ))
     monkeypatch.setattr(check, "_lengths", lambda device, quick: (128, 256, 512))
 
@@ -33,6 +34,13 @@ def test_check_rows_on_cpu(small, tmp_path: Path):
     sdpa = by_name["sdpa float32 vs float64 naive (error rule)"]
     assert sdpa.peer == "torch SDPA" and "1 of 2 cases" in sdpa.notes and "padding" in sdpa.notes
     assert "CUDA" in by_name["flash_attn: not run here"].notes
+    if importlib.util.find_spec("triton") is not None:
+        from optimized.attention.triton import interpreted
+
+        if interpreted():  # tests/conftest.py turns the interpreter on without CUDA
+            for dtype in ("float32", "float16"):
+                row = by_name[f"triton {dtype} vs float64 naive (error rule)"]
+                assert row.equivalence.passed and "interpreter" in row.notes
 
     memory = by_name["memory: naive vs blocked"]
     saved = [m.measured for m in memory.memory if m.name.startswith("saved, naive / blocked")]
