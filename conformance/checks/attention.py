@@ -360,9 +360,11 @@ def _plot(memory: dict, w: Workload, path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, index, title in ((axes[0], 0, "saved for backward (inputs included)"),
                              (axes[1], 1, "peak live bytes, forward + backward")):
-        for name, by_n in memory.items():
+        for (name, by_n), marker, style in zip(memory.items(), "osD^v", ("-", "--", ":", "-.", "-"), strict=False):
             lengths = sorted(by_n)
-            ax.loglog(lengths, [by_n[n][index] / 2**20 for n in lengths], marker="o", label=name, base=2)
+            ax.loglog(lengths, [by_n[n][index] / 2**20 for n in lengths], marker=marker, linestyle=style,
+                      label=name, base=2)  # lines that coincide stay visible through their markers and dashes
+        ax.set_xticks(lengths, [f"{n // 1024}K" if n >= 1024 else str(n) for n in lengths])
         ax.set_xlabel("sequence length N (= M)")
         ax.set_ylabel("MiB")
         ax.set_title(title)
