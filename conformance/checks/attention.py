@@ -34,6 +34,8 @@ CHECK = "attention"
 TECHNIQUE = "FlashAttention"
 REFERENCE = "reference.attention.attention"
 PEERS = {"sdpa": "torch SDPA", "flash_attn": "flash-attn"}
+CLAIM_SLACK = 0.1
+"""A measured memory ratio within 10% of the paper's (read off its Fig. 3) counts as reaching it."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -303,21 +305,24 @@ def _memory_rows(ctx: Context, w: Workload, memory: dict, plot: str) -> list[Res
 
 
 def _memory_verdict(memory: dict, name: str, claimed: dict[int, str]) -> tuple[Verdict | None, str]:
-    """flash.memory for the FlashAttention implementations: both ratios at each claimed N measured."""
+    """flash.memory for the FlashAttention implementations: holds (under this workload's conditions) when both the
+    saved and the peak ratio reach the claim, within CLAIM_SLACK, at every claimed N measured."""
     if name not in ("blocked", "triton", "flash_attn"):
         return None, "A peer, measured beside the claim."
     target = {2048: 10.0, 4096: 20.0}
-    measured = [n for n in target if n in memory["naive"]]
+    naive = memory["naive"]
+    measured = [n for n in target if n in naive]
     if not measured:
         return Verdict.NOT_MEASURABLE, "The claim is made at N=2K and 4K; these sizes stop below (use --full)."
-    naive = memory["naive"]
-    low = [n for n in measured for i in (0, 1) if naive[n][i] / memory[name][n][i] < 0.9 * target[n]]
-    scope = ", ".join(claimed[n] for n in measured)
+    ratios = {n: (naive[n][0] / memory[name][n][0], naive[n][1] / memory[name][n][1]) for n in measured}
+    found = "; ".join(f"saved {s:.3g}x, peak {p:.3g}x at N={n} (claim {claimed[n]})" for n, (s, p) in ratios.items())
+    low = [n for n, pair in ratios.items() if min(pair) < (1 - CLAIM_SLACK) * target[n]]
     if low:
-        return Verdict.DOES_NOT_HOLD, f"Below the claim ({scope}) at N={sorted(set(low))}."
+        return Verdict.DOES_NOT_HOLD, f"{found}: more than {CLAIM_SLACK:.0%} below the claim at N={low}."
+    untested = "" if len(measured) == len(target) else " (4K measured with --full only)"
     return Verdict.HOLDS_UNDER_CONDITIONS, (
-        f"At or above the claim ({scope}) both saved and peak. The ratio is not a constant: it grows linearly "
-        "with N and depends on H, d and what is counted, so it holds for this workload, not in general.")
+        f"{found}: the claim holds to within {CLAIM_SLACK:.0%}{untested}. The ratio is no constant: it grows "
+        "linearly with N and depends on H, d and what is counted, so it holds for this workload, not in general.")
 
 
 def _speed_row(ctx: Context, w: Workload, impls: dict[str, Callable], n: int) -> Result:

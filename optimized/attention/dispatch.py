@@ -19,6 +19,7 @@ logged at debug level on the logger "optimized.attention".
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 from dataclasses import dataclass, field
@@ -155,7 +156,7 @@ def _unsupported(name: str, q: Tensor, p: Problem, *, auto: bool = False, key_pa
     if name == "sdpa":
         return _sdpa_unsupported(p, key_padding_mask, return_lse)
     if name == "triton":
-        if importlib.util.find_spec("triton") is None:
+        if not _installed("triton"):
             return "the triton package is not installed"
         if auto and q.device.type != "cuda":
             return f"needs CUDA tensors, got device {q.device} (Triton's interpreter is for tests, never 'auto')"
@@ -178,7 +179,7 @@ def _flash_attn_unsupported(q: Tensor, p: Problem, key_padding_mask: Tensor | No
         return "its causal mask is bottom-right aligned; top-left causal with N != M is not what it computes"
     if p.N == 0 or p.M == 0:
         return f"takes non-empty sequences, got N={p.N}, M={p.M}"
-    if importlib.util.find_spec("flash_attn") is None:
+    if not _installed("flash_attn"):
         return "the flash_attn package is not installed"
     version = _flash_attn_version()
     if version < (2, 1):
@@ -186,6 +187,13 @@ def _flash_attn_unsupported(q: Tensor, p: Problem, key_padding_mask: Tensor | No
     return None
 
 
+@functools.cache
+def _installed(package: str) -> bool:
+    """Is `package` importable? Asked once per process: `flash_attention` runs in every layer of every step."""
+    return importlib.util.find_spec(package) is not None
+
+
+@functools.cache
 def _flash_attn_version() -> tuple[int, int]:
     import flash_attn
 
@@ -225,7 +233,7 @@ def _run_flash_attn(q, k, v, p: Problem, *, is_causal, scale, key_padding_mask, 
         return result.transpose(1, 2)  # (B, H, N, d)
     out, lse, _ = result
     # flash-attn writes +inf as the LSE of a row that sees no key; the spec's log(0) is -inf.
-    lse = lse[..., : p.N].float()  # (B, H, N)
+    lse = lse[..., : p.N].detach().float()  # (B, H, N); a statistic, without gradient as in the other backends
     lse = torch.where(lse == float("inf"), float("-inf"), lse)  # (B, H, N)
     return out.transpose(1, 2), lse  # (B, H, N, d), (B, H, N)
 
