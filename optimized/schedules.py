@@ -57,6 +57,17 @@ class _ClosedForm(LRScheduler):
 
     _get_closed_form_lr = get_lr
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the scheduler and set the optimizer's lr for the restored step, so a resume is exact whether the
+        optimizer's state was loaded before or after this scheduler was built."""
+        super().load_state_dict(state_dict)
+        self._last_lr = self.get_lr()
+        for group, lr in zip(self.optimizer.param_groups, self._last_lr, strict=True):
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
+
 
 class ConstantWithWarmup(_ClosedForm):
     """Linear warmup to base_lr over `warmup_steps`, then constant."""
