@@ -68,6 +68,8 @@ def accumulate_gradients(
     """
     if not micro_batches:
         raise ValueError("micro_batches must hold at least one (idx, targets) pair, got none")
+    if num_tokens is not None and not (int(num_tokens) >= 0 and float(num_tokens) == int(num_tokens)):
+        raise ValueError(f"num_tokens must be an integer >= 0 (scored tokens of the whole batch), got {num_tokens!r}")
     first = micro_batches[0][1]
     group_size = 1
     if num_tokens is None:

@@ -86,7 +86,7 @@ def global_grad_norm(
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size(process_group) > 1
     if distributed and norm_type == math.inf:
         # MAX over [max with NaN as +inf, saw-a-NaN flag]: one collective that cannot lose a NaN.
-        packed = torch.stack([torch.nan_to_num(local, nan=math.inf), local.isnan().float()])  # (2,)
+        packed = torch.stack([local.nan_to_num(nan=math.inf, posinf=math.inf), local.isnan().to(local.dtype)])  # (2,)
         dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=process_group)
         local = torch.where(packed[1] > 0, torch.full_like(packed[0], math.nan), packed[0])
     elif distributed:
