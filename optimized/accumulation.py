@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
-from typing import ContextManager
+from contextlib import AbstractContextManager
 
 import torch
 import torch.distributed as dist
@@ -47,7 +47,7 @@ def accumulate_gradients(
     model: nn.Module,
     micro_batches: Sequence[Batch],
     *,
-    no_sync: Callable[[], ContextManager] | None = None,
+    no_sync: Callable[[], AbstractContextManager] | None = None,
     process_group: dist.ProcessGroup | None = None,
     num_tokens: int | Tensor | None = None,
     loss_fn: Callable[[nn.Module, Tensor, Tensor], Tensor] = _summed_loss,

@@ -44,7 +44,8 @@ def _by_device(tensors: list[Tensor]) -> dict[tuple[torch.device, torch.dtype], 
 
 
 def _tensor_norms(grads: list[Tensor], norm_type: float, device: torch.device, foreach: bool | None) -> Tensor:
-    """(len(grads),) float32 (float64 if any gradient is) on `device`: the p-norm of each gradient, one foreach kernel per (device, dtype)."""
+    """(len(grads),) float32 (float64 if any gradient is) on `device`: the p-norm of each gradient, one foreach
+    kernel per (device, dtype)."""
     norms: list[Tensor] = []
     for (_, dtype), group in _by_device(grads).items():
         acc = torch.float32 if dtype in (torch.float16, torch.bfloat16) else None

@@ -188,3 +188,16 @@ def test_data_parallel_no_sync_equals_one_big_batch(world, use_ddp):
     for loss, grads in spawn(_data_parallel_worker, world, use_ddp, timeout=120):
         torch.testing.assert_close(loss, loss_big, rtol=1e-6, atol=0)
         assert_close_scaled(grads, g_big, rtol=1e-6)
+
+
+@pytest.mark.gpu
+def test_uneven_micro_batches_on_cuda_equal_one_big_batch():
+    b = batch(rows=9, seed=2)
+    model = GPT(CFG).cuda()
+    _, loss = model(b[0].cuda(), b[1].cuda())
+    loss.backward()
+    g_big = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    acc = accumulate_gradients(model, [(i.cuda(), t.cuda()) for i, t in split_rows(b, [2, 3, 4])])
+    torch.testing.assert_close(acc, loss.detach(), rtol=1e-6, atol=0)
+    assert_close_scaled([p.grad for p in model.parameters()], g_big, rtol=1e-5)

@@ -186,3 +186,16 @@ def test_sharded_norm_propagates_nonfinite_to_every_rank(sharded_results, norm_t
     for by_case in results:
         total = by_case[repr((norm_type, special))][0]
         assert math.isnan(total) if math.isnan(special) else total == math.inf
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("norm_type", NORMS)
+def test_clip_on_cuda_equals_torch(norm_type):
+    theirs, mine = make_params(scale=3.0), make_params(scale=3.0)
+    for p in theirs + mine:
+        p.data, p.grad = p.data.cuda(), p.grad.cuda()
+    t = torch.nn.utils.clip_grad_norm_(theirs, 1.0, norm_type)
+    m = clip_grad_norm_(mine, 1.0, norm_type)
+    assert m.device.type == "cuda"
+    torch.testing.assert_close(m, t)
+    torch.testing.assert_close(grads(mine), grads(theirs))

@@ -118,3 +118,23 @@ def test_lion_mixed_dtypes_go_to_separate_buckets():
 def test_bad_arguments_are_rejected(kwargs, match):
     with pytest.raises(ValueError, match=match):
         build_optimizer(GPT(CFG), **kwargs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])
+def test_build_optimizer_is_fused_on_cuda_and_trains_like_the_reference(name):
+    kw = dict(sgd=dict(lr=0.1, momentum=0.9, weight_decay=0.01), adam=dict(lr=3e-3, weight_decay=0.01),
+              adamw=dict(lr=3e-3, weight_decay=0.1))[name]
+    ref_cls = dict(sgd=ref.SGD, adam=ref.Adam, adamw=ref.AdamW)[name]
+    model_opt, model_ref = GPT(CFG).cuda(), GPT(CFG).cuda()
+    opt = build_optimizer(model_opt, name, **kw)
+    assert opt.defaults["fused"]
+    batches = make_batches(5, batch_size=2, seq_len=8, vocab_size=CFG.vocab_size, seed=3)
+    spec = ref_cls(param_groups(model_ref, kw["weight_decay"]), **{k: v for k, v in kw.items() if k != "weight_decay"})
+    for model, o in ((model_opt, opt), (model_ref, spec)):
+        for idx, targets in batches:
+            o.zero_grad(set_to_none=True)
+            model(idx.cuda(), targets.cuda())[1].backward()
+            o.step()
+    for p, q in zip(model_opt.parameters(), model_ref.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5)
