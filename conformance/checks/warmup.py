@@ -11,8 +11,9 @@ Per learning rate and arm, over the seeds:
                (median and max over seeds);
   failed       runs whose loss became non-finite or that ended at >= 90% of their first loss (no learning).
 Warmup "helps" at an lr if it has fewer failed runs, or as many and a median spike at most 0.8x; it "hurts" if it
-has more failed runs, or as many and a median spike at least 1.25x. Verdict: holds if it helps at the highest lr
-and hurts at none; holds under conditions if it helps at some lr; does not hold otherwise. The loss curves of
+has more failed runs, or as many and a median spike at least 1.25x. Verdict: does not hold if it helps at no lr;
+holds if it helps at the highest lr, hurts at none, and no run with warmup fails at an lr where it helped; holds
+under conditions otherwise (the row says which: e.g. it removes the spike but the runs still fail). The loss curves of
 every run are plotted into the report folder, and the raw curves are written beside them as JSON.
 """
 
@@ -106,6 +107,9 @@ class Arm:
     def failed(self) -> int:
         return sum(_failed(c) for c in self.curves)
 
+    def finals(self) -> list[float]:
+        return [_final(c) for c in self.curves]
+
     def describe(self) -> str:
         finals = ", ".join(f"{_final(c):.3g}" for c in self.curves)
         spikes = self.spikes
@@ -114,15 +118,27 @@ class Arm:
 
 
 def effect(with_warmup: Arm, without: Arm) -> str:
-    """"helps", "hurts" or "no clear difference" (the rule of the module docstring)."""
+    """"helps: ...", "hurts: ..." or "no clear difference" (the rule of the module docstring)."""
     if with_warmup.failed != without.failed:
-        return "helps" if with_warmup.failed < without.failed else "hurts"
+        return "helps: fewer failed runs" if with_warmup.failed < without.failed else "hurts: more failed runs"
     s_w, s_0 = statistics.median(with_warmup.spikes), statistics.median(without.spikes)
     if s_w < s_0 and s_w <= 0.8 * s_0:
-        return "helps"
+        return "helps: smaller spikes"
     if s_w > s_0 and s_w >= 1.25 * s_0:
-        return "hurts"
+        return "hurts: larger spikes"
     return "no clear difference"
+
+
+def verdict(effects: dict[float, str], failed_with_warmup: dict[float, int]) -> Verdict:
+    """The claim's verdict from the effect at each lr (the rule of the module docstring)."""
+    helped = [lr for lr, e in effects.items() if e.startswith("helps")]
+    if not helped:
+        return Verdict.DOES_NOT_HOLD
+    hurt = any(e.startswith("hurts") for e in effects.values())
+    still_failing = any(failed_with_warmup[lr] for lr in helped)
+    if max(effects) in helped and not hurt and not still_failing:
+        return Verdict.HOLDS
+    return Verdict.HOLDS_UNDER_CONDITIONS
 
 
 def _plot(results: dict, setup: Setup, path) -> None:
@@ -171,23 +187,20 @@ def run(ctx: Context) -> list[Result]:
     for lr in setup.lrs:
         with_w, without = results[lr][setup.warmup_steps], results[lr][0]
         effects[lr] = effect(with_w, without)
+        lower = sum(a < b for a, b in zip(with_w.finals(), without.finals(), strict=True))
         rows.append(Result(
             check="warmup", name=f"lr={lr:g}: warmup {effects[lr]}", technique="LR warmup",
             reference="constant lr (no warmup)", optimized="reference.schedules.constant_with_warmup",
             device=device.type, plots=[plot_name],
-            notes=f"with warmup: {with_w.describe()}; without: {without.describe()}"))
-    top = max(setup.lrs)
-    if effects[top] == "helps" and "hurts" not in effects.values():
-        verdict = Verdict.HOLDS
-    elif "helps" in effects.values():
-        verdict = Verdict.HOLDS_UNDER_CONDITIONS
-    else:
-        verdict = Verdict.DOES_NOT_HOLD
-    summary = "; ".join(f"lr={lr:g}: {e}" for lr, e in effects.items())
+            notes=f"with warmup: {with_w.describe()}; without: {without.describe()}; final loss lower with warmup "
+                  f"in {lower}/{setup.seeds} seeds"))
+    failed_w = {lr: results[lr][setup.warmup_steps].failed for lr in setup.lrs}
+    summary = "; ".join(f"lr={lr:g}: {e} (failed with warmup {failed_w[lr]}/{setup.seeds}, without "
+                        f"{results[lr][0].failed}/{setup.seeds})" for lr, e in effects.items())
     rows.append(Result(
         check="warmup", name="warmup stabilises high-lr Adam", technique="LR warmup",
         reference="constant lr (no warmup)", optimized="reference.schedules.constant_with_warmup",
-        device=device.type, claim="warmup.stability", verdict=verdict, plots=[plot_name],
+        device=device.type, claim="warmup.stability", verdict=verdict(effects, failed_w), plots=[plot_name],
         notes=f"{desc}. Effect by lr: {summary}. Raw curves: {data_name}."
               + (" Quick mode: too few steps to learn the task, so 'failed' counts are not informative; only "
                  "the early spikes are." if ctx.quick else "")))
