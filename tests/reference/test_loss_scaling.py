@@ -46,7 +46,8 @@ class Pair:
         self.params = {k: [b.clone().requires_grad_() for b in base] for k in ("ref", "torch")}
         chunks = {k: [ps[i::optimizers] for i in range(optimizers)] for k, ps in self.params.items()}
         self.opts = {k: [torch.optim.SGD(c, lr=0.1, momentum=0.9) for c in cs] for k, cs in chunks.items()}
-        self.scalers = {"ref": DynamicLossScaler(**scaler_kwargs), "torch": torch.amp.GradScaler("cpu", **scaler_kwargs)}
+        self.scalers = {"ref": DynamicLossScaler(**scaler_kwargs),
+                        "torch": torch.amp.GradScaler("cpu", **scaler_kwargs)}
 
     def backward(self, events_per_param):
         for k, params in self.params.items():
