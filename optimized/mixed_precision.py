@@ -325,7 +325,11 @@ class MasterWeightOptimizer(torch.optim.Optimizer):
     def _master_group(self, group: dict) -> dict:
         """Check the group's model params, remember them, and return the group over their fp32 copies."""
         params = group["params"]
+        seen = {id(p) for ps in self.model_params for p in ps}
         for i, p in enumerate(params):
+            if id(p) in seen:
+                raise ValueError(f"parameter {i} (shape {tuple(p.shape)}) appears more than once in the param groups")
+            seen.add(id(p))
             if not p.is_floating_point():
                 raise ValueError(f"parameter {i} (shape {tuple(p.shape)}) is {p.dtype}; only floating params train")
             if self.dtype is not None and p.dtype != self.dtype:
@@ -371,7 +375,7 @@ class MasterWeightOptimizer(torch.optim.Optimizer):
                 if set_to_none:
                     p.grad = None
                 else:
-                    p.grad.detach_().zero_()
+                    p.grad.detach().zero_()
         self.optimizer.zero_grad(set_to_none=True)
 
     @torch.no_grad()

@@ -6,9 +6,10 @@
    naive same-dtype run is meaningful (bf16) the final parameters obey the error-ratio rule against the float64
    run; the autocast forward and gradients at the initial weights obey it too (2x logits, 3x gradients).
 2. Memory (claim mixed_precision.memory, "50%"). Measured with conformance.measure:
-   - bytes saved for backward by one forward of the tiny GPT, fp32 vs autocast bf16 / fp16, split by dtype, with
-     the half-precision copies of the weights (autocast casts each matmul weight and saves the copy) counted apart;
-   - peak live bytes of a whole training step (forward, backward, AdamW), fp32 vs autocast;
+   - bytes saved for backward by one forward, fp32 vs autocast bf16 / fp16 vs the model itself in bf16 (the
+     master-weight style), on the tiny GPT and on a wider GPT-2-like layer with many tokens; autocast's bytes split
+     by dtype, with the half copies of the weights (autocast casts each matmul weight and saves the copy) apart;
+   - peak live bytes of a whole training step (forward, backward, AdamW) of the tiny GPT, fp32 vs autocast;
    - model-state bytes per parameter: fp32 AdamW (4 + 4 + 8), autocast over fp32 weights (the same, plus the
      transient half weight copies), MasterWeightOptimizer (2 + 2 + 4 master + 8 Adam).
    The verdict says which memory the 50% is true for.
@@ -58,6 +59,8 @@ def _sizes(ctx: Context, purpose: str) -> Sizes:
         width, layers, seq = (512, 4, 256) if ctx.quick else (1024, 8, 512)
         cfg = GPTConfig(vocab_size=8192, block_size=seq, n_layer=layers, n_head=width // 64, n_embd=width)
         return Sizes(cfg, 8, seq, 0)
+    if purpose == "speed" and not ctx.quick:  # CPU: one GPT-2-like layer, enough work to time the matmuls
+        return Sizes(GPTConfig(vocab_size=64, block_size=128, n_layer=1, n_head=4, n_embd=256), 8, 128, 0)
     cfg = GPTConfig(vocab_size=37, block_size=64, n_layer=2, n_head=4, n_embd=32 if ctx.quick else 64)
     return Sizes(cfg, 4 if ctx.quick else 8, 13 if ctx.quick else 32, 8 if ctx.quick else 30)
 
@@ -350,22 +353,28 @@ def _memory(ctx: Context) -> list[Result]:
 
 
 def _memory_plot(ctx: Context, s: Sizes, device: torch.device) -> list[str]:
-    """Saved-for-backward bytes vs sequence length, fp32 and autocast bf16/fp16."""
+    """Saved-for-backward bytes vs sequence length: fp32, autocast bf16 (fp16 saves the same bytes), and the model
+    computing in bf16 (the master-weight style), beside half of fp32."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     lengths = [8, 16, 32, 63]
-    series = {None: [], torch.bfloat16: [], torch.float16: []}
+    series = {"fp32": [], "autocast bf16 (fp32 weights)": [], "bf16 model (fp32 master copy)": []}
     for t in lengths:
         sz = Sizes(s.config, s.batch_size, t, s.steps)
-        batch = _batches(sz, device, 1)[0]
-        for dt, ys in series.items():
-            ys.append(_saved_breakdown(_model(sz, device), *batch, dt)["total"] / 2**20)
+        idx, targets = _batches(sz, device, 1)[0]
+        mib = 2.0**20
+        series["fp32"].append(_saved_breakdown(_model(sz, device), idx, targets, None)["total"] / mib)
+        series["autocast bf16 (fp32 weights)"].append(
+            _saved_breakdown(_model(sz, device), idx, targets, torch.bfloat16)["total"] / mib)
+        series["bf16 model (fp32 master copy)"].append(
+            _saved_breakdown(_model(sz, device, torch.bfloat16), idx, targets, None)["total"] / mib)
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for dt, ys in series.items():
-        ax.plot(lengths, ys, marker="o", label="fp32" if dt is None else f"autocast {SHORT[dt]}")
+    for label, ys in series.items():
+        ax.plot(lengths, ys, marker="o", label=label)
+    ax.plot(lengths, [y / 2 for y in series["fp32"]], linestyle="--", color="gray", label="50% of fp32 (the claim)")
     ax.set_xlabel("sequence length")
     ax.set_ylabel("saved for backward (MiB)")
     ax.set_title(f"tiny GPT, batch {s.batch_size}, {device.type}")
@@ -407,6 +416,8 @@ def _speed(ctx: Context) -> list[Result]:
     finally:
         if cuda:
             torch.backends.cuda.matmul.allow_tf32 = tf32_before
+    if not all(math.isfinite(v) and v > 0 for v in times.values()):
+        raise RuntimeError(f"step times must be finite and positive, got {times}")
     metrics = [Metric(f"step time, {k}", v, "s") for k, v in times.items()]
     ratios = {dt: times["fp32"] / times[dt] for dt in ("bf16", "fp16")}
     metrics += [Metric(f"speed-up, autocast {dt} vs fp32", r, "x", "1.5-2x") for dt, r in ratios.items()]
@@ -433,8 +444,6 @@ def _speed(ctx: Context) -> list[Result]:
         notes = (f"{torch.cuda.get_device_name(device)}: best {best:.2f}x against true fp32 (TF32 off), "
                  f"{tf32_best:.2f}x against fp32 with TF32 matmuls (torch.backends.cuda.matmul.allow_tf32 was "
                  f"{tf32_before} before the check). {where}.")
-    if not all(math.isfinite(v) for v in times.values()):
-        raise RuntimeError(f"non-finite step times {times}")
     return [_row("speed: fp32 vs autocast step time", "optimized.mixed_precision.amp_step", ctx, speed=metrics,
                  claim="mixed_precision.speed", verdict=verdict, notes=notes)]
 

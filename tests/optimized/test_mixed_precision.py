@@ -413,6 +413,8 @@ def test_master_weights_add_param_group():
     opt.step()
     assert torch.equal(first.detach(), torch.full((3,), 0.5))
     assert torch.equal(second.detach(), torch.full((2,), 0.75, dtype=torch.bfloat16))
+    opt.zero_grad(set_to_none=False)
+    assert torch.equal(first.grad, torch.zeros(3)) and torch.equal(second.grad, torch.zeros(2, dtype=torch.bfloat16))
 
 
 # ---- bad input ---------------------------------------------------------------------------------------------------
@@ -484,6 +486,11 @@ def test_master_weights_bad_arguments():
         MasterWeightOptimizer([], lr=0.1)
     with pytest.raises(RuntimeError, match="no gradient"):
         MasterWeightOptimizer(fp32, lr=0.1).step()
+    with pytest.raises(ValueError, match="more than once"):
+        MasterWeightOptimizer([{"params": fp32}, {"params": fp32}], lr=0.1)
+    opt = MasterWeightOptimizer(fp32, lr=0.1)
+    with pytest.raises(ValueError, match="more than once"):
+        opt.add_param_group({"params": fp32})
 
 
 # ---- CUDA ----------------------------------------------------------------------------------------------------------
