@@ -153,39 +153,33 @@ def _sharded_worker():
     return {repr(case): _sharded_case(*case) for case in cases}  # repr: a NaN key would not match itself
 
 
-@pytest.fixture(scope="module", params=[2, 3], ids=["world2", "world3"])
-def sharded_results(request):
-    return request.param, spawn(_sharded_worker, request.param, timeout=120)
-
-
-@pytest.mark.parametrize("norm_type", [1.0, 2.0, math.inf])
-def test_sharded_norm_equals_single_process_norm(sharded_results, norm_type):
-    world, results = sharded_results
-    full = make_params(seed=5)
-    original = grads(full)
-    expected = torch.nn.utils.get_total_norm(original, norm_type)
-    torch.nn.utils.clip_grad_norm_(full, 0.5, norm_type)
-    clipped = grads(full)
-    for rank, by_case in enumerate(results):
-        total, clipped_total, n_collectives, shards, replicated = by_case[repr((norm_type, None))]
-        assert total == pytest.approx(float(expected), rel=1e-6)  # replicated gradients counted once
-        assert clipped_total == total and n_collectives == 1
-        torch.testing.assert_close(shards, _shards(clipped, rank, world))
-        torch.testing.assert_close(replicated, [clipped[i] for i in sorted(REPLICATED)])
-    if norm_type != math.inf:  # counting the replicated gradients once per rank would give another norm
-        doubled = torch.nn.utils.get_total_norm(original + [original[i] for i in REPLICATED] * (world - 1),
-                                                norm_type)
-        assert float(doubled) > 1.01 * results[0][repr((norm_type, None))][0]
-
-
-@pytest.mark.parametrize("norm_type, special", [(math.inf, math.nan), (math.inf, math.inf), (2.0, math.nan)])
-def test_sharded_norm_propagates_nonfinite_to_every_rank(sharded_results, norm_type, special):
-    """A NaN on the last rank: gloo's MAX all-reduce alone returns a finite max there (it drops a NaN that is not
-    on rank 0); the packed NaN flag makes every rank see NaN."""
-    _, results = sharded_results
-    for by_case in results:
-        total = by_case[repr((norm_type, special))][0]
-        assert math.isnan(total) if math.isnan(special) else total == math.inf
+@pytest.mark.parametrize("world", [2, 3])
+def test_sharded_norm_on_ranks_equals_single_process_norm(world):
+    """One launch per world size checks every case (a launch costs seconds; a fixture would be rebuilt on each
+    xdist worker)."""
+    results = spawn(_sharded_worker, world, timeout=120)
+    for norm_type in (1.0, 2.0, math.inf):
+        full = make_params(seed=5)
+        original = grads(full)
+        expected = torch.nn.utils.get_total_norm(original, norm_type)
+        torch.nn.utils.clip_grad_norm_(full, 0.5, norm_type)
+        clipped = grads(full)
+        for rank, by_case in enumerate(results):
+            total, clipped_total, n_collectives, shards, replicated = by_case[repr((norm_type, None))]
+            assert total == pytest.approx(float(expected), rel=1e-6), (norm_type, rank)  # replicated counted once
+            assert clipped_total == total and n_collectives == 1
+            torch.testing.assert_close(shards, _shards(clipped, rank, world))
+            torch.testing.assert_close(replicated, [clipped[i] for i in sorted(REPLICATED)])
+        if norm_type != math.inf:  # counting the replicated gradients once per rank would give another norm
+            doubled = torch.nn.utils.get_total_norm(original + [original[i] for i in REPLICATED] * (world - 1),
+                                                    norm_type)
+            assert float(doubled) > 1.01 * results[0][repr((norm_type, None))][0]
+    # A NaN / inf on the last rank only: gloo's MAX all-reduce alone returns a finite max when the NaN is not on
+    # rank 0; the packed NaN flag makes every rank see it.
+    for norm_type, special in [(math.inf, math.nan), (math.inf, math.inf), (2.0, math.nan)]:
+        for by_case in results:
+            total = by_case[repr((norm_type, special))][0]
+            assert math.isnan(total) if math.isnan(special) else total == math.inf, (norm_type, special)
 
 
 @pytest.mark.gpu
