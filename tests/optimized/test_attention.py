@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from conformance.checks.attention import Case, compare, compare_fn
@@ -80,6 +80,14 @@ def test_blocked_equals_the_reference_in_float64(case, block_q, block_k, seed):
 def test_blocked_in_low_precision_by_the_error_rule(case, dtype, block, seed):
     fn = functools.partial(blocked_attention, block_q=block, block_k=block)
     assert_equivalent(compare_fn(fn, case, dtype=dtype, device=torch.device("cpu"), seed=seed))
+
+
+@settings(max_examples=10, deadline=None)
+@given(case=problems(max_len=200), seed=st.integers(0, 2**16))
+def test_sdpa_where_it_serves_by_the_error_rule(case, seed):
+    q, k, v, _, mask = case.inputs(seed)
+    assume(unsupported("sdpa", q.float(), k.float(), v.float(), **case.options(mask)) is None)
+    assert_equivalent(compare("sdpa", case, dtype=torch.float32, device=torch.device("cpu"), seed=seed))
 
 
 def test_the_error_rule_catches_a_wrong_attention():

@@ -3,6 +3,8 @@ it when no CUDA device is visible), and on CUDA (the `gpu` tests, larger shapes,
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conformance.checks.attention import Case, compare
 from conformance.tolerance import assert_equivalent
@@ -38,6 +40,16 @@ def test_triton_float32_by_the_error_rule(case):
 @pytest.mark.parametrize("case", SMALL[:2], ids=[c.name for c in SMALL[:2]])
 def test_triton_float16_by_the_error_rule(case):
     assert_equivalent(compare("triton", case, dtype=torch.float16, device=_device()))
+
+
+@settings(max_examples=5, deadline=None)
+@given(kv_heads=st.integers(1, 2), group=st.integers(1, 2), N=st.integers(1, 40), M=st.integers(1, 40),
+       d=st.sampled_from([5, 16, 33]), is_causal=st.booleans(), alignment=st.sampled_from(["top_left", "bottom_right"]),
+       padding=st.booleans(), seed=st.integers(0, 2**16))
+def test_triton_drawn_shapes_by_the_error_rule(kv_heads, group, N, M, d, is_causal, alignment, padding, seed):
+    case = Case("drawn", B=1, H=kv_heads * group, Hkv=kv_heads, N=N, M=M, d=d, is_causal=is_causal,
+                causal_alignment=alignment, padding=padding)
+    assert_equivalent(compare("triton", case, dtype=torch.float32, device=_device(), seed=seed))
 
 
 def test_triton_lse_is_logsumexp_of_the_reference_scores():
