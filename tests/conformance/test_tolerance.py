@@ -1,0 +1,69 @@
+"""The tolerance rules pass correct results and fail wrong ones."""
+
+import pytest
+import torch
+
+from conformance.tolerance import GRADIENT_FACTOR, allclose, assert_equivalent, bitwise, combine, error_ratio
+
+
+def _softmax_case(dtype):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 128, generator=g, dtype=torch.float64) * 4
+    ref = torch.softmax(x, -1)
+    base = torch.softmax(x.to(dtype), -1)  # the naive computation in the low dtype
+    return x, ref, base
+
+
+def test_error_ratio_passes_a_correct_low_precision_result():
+    x, ref, base = _softmax_case(torch.bfloat16)
+    # A different but correct bf16 computation: exp / sum done in fp32, rounded once at the end.
+    xf = x.float()
+    e = torch.exp(xf - xf.amax(-1, keepdim=True))
+    opt = (e / e.sum(-1, keepdim=True)).to(torch.bfloat16)
+    eq = error_ratio(opt, ref, base, name="softmax bf16")
+    assert eq.passed, eq
+    assert eq.baseline_error > 0 and eq.max_error <= eq.bound
+
+
+def test_error_ratio_fails_a_wrong_result():
+    x, ref, base = _softmax_case(torch.bfloat16)
+    wrong = torch.softmax(x.to(torch.bfloat16) * 1.1, -1)  # a 10% scale bug
+    eq = error_ratio(wrong, ref, base, name="softmax with a scale bug", factor=GRADIENT_FACTOR)
+    assert not eq.passed
+    with pytest.raises(AssertionError, match="softmax with a scale bug"):
+        assert_equivalent(eq)
+
+
+def test_error_ratio_floor_keeps_an_exact_baseline_usable():
+    ref = torch.ones(10, dtype=torch.float64)
+    base = torch.ones(10, dtype=torch.float16)  # exact: baseline error 0
+    opt = base.clone()
+    opt[0] = 1 + torch.finfo(torch.float16).eps  # one ulp off
+    assert error_ratio(opt, ref, base).passed
+    opt[0] = 1.01
+    assert not error_ratio(opt, ref, base).passed
+
+
+def test_error_ratio_rejects_nan():
+    ref = torch.zeros(3, dtype=torch.float64)
+    opt = torch.tensor([0.0, float("nan"), 0.0])
+    assert not error_ratio(opt, ref, opt.clone().zero_()).passed
+
+
+def test_allclose_uses_torch_testing_defaults():
+    e = torch.ones(5)
+    assert allclose(e + 1e-6, e).passed
+    assert not allclose(e + 1e-4, e).passed
+    assert allclose(torch.tensor([float("nan"), float("inf")]), torch.tensor([float("nan"), float("inf")])).passed
+    assert not allclose(torch.tensor([float("nan")]), torch.tensor([0.0])).passed
+    with pytest.raises(ValueError, match="shapes differ"):
+        allclose(torch.ones(2), torch.ones(3), name="x")
+
+
+def test_bitwise_and_combine():
+    a = torch.randn(4)
+    assert bitwise(a, a.clone()).passed
+    assert not bitwise(a, a + 1e-7 * a.abs().max()).passed or a.abs().max() == 0
+    parts = [allclose(a, a), allclose(a + 1, a, name="off")]
+    c = combine("all", parts)
+    assert not c.passed and "off" in c.rule and c.max_error == pytest.approx(1.0)
