@@ -142,7 +142,7 @@ def _reference_run(m, dtype):
     return history.loss, dict(model.named_parameters())
 
 
-@pytest.mark.parametrize("name, p, m", [("1f1b", 3, 5), ("gpipe", 2, 2)])
+@pytest.mark.parametrize("name, p, m", [("1f1b", 3, 3)])
 def test_ten_adamw_steps_stay_equal(name, p, m):
     """Losses: equal to the single-process run on the same micro-batches (reference.training, accumulation_steps=m).
     Parameters: Adam turns last-bit gradient differences (the tied weight's two halves are added in another order)
@@ -251,7 +251,7 @@ def _torch_pipelining_worker(cases):
     return out
 
 
-@pytest.mark.parametrize("p, cases", [(2, (("gpipe", 2), ("1f1b", 4))), (3, (("1f1b", 3), ("gpipe", 5)))])
+@pytest.mark.parametrize("p, cases", [(3, (("1f1b", 3), ("gpipe", 5), ("1f1b", 6)))])
 def test_torch_pipelining_agrees_with_ours(p, cases):
     """torch.distributed.pipelining runs on CPU with gloo; its Schedule1F1B refuses m < p, so m >= p here."""
     per_rank = spawn(_torch_pipelining_worker, p, cases, timeout=120)
