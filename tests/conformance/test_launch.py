@@ -59,9 +59,9 @@ def _alive(pid):
 
 def test_a_hang_is_killed_at_the_timeout_and_named(tmp_path):
     start = time.monotonic()
-    with pytest.raises(RankTimeout, match=r"rank\(s\) 2 of 3 did not finish within 2 s"):
-        spawn(_hang_on_rank, 3, 2, str(tmp_path), timeout=2)
-    assert time.monotonic() - start < 15
+    with pytest.raises(RankTimeout, match=r"rank\(s\) 2 of 3 did not finish within 8 s"):
+        spawn(_hang_on_rank, 3, 2, str(tmp_path), timeout=8)
+    assert time.monotonic() - start < 20
     pids = [int(p.read_text()) for p in tmp_path.iterdir()]
     assert len(pids) == 3
     deadline = time.monotonic() + 5
