@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from conformance.checks import Context
 from conformance.claims import Verdict
-from conformance.launch import spawn
+from conformance.launch import spawn, under_torchrun
 from conformance.measure import PeakLiveBytes, saved_tensor_bytes
 from conformance.result import Metric, Result
 from conformance.tolerance import GRADIENT_FACTOR, allclose, combine, error_ratio
@@ -76,13 +76,19 @@ def _batches(sizes: dict, n: int, seed: int):
                         vocab_size=sizes["config"]["vocab_size"], seed=seed, vary_length=True)
 
 
-def _executor(name: str, sizes: dict):
-    rank, p = dist.get_rank(), dist.get_world_size()
+def _gloo_group():
+    """The executor's messages are CPU tensors over gloo: under torchrun with NCCL, a gloo group of all ranks."""
+    backend = str(dist.get_backend())
+    return None if backend == "gloo" or "cpu:gloo" in backend else dist.new_group(backend="gloo")
+
+
+def _executor(name: str, sizes: dict, group):
+    rank, p = dist.get_rank(group), dist.get_world_size(group)
     model = GPT(GPTConfig(**sizes["config"]))
     schedule = _schedule(name, p, sizes["m"])
     stages = split(model, schedule.num_stages)
     mine = [stages[s] for s in schedule.stages_of(rank)]
-    return model, mine, PipelineExecutor(mine, schedule)
+    return model, mine, PipelineExecutor(mine, schedule, process_group=group)
 
 
 def _mine(model, executor) -> dict:
@@ -93,23 +99,24 @@ def _mine(model, executor) -> dict:
 def _worker(sizes: dict, names: tuple[str, ...]) -> dict:
     """Everything measured on one rank, in one launch."""
     out: dict = {"equivalence": {}, "timelines": {}, "memory": {}, "adam": {}}
+    group = _gloo_group()
     idx, targets = _batches(sizes, 1, seed=1)[0]
     for name in names:
-        model, _, executor = _executor(name, sizes)
+        model, _, executor = _executor(name, sizes, group)
         loss = executor.step(idx, targets).loss
         out["equivalence"][name] = (loss, {n: q.grad.clone() for n, q in _mine(model, executor).items()})
 
     for name in ("gpipe", "1f1b"):
-        model, stages, executor = _executor(name, sizes)
+        model, stages, executor = _executor(name, sizes, group)
         executor.step(idx, targets)  # warm-up: lazy imports, allocator, gradients allocated
         timelines = []
         for _ in range(sizes["timed_steps"]):
-            dist.barrier()
+            dist.barrier(group=group)
             timelines.append(executor.step(idx, targets).timeline)
         out["timelines"][name] = timelines
         for q in executor.parameters():
             q.grad.zero_()  # in place: the measured window allocates no gradient storage
-        dist.barrier()
+        dist.barrier(group=group)
         with PeakLiveBytes() as live:
             executor.step(idx, targets)
         stage = stages[0]
@@ -121,7 +128,7 @@ def _worker(sizes: dict, names: tuple[str, ...]) -> dict:
         out["memory"][name] = (live.peak, per_microbatch)
 
     if sizes["adam_steps"]:
-        model, _, executor = _executor("1f1b", sizes)
+        model, _, executor = _executor("1f1b", sizes, group)
         opt = torch.optim.AdamW(executor.parameters(), lr=1e-2)
         batches = _batches(sizes, 2, seed=2)
         losses = []
@@ -168,20 +175,22 @@ def _bubble_row(ctx, name, p, sizes, per_rank) -> Result:
     m = sizes["m"]
     schedule = _schedule(name, p, m)
     formula = (p - 1) / (m + p - 1)
-    simulated = simulate(schedule, 1.0, 2.0).bubble_fraction
+    sim = simulate(schedule, 1.0, 2.0)
+    simulated = sim.bubble_fraction
     steps = [tuple(res["timelines"][name][k] for res in per_rank) for k in range(sizes["timed_steps"])]
     measured = statistics.median(bubble_fraction(tl) for tl in steps)
     fwd, bwd = _stage_costs(steps, p)
     predicted = simulate(schedule, fwd, bwd).bubble_fraction
     best = min(range(len(steps)), key=lambda k: abs(bubble_fraction(steps[k]) - measured))
-    plots = []
-    sim_png = ctx.out_dir / f"pipeline_timeline_{name}_simulated.png"
-    simulate(schedule, 1.0, 2.0).plot(sim_png)
-    plots.append(sim_png.name)
+    writer = not under_torchrun() or dist.get_rank() == 0  # under torchrun every rank builds the rows
+    plots = [f"pipeline_timeline_{name}_simulated.png"]
+    if writer:
+        sim.plot(ctx.out_dir / plots[-1])
     if name == "1f1b":
-        real_png = ctx.out_dir / f"pipeline_timeline_{name}_measured.png"
-        plot_timeline(steps[best], real_png, title=f"1F1B measured, p={p}, m={m}: bubble {measured:.1%}", unit="s")
-        plots.append(real_png.name)
+        plots.append(f"pipeline_timeline_{name}_measured.png")
+        if writer:
+            plot_timeline(steps[best], ctx.out_dir / plots[-1], unit="s",
+                          title=f"1F1B measured, p={p}, m={m}: bubble {measured:.1%}")
     exact = abs(simulated - formula) < 1e-12
     if not exact:
         verdict = Verdict.DOES_NOT_HOLD
@@ -286,7 +295,11 @@ def _adam_row(p, sizes, per_rank) -> Result:
 
 
 def run(ctx: Context) -> list[Result]:
-    p = max(ctx.world_size, 2)
+    p = ctx.world_size if under_torchrun() else max(ctx.world_size, 2)
+    if p < 2:
+        return [Result(check="pipeline", name="pipeline rows", technique=TECHNIQUE, reference=REFERENCE,
+                       optimized=OPTIMIZED, device=ctx.device.type, world_size=p,
+                       notes="a pipeline needs two ranks; torchrun started one")]
     sizes = _sizes(p, ctx.quick)
     names = ("gpipe", "1f1b", "interleaved-1f1b")
     per_rank = spawn(_worker, p, sizes, names, backend="gloo", device="cpu", timeout=ctx.timeout)
