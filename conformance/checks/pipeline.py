@@ -209,10 +209,12 @@ def _bubble_row(ctx, name, p, sizes, per_rank) -> Result:
     return Result(
         check="pipeline", name=f"{schedule.name}: bubble fraction", technique=TECHNIQUE, reference="(p-1)/(m+p-1)",
         optimized=f"{OPTIMIZED} + {schedule.name}", device="cpu", world_size=p,
-        speed=[Metric(f"bubble, formula (p-1)/(m+p-1), p={p} m={m}", formula, "fraction", claimed="(p-1)/(m+p-1)"),
-               Metric("bubble, simulated, equal stage costs", simulated, "fraction", claimed="(p-1)/(m+p-1)"),
-               Metric("bubble, measured on the real run", measured, "fraction", claimed="(p-1)/(m+p-1)"),
-               Metric("bubble, simulated with the measured stage costs", predicted, "fraction")],
+        metrics=[
+            Metric(f"bubble, formula (p-1)/(m+p-1), p={p} m={m}", formula, "fraction", claimed="(p-1)/(m+p-1)"),
+            Metric("bubble, simulated, equal stage costs", simulated, "fraction", claimed="(p-1)/(m+p-1)"),
+            Metric("bubble, measured on the real run", measured, "fraction", claimed="(p-1)/(m+p-1)"),
+            Metric("bubble, simulated with the measured stage costs", predicted, "fraction"),
+        ],
         claim="pipeline.bubble", verdict=verdict, notes=notes, plots=plots)
 
 
