@@ -25,12 +25,14 @@ import time
 import traceback
 from collections.abc import Callable
 from datetime import timedelta
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
 
-_FORKSERVER_PRELOAD = ["torch", "torch.distributed", "torch.nn", "torch.optim"]
+# Imported once in the forkserver, so every rank starts with them loaded (torch._dynamo is pulled in by the first
+# optimizer or DDP a rank builds and costs seconds per process otherwise).
+_FORKSERVER_PRELOAD = ["torch", "torch.distributed", "torch.nn", "torch.optim", "torch._dynamo"]
 
 
 class RankError(RuntimeError):
@@ -97,6 +99,13 @@ def _run_in_place(fn, world_size, args, kwargs, backend, device, timeout) -> lis
     return gathered
 
 
+def _write_error(workdir: str, rank: int) -> NoReturn:
+    """Record the exception being handled for the caller, then end this rank at once."""
+    with open(os.path.join(workdir, f"error_{rank}.txt"), "w") as f:
+        f.write(traceback.format_exc())
+    os._exit(1)
+
+
 def _rank_main(fn, rank, world_size, args, kwargs, backend, device_type, timeout, workdir) -> None:
     """Body of one rank process. Writes result_<rank>.pt or error_<rank>.txt into workdir."""
     try:
@@ -112,18 +121,14 @@ def _rank_main(fn, rank, world_size, args, kwargs, backend, device_type, timeout
     except BaseException:  # noqa: BLE001 - every failure must reach the caller, KeyboardInterrupt included
         # Written before anything else happens: the peers fail only once this process exits and its
         # connections close, so the first error file on disk is the root cause.
-        with open(os.path.join(workdir, f"error_{rank}.txt"), "w") as f:
-            f.write(traceback.format_exc())
-        os._exit(1)
+        _write_error(workdir, rank)
     try:
         dist.destroy_process_group()
         tmp = os.path.join(workdir, f"result_{rank}.tmp")
         torch.save(result, tmp)  # a result that cannot be pickled fails here, with its traceback
         os.replace(tmp, os.path.join(workdir, f"result_{rank}.pt"))
     except BaseException:  # noqa: BLE001
-        with open(os.path.join(workdir, f"error_{rank}.txt"), "w") as f:
-            f.write(traceback.format_exc())
-        os._exit(1)
+        _write_error(workdir, rank)
     os._exit(0)  # skip interpreter teardown: nothing left to flush, and it can hang on gloo threads
 
 
