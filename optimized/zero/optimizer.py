@@ -619,8 +619,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     def state_dict(self) -> dict:
         """This rank's shard: its master slices, the optimizer state of those slices, the hyperparameters, the
-        layout they belong to, and the replicated model state (frozen parameters, buffers). Load it with load_state_dict at the same world size and
-        rank; save_checkpoint/load_checkpoint reshard to another world size."""
+        layout they belong to, and the replicated model state (frozen parameters, buffers). Load it with
+        load_state_dict at the same world size and rank; save_checkpoint/load_checkpoint reshard."""
         inner = self.optimizer.state_dict()
         return {
             "zero": self._meta(),
@@ -640,7 +640,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
             raise ValueError(f"{source}: format version {meta.get('version')!r}, this code reads {FORMAT_VERSION}")
         for key in ("stage", "param_dtype", "optimizer"):
             if meta.get(key) != mine[key]:
-                raise ValueError(f"{source}: saved with {key}={meta.get(key)!r}, this optimizer has {key}={mine[key]!r}")
+                raise ValueError(
+                    f"{source}: saved with {key}={meta.get(key)!r}, this optimizer has {key}={mine[key]!r}"
+                )
         ours = [flat.layout.describe() for flat in self._flats]
 
         def by_name(lays: list[dict]) -> dict[str, tuple]:

@@ -84,7 +84,7 @@ def _reference(run: Run, world_size: int, dtype: torch.dtype = torch.float32) ->
     return _cached_reference(run.param_dtype, run.accumulation, run.groups, run.norm_type, world_size, dtype)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cached_reference(param_dtype, accumulation, groups, norm_type, world_size, dtype) -> dict:
     """On one thread, as the ranks run, so that the result does not depend on this machine's core count."""
     run = Run(1, param_dtype=param_dtype, accumulation=accumulation, groups=groups, norm_type=norm_type)
@@ -220,7 +220,8 @@ def test_matches_unsharded_adamw_with_clipping(trained, i):
         parts += [allclose(ours["params"][k], ref["params"][k], name=k) for k in ref["params"]]
         equivalence = combine(f"{run} on {world} ranks", parts)
     else:
-        exact, base = _reference(dataclasses.replace(run, param_dtype=None), world, torch.float64), _reference(run, world)
+        exact = _reference(dataclasses.replace(run, param_dtype=None), world, torch.float64)
+        base = _reference(run, world)
         names = sorted(ours["masters"])
 
         def flat(d):
