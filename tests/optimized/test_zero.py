@@ -135,11 +135,11 @@ def _full_masters(opt: ZeroOptimizer) -> dict[str, torch.Tensor]:
 
 def _expected_comm_bytes(opt: ZeroOptimizer, model: GPT) -> int:
     """Payload of one step's collectives: stages 1-2 reduce Ψ and all-gather the padded Ψ; stage 3 gathers Ψ for
-    forward and Ψ for backward (+ the tied embedding a second time in forward, for lm_head) and reduces Ψ. Plus
-    one fp32 scalar: the all-reduced norm."""
+    forward and Ψ for backward (+ the tied embedding a second time in forward, for lm_head) and reduces Ψ. (The
+    norm's all-reduce of a scalar is left out.)"""
     if opt.world_size == 1:
         return 0
-    total = 4
+    total = 0
     for layout in opt.layouts():
         b = layout.dtype.itemsize
         total += b * (layout.numel + layout.padded_numel if opt.stage < 3 else 3 * layout.numel)
@@ -169,7 +169,7 @@ def _zero_worker(runs: list[Run]) -> list[dict]:
                 norms.append(float(opt.clip_grad_norm_(MAX_NORM, run.norm_type)))
                 opt.step()
             if step == 2 and run.accumulation == 1:
-                comm = counter.payload_bytes()
+                comm = counter.payload_bytes() - counter.payload_bytes("all_reduce")  # not the norm's scalar
             stage3_whole.append(sum(p.untyped_storage().nbytes() for p in managed))
             dist.all_reduce(loss)
             losses.append(float(loss) / world)
@@ -180,10 +180,13 @@ def _zero_worker(runs: list[Run]) -> list[dict]:
             precision=memory.MIXED if run.param_dtype else memory.FP32, offload=run.offload, scalar_state_bytes=4,
         )
         frozen = tensor_bytes([p for p in model.parameters() if not p.requires_grad])
+        padding = [f.buffer[f.layout.numel - f.layout.shard_start(rank):] if run.stage == 3 else
+                   f.buffer[f.layout.numel:] for f in opt._flats]
         results.append({
             "loss": losses, "norm": norms, "params": params, "masters": _full_masters(opt),
             "bytes": state_bytes, "expected_bytes": expected, "frozen_bytes": frozen,
             "comm": comm, "expected_comm": _expected_comm_bytes(opt, model), "whole_after_step": stage3_whole,
+            "padding_max": max((float(t.abs().max()) for t in padding if t.numel()), default=0.0),
         })
     return results
 
@@ -260,6 +263,12 @@ def test_collective_bytes_per_step(trained, i):
         pytest.skip(f"configuration not run on {world} ranks")
     for results in per_rank:
         assert results[i]["comm"] == results[i]["expected_comm"]
+
+
+def test_padding_stays_zero(trained):
+    """The padding of every flat buffer never receives an update (it is in no master slice)."""
+    world, per_rank = trained
+    assert all(results["padding_max"] == 0.0 for rank in per_rank for results in rank)
 
 
 def test_stage3_keeps_no_whole_parameter_after_a_step(trained):
