@@ -25,7 +25,7 @@ import time
 import traceback
 from collections.abc import Callable
 from datetime import timedelta
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -97,6 +97,13 @@ def _run_in_place(fn, world_size, args, kwargs, backend, device, timeout) -> lis
     return gathered
 
 
+def _write_error(workdir: str, rank: int) -> NoReturn:
+    """Record the exception being handled for the caller, then end this rank at once."""
+    with open(os.path.join(workdir, f"error_{rank}.txt"), "w") as f:
+        f.write(traceback.format_exc())
+    os._exit(1)
+
+
 def _rank_main(fn, rank, world_size, args, kwargs, backend, device_type, timeout, workdir) -> None:
     """Body of one rank process. Writes result_<rank>.pt or error_<rank>.txt into workdir."""
     try:
@@ -108,17 +115,18 @@ def _rank_main(fn, rank, world_size, args, kwargs, backend, device_type, timeout
         dist.init_process_group(
             backend, store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout)
         )
-        try:
-            result = fn(*args, **kwargs)
-        finally:
-            dist.destroy_process_group()
-        tmp = os.path.join(workdir, f"result_{rank}.tmp")
-        torch.save(result, tmp)
-        os.replace(tmp, os.path.join(workdir, f"result_{rank}.pt"))
+        result = fn(*args, **kwargs)
     except BaseException:  # noqa: BLE001 - every failure must reach the caller, KeyboardInterrupt included
-        with open(os.path.join(workdir, f"error_{rank}.txt"), "w") as f:
-            f.write(traceback.format_exc())
-        os._exit(1)
+        # Written before anything else happens: the peers fail only once this process exits and its
+        # connections close, so the first error file on disk is the root cause.
+        _write_error(workdir, rank)
+    try:
+        dist.destroy_process_group()
+        tmp = os.path.join(workdir, f"result_{rank}.tmp")
+        torch.save(result, tmp)  # a result that cannot be pickled fails here, with its traceback
+        os.replace(tmp, os.path.join(workdir, f"result_{rank}.pt"))
+    except BaseException:  # noqa: BLE001
+        _write_error(workdir, rank)
     os._exit(0)  # skip interpreter teardown: nothing left to flush, and it can hang on gloo threads
 
 
@@ -165,15 +173,27 @@ def _watch(procs: list, workdir: str, timeout: float) -> None:
             rank = running.pop(sentinel)
             procs[rank].join()
             if procs[rank].exitcode != 0:
-                raise RankError(_failure_message(rank, len(procs), procs[rank].exitcode, workdir))
+                raise RankError(_failure_message(rank, procs, workdir))
 
 
-def _failure_message(rank: int, world_size: int, exitcode: int | None, workdir: str) -> str:
-    path = os.path.join(workdir, f"error_{rank}.txt")
-    if os.path.exists(path):
-        with open(path) as f:
-            return f"rank {rank} of {world_size} raised:\n{f.read()}"
-    return f"rank {rank} of {world_size} died with exit code {exitcode} (killed by a signal if negative)"
+def _failure_message(rank: int, procs: list, workdir: str) -> str:
+    """The traceback of the rank that failed first (its error file is the oldest): a rank that fails because a
+    peer vanished mid-collective writes its error later, and is only listed."""
+    errors = {
+        r: os.path.join(workdir, f"error_{r}.txt")
+        for r in range(len(procs))
+        if os.path.exists(os.path.join(workdir, f"error_{r}.txt"))
+    }
+    if not errors:
+        code = procs[rank].exitcode
+        return f"rank {rank} of {len(procs)} died with exit code {code} (killed by a signal if negative)"
+    first = min(errors, key=lambda r: os.path.getmtime(errors[r]))
+    with open(errors[first]) as f:
+        message = f"rank {first} of {len(procs)} raised:\n{f.read()}"
+    others = sorted(set(errors) - {first})
+    if others:
+        message += f"\n(rank(s) {', '.join(map(str, others))} failed after it)"
+    return message
 
 
 def _kill(procs: list) -> None:

@@ -93,7 +93,10 @@ class CausalSelfAttention(nn.Module):
         d = config.head_dim
         self.head_dim = d
         self.q_proj = nn.Linear(config.n_embd, config.n_head * d, bias=config.bias)
-        self.k_proj = nn.Linear(config.n_embd, config.n_kv_head * d, bias=config.bias)
+        # No key bias, even with config.bias: q·(k + b) = q·k + q·b adds the same number to every score of a query
+        # row, and softmax ignores it, so the bias's gradient is zero in exact arithmetic. In floating point it is
+        # rounding noise that Adam normalises into full-size steps: a parameter that only adds noise to comparisons.
+        self.k_proj = nn.Linear(config.n_embd, config.n_kv_head * d, bias=False)
         self.v_proj = nn.Linear(config.n_embd, config.n_kv_head * d, bias=config.bias)
         self.out_proj = nn.Linear(config.n_head * d, config.n_embd, bias=config.bias)
         self.attention = attention
