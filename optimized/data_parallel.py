@@ -212,6 +212,10 @@ class DataParallel(nn.Module):
     # --- public ------------------------------------------------------------------------------------------------
 
     def forward(self, *args, **kwargs):
+        if self._callback_queued:
+            # A backward raised midway and never reached its end-of-backward callback: start clean, or the next
+            # backward would never synchronise.
+            self._reset()
         # As in DDP, whether the coming backward synchronises is decided by the forward that built its graph.
         if torch.is_grad_enabled():
             self._sync_next_backward = self._require_sync

@@ -195,6 +195,13 @@ class _ShardedLayer(nn.Module):
                 )
             param.copy_(piece)
 
+    def _load_dense(self, dense: nn.Module) -> None:
+        """Slice `dense`'s weight (and bias) into the shards, keeping its requires_grad flags."""
+        self.load_full_(**{name: getattr(dense, name, None) for name in self._parameters})
+        for name, param in self._parameters.items():
+            if param is not None:
+                param.requires_grad_(getattr(dense, name).requires_grad)
+
 
 class ColumnParallelLinear(_ShardedLayer):
     """Y_i = f(X) A_iᵀ + b_i: the outputs split over the group (Megatron Sec. 3). Input (..., in), output
@@ -234,7 +241,7 @@ class ColumnParallelLinear(_ShardedLayer):
         """The column-parallel layer holding this rank's slice of `linear` (equal to it once gathered)."""
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, process_group=process_group,
                     device=linear.weight.device, dtype=linear.weight.dtype, **kwargs)
-        layer.load_full_(weight=linear.weight, bias=linear.bias)
+        layer._load_dense(linear)
         return layer
 
     def forward(self, x: Tensor) -> Tensor:
@@ -283,7 +290,7 @@ class RowParallelLinear(_ShardedLayer):
         """The row-parallel layer holding this rank's slice of `linear`."""
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, process_group=process_group,
                     device=linear.weight.device, dtype=linear.weight.dtype, **kwargs)
-        layer.load_full_(weight=linear.weight, bias=linear.bias)
+        layer._load_dense(linear)
         return layer
 
     def forward(self, x: Tensor) -> Tensor:
@@ -331,7 +338,7 @@ class VocabParallelEmbedding(_ShardedLayer):
             raise ValueError("embedding: padding_idx, max_norm and sparse gradients are not supported")
         layer = cls(embedding.num_embeddings, embedding.embedding_dim, process_group=process_group,
                     device=embedding.weight.device, dtype=embedding.weight.dtype, **kwargs)
-        layer.load_full_(weight=embedding.weight)
+        layer._load_dense(embedding)
         return layer
 
     def forward(self, idx: Tensor) -> Tensor:
@@ -501,7 +508,7 @@ def _validate_plan(model: nn.Module, plan: Mapping[str, str], t: int) -> dict[st
         w = m._parameters.get("weight")
         if w is not None and mname not in owners.get(id(w), []):
             owners.setdefault(id(w), []).append(mname)
-    for name, kind in plan.items():
+    for name in plan:
         names = owners[id(modules[name].weight)]
         splits = {n: (plan[n], _WEIGHT_SPLIT_DIM[plan[n]]) if n in plan else None for n in names}
         dims = {s[1] if s else None for s in splits.values()}
@@ -621,6 +628,23 @@ def gather_full(model: nn.Module, *, grads: bool = False) -> dict[str, Tensor | 
         dist.all_gather(parts, tensor.detach().contiguous(), group=module.process_group)
         out[name] = torch.cat(parts, dim=dim)
     return out
+
+
+@torch.no_grad()
+def load_full(model: nn.Module, state: Mapping[str, Tensor]) -> None:
+    """The inverse of `gather_full`: copy full-size tensors by name (a state dict of the model before `parallelize`,
+    e.g. a checkpoint) into the model, each split parameter taking this rank's slice. No communication."""
+    for name, p in model.named_parameters():
+        if name not in state:
+            raise ValueError(f"state has no tensor for parameter {name!r}")
+        module, pname = _owner(model, name)
+        dim = getattr(module, "split_dims", {}).get(pname)
+        full = state[name]
+        piece = full if dim is None else full.chunk(module.tp_size, dim=dim)[module.tp_rank]
+        if piece.shape != p.shape:
+            raise ValueError(f"state[{name!r}] has shape {tuple(full.shape)}, which does not give this rank's "
+                             f"{tuple(p.shape)}")
+        p.copy_(piece)
 
 
 # --- DP x TP ---------------------------------------------------------------------------------------------------------
