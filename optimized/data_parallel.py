@@ -3,19 +3,21 @@ gradients before the optimizer step (PyTorch DDP, Li et al. 2020, arXiv 2006.157
 
     g = (1 / N) * sum over ranks r of g_r          g_r: the gradient of rank r's loss on its slice
 
-With equal micro-batches per rank (the same number of scored tokens), g is the gradient of the mean loss over the
-concatenated batch, so N ranks compute the single-process step. Each rank sends 2 (N-1)/N of the gradient bytes per
-step when the all-reduce runs as a ring (Patarasuk & Yuan 2009).
+With the same number of scored tokens on every rank, g is the gradient of the mean loss over the concatenated batch,
+so N ranks compute the single-process step. With uneven padding the mean of the ranks' means weights tokens
+unequally; multiply each rank's summed loss by N / (scored tokens of the whole batch, one all-reduce) instead.
+Each rank sends 2 (N-1)/N of the gradient bytes per step when the all-reduce runs as a ring (Patarasuk & Yuan 2009).
 
 Two implementations:
   - `DataParallel` (the one to train with): gradients are packed into flat buckets of about `bucket_cap_mb`, in
-    reverse registration order, which is roughly the order backward produces them. A hook on every parameter copies
-    its gradient into its bucket as soon as autograd has accumulated it; when a bucket is full its all-reduce is
-    launched asynchronously, so communication overlaps the rest of backward (DDP paper, Sec. 3.2.3). Buckets are
-    launched strictly in index order, so every rank issues the same collectives in the same order. At the end of
-    backward the remaining buckets are launched, all are awaited, divided by N and copied back into `.grad`.
-  - `NaiveDataParallel` (for study): after backward, `sync_gradients()` all-reduces one gradient at a time, with no
-    overlap: as many collectives as parameters, each paying the full latency.
+    reverse registration order, which is roughly the order backward produces them (DDP paper Sec. 3.2.2). A hook on
+    every parameter copies its gradient into its bucket as soon as autograd has accumulated it; when a bucket is
+    full its all-reduce is launched asynchronously, so communication overlaps the rest of backward (Sec. 3.2.3).
+    Buckets are launched strictly in index order, so every rank issues the same collectives in the same order. At
+    the end of backward the remaining buckets are launched, all are awaited, divided by N and copied back into
+    `.grad`. `no_sync()` skips the synchronisation for gradient accumulation (Sec. 3.2.4).
+  - `NaiveDataParallel` (for study, Sec. 3.2.1): after backward, `sync_gradients()` all-reduces one gradient at a
+    time, with no overlap: as many collectives as parameters, each paying the full latency.
 """
 
 from __future__ import annotations
@@ -166,6 +168,8 @@ class DataParallel(nn.Module):
             bucket_cap_mb > 0 and math.isfinite(bucket_cap_mb)
         ):
             raise ValueError(f"bucket_cap_mb must be a finite number > 0, got {bucket_cap_mb!r}")
+        if not isinstance(find_unused_parameters, bool):
+            raise ValueError(f"find_unused_parameters must be True or False, got {find_unused_parameters!r}")
         self.rank, self.world_size = group_rank_and_size(process_group)
         named = _unique_parameters(module)
         if not named:

@@ -653,8 +653,8 @@ def load_full(model: nn.Module, state: Mapping[str, Tensor]) -> None:
 @dataclass(frozen=True)
 class ProcessGrid:
     """This rank's place on a dp_size x tp_size grid: global rank = dp_rank * tp_size + tp_rank, so a tensor-parallel
-    group is tp_size consecutive ranks (on one node, where the per-layer all-reduces are cheapest: Megatron-LM
-    Sec. 5.2 / Narayanan et al. 2021 Sec. 3.3) and a data-parallel group strides across them."""
+    group is tp_size consecutive ranks (one node, where its per-layer all-reduces are cheapest: Narayanan et al.
+    2021, arXiv 2104.04473, Sec. 3.3) and a data-parallel group strides across them."""
 
     dp_group: dist.ProcessGroup
     """The ranks holding the same shards: gradients are averaged over it (DataParallel's process_group)."""

