@@ -1,0 +1,205 @@
+"""FlashAttention-2 in plain PyTorch: exact attention, tile by tile, never holding an N x M matrix.
+
+Dao 2023, "FlashAttention-2" (arXiv 2307.08691), Algorithm 1 (forward) and Algorithm 2 (backward); the idea is
+FlashAttention (Dao et al. 2022, arXiv 2205.14135, Sec. 3.1): split Q into row blocks of `block_q` queries and K, V
+into blocks of `block_k` keys, and keep per query row only three running statistics while the key blocks stream by:
+
+    m  the running max of the scores seen so far          (online softmax, Milakov & Gimelshein 2018)
+    l  the running sum of exp(score - m)
+    O  the running, unnormalised output sum_j exp(S_ij - m) V_j
+
+When a new block raises the max from m to m', the old l and O are rescaled by exp(m - m'), so after the last block
+O / l is softmax(S) V exactly (up to rounding). The forward pass saves only O and LSE = m + log l (N numbers per
+head) for the backward pass, which recomputes each probability block as P = exp(S - LSE) and uses
+D = rowsum(dO ∘ O) = rowsum(P ∘ dP) to form dS = P ∘ (dP - D) without the full P. Memory is O(N·d + M·d) plus one
+(block_q x block_k) tile, against the O(N·M) of the naive spec (reference/attention.py).
+
+This is the algorithm written for reading and for CPUs; optimized/attention/triton.py is the same algorithm as a
+GPU kernel. GQA is handled by viewing the H query heads as (Hkv, G) so every key/value head is read once per tile
+and never copied; the G query heads of a group add into their key/value head's gradients.
+Arithmetic runs in float32 (float64 for float64 inputs), as a GPU kernel accumulates, whatever the input dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from optimized.attention._inputs import Problem, check_inputs
+
+DEFAULT_BLOCK = 128
+"""Rows of Q and of K/V per tile: large enough that the Python loop is cheap on a CPU, small against N·M."""
+
+
+def blocked_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    is_causal: bool = False,
+    scale: float | None = None,
+    key_padding_mask: Tensor | None = None,
+    causal_alignment: str = "top_left",
+    return_lse: bool = False,
+    block_q: int = DEFAULT_BLOCK,
+    block_k: int = DEFAULT_BLOCK,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Exact attention by FlashAttention-2's tiling: the arguments and results of `reference.attention.attention`.
+
+    q: (B, H, N, d); k, v: (B, Hkv, M, d); key_padding_mask: (B, M) bool, True = attend. Returns out (B, H, N, d)
+    in q's dtype and, with return_lse=True, lse (B, H, N) in float32 (float64 for float64 inputs), without gradient.
+    block_q, block_k: tile sizes (any positive integers; they need not divide N or M).
+    """
+    problem = check_inputs(q, k, v, is_causal=is_causal, scale=scale, key_padding_mask=key_padding_mask,
+                           causal_alignment=causal_alignment, return_lse=return_lse)
+    for name, value in (("block_q", block_q), ("block_k", block_k)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    out, lse = BlockedAttention.apply(q, k, v, key_padding_mask, problem, block_q, block_k)
+    return (out, lse) if return_lse else out
+
+
+class BlockedAttention(torch.autograd.Function):
+    """FA2 forward (Algorithm 1) saving O and LSE; FA2 backward (Algorithm 2) recomputing P from LSE."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, key_padding_mask, problem: Problem, block_q: int, block_k: int):
+        out, lse = _forward(q, k, v, key_padding_mask, problem, block_q, block_k)
+        ctx.save_for_backward(q, k, v, out, lse, key_padding_mask)
+        ctx.problem, ctx.block_q, ctx.block_k = problem, block_q, block_k
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, d_out, _d_lse):
+        q, k, v, out, lse, key_padding_mask = ctx.saved_tensors
+        dq, dk, dv = _backward(q, k, v, out, lse, d_out, key_padding_mask, ctx.problem, ctx.block_q, ctx.block_k)
+        return dq, dk, dv, None, None, None, None
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _tile_mask(p: Problem, key_padding_mask: Tensor | None, i0: int, i1: int, j0: int, j1: int,
+               device: torch.device) -> Tensor | None:
+    """keep[b, 0, 0, i, j] for queries i0:i1 and keys j0:j1, or None when the whole tile is visible."""
+    keep = None
+    if p.causal_offset is not None and j1 - 1 > i0 + p.causal_offset:  # the tile crosses the diagonal
+        i = torch.arange(i0, i1, device=device).unsqueeze(1)  # (bq, 1)
+        j = torch.arange(j0, j1, device=device).unsqueeze(0)  # (1, bk)
+        keep = (j <= i + p.causal_offset).view(1, 1, 1, i1 - i0, j1 - j0)  # (1, 1, 1, bq, bk)
+    if key_padding_mask is not None:
+        pad = key_padding_mask[:, j0:j1].view(p.B, 1, 1, 1, j1 - j0)  # (B, 1, 1, 1, bk)
+        keep = pad if keep is None else keep & pad  # (B or 1, 1, 1, bq, bk)
+    return keep
+
+
+def _key_end(p: Problem, i1: int) -> int:
+    """One past the last key that any query in rows [.., i1) may see: key tiles beyond it are skipped."""
+    if p.causal_offset is None:
+        return p.M
+    return max(0, min(p.M, i1 + p.causal_offset))
+
+
+def _query_start(p: Problem, j0: int) -> int:
+    """The first query that may see key j0: query tiles before it are skipped."""
+    if p.causal_offset is None:
+        return 0
+    return min(p.N, max(0, j0 - p.causal_offset))
+
+
+@torch.no_grad()
+def _forward(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, p: Problem, block_q: int,
+             block_k: int) -> tuple[Tensor, Tensor]:
+    """FA2 Algorithm 1. Returns out (B, H, N, d) in q's dtype and lse (B, H, N) in the accumulation dtype."""
+    acc_dtype = _acc_dtype(q.dtype)
+    qg = q.unflatten(1, (p.Hkv, p.group))  # (B, Hkv, G, N, d): query head h = kv head h // G, member h % G
+    kg = k.unsqueeze(2)  # (B, Hkv, 1, M, d)
+    vg = v.unsqueeze(2)  # (B, Hkv, 1, M, d)
+    out = torch.empty(p.B, p.Hkv, p.group, p.N, p.d, dtype=q.dtype, device=q.device)  # (B, Hkv, G, N, d)
+    lse = torch.empty(p.B, p.Hkv, p.group, p.N, dtype=acc_dtype, device=q.device)  # (B, Hkv, G, N)
+
+    for i0 in range(0, p.N, block_q):  # line 3: for each query tile Q_i
+        i1 = min(i0 + block_q, p.N)
+        q_i = qg[..., i0:i1, :].to(acc_dtype)  # (B, Hkv, G, bq, d)
+        # line 5: O_i = 0, l_i = 0, m_i = -inf
+        o_i = torch.zeros(p.B, p.Hkv, p.group, i1 - i0, p.d, dtype=acc_dtype, device=q.device)  # (B, Hkv, G, bq, d)
+        l_i = torch.zeros(p.B, p.Hkv, p.group, i1 - i0, dtype=acc_dtype, device=q.device)  # (B, Hkv, G, bq)
+        m_i = torch.full_like(l_i, float("-inf"))  # (B, Hkv, G, bq)
+
+        for j0 in range(0, _key_end(p, i1), block_k):  # line 6: for each key tile K_j, V_j
+            j1 = min(j0 + block_k, p.M)
+            k_j = kg[..., j0:j1, :].to(acc_dtype)  # (B, Hkv, 1, bk, d)
+            v_j = vg[..., j0:j1, :].to(acc_dtype)  # (B, Hkv, 1, bk, d)
+            s = (q_i @ k_j.transpose(-2, -1)) * p.scale  # line 8: S_ij = Q_i K_jᵀ  (B, Hkv, G, bq, bk)
+            keep = _tile_mask(p, key_padding_mask, i0, i1, j0, j1, q.device)
+            if keep is not None:
+                s = s.masked_fill(~keep, float("-inf"))
+            # line 9: m_new = max(m, rowmax(S_ij)); P~ = exp(S_ij - m_new); l = exp(m - m_new) l + rowsum(P~)
+            m_new = torch.maximum(m_i, s.amax(dim=-1))  # (B, Hkv, G, bq)
+            # A row that has seen only masked keys keeps m = -inf; shift it by 0 so exp(-inf - 0) = 0, not NaN.
+            m_safe = torch.where(m_new == float("-inf"), 0.0, m_new)  # (B, Hkv, G, bq)
+            p_tilde = torch.exp(s - m_safe.unsqueeze(-1))  # (B, Hkv, G, bq, bk)
+            alpha = torch.exp(m_i - m_safe)  # (B, Hkv, G, bq): the rescaling of everything seen before
+            l_i = alpha * l_i + p_tilde.sum(dim=-1)  # (B, Hkv, G, bq)
+            # line 10: O_i = diag(alpha) O_i + P~ V_j
+            o_i = alpha.unsqueeze(-1) * o_i + p_tilde @ v_j  # (B, Hkv, G, bq, d)
+            m_i = m_new
+
+        # line 12: O_i = diag(l)^-1 O_i. A row that saw no key has l = 0 and O = 0: divide by 1 to give zeros.
+        out[..., i0:i1, :] = o_i / torch.where(l_i > 0, l_i, 1.0).unsqueeze(-1)
+        # line 13: L_i = m_i + log(l_i); -inf + log(0) = -inf on a row that saw no key
+        lse[..., i0:i1] = m_i + torch.log(l_i)
+    return out.flatten(1, 2), lse.flatten(1, 2)  # (B, H, N, d), (B, H, N)
+
+
+@torch.no_grad()
+def _backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, d_out: Tensor,
+              key_padding_mask: Tensor | None, p: Problem, block_q: int, block_k: int) -> tuple[Tensor, ...]:
+    """FA2 Algorithm 2. Returns dq, dk, dv in the dtypes of q, k, v."""
+    acc_dtype = _acc_dtype(q.dtype)
+    qg = q.unflatten(1, (p.Hkv, p.group))  # (B, Hkv, G, N, d)
+    dog = d_out.unflatten(1, (p.Hkv, p.group))  # (B, Hkv, G, N, d)
+    kg = k.unsqueeze(2)  # (B, Hkv, 1, M, d)
+    vg = v.unsqueeze(2)  # (B, Hkv, 1, M, d)
+    # line 3: D = rowsum(dO ∘ O), which equals rowsum(P ∘ dP) (FA2 Sec. 3.1.2)
+    D = (d_out.to(acc_dtype) * out.to(acc_dtype)).sum(dim=-1).unflatten(1, (p.Hkv, p.group))  # (B, Hkv, G, N)
+    # P = exp(S - LSE); a row that saw no key has LSE = -inf: make it +inf so its P is exp(-inf) = 0, not NaN.
+    lse = lse.unflatten(1, (p.Hkv, p.group))  # (B, Hkv, G, N)
+    lse = torch.where(lse == float("-inf"), float("inf"), lse)  # (B, Hkv, G, N)
+
+    dq = torch.zeros(p.B, p.Hkv, p.group, p.N, p.d, dtype=acc_dtype, device=q.device)  # (B, Hkv, G, N, d)
+    dk = torch.empty(p.B, p.Hkv, p.M, p.d, dtype=k.dtype, device=k.device)  # (B, Hkv, M, d)
+    dv = torch.empty(p.B, p.Hkv, p.M, p.d, dtype=v.dtype, device=v.device)  # (B, Hkv, M, d)
+
+    for j0 in range(0, p.M, block_k):  # line 4: for each key tile K_j, V_j
+        j1 = min(j0 + block_k, p.M)
+        k_j = kg[..., j0:j1, :].to(acc_dtype)  # (B, Hkv, 1, bk, d)
+        v_j = vg[..., j0:j1, :].to(acc_dtype)  # (B, Hkv, 1, bk, d)
+        # line 6: dK_j = 0, dV_j = 0
+        dk_j = torch.zeros(p.B, p.Hkv, j1 - j0, p.d, dtype=acc_dtype, device=q.device)  # (B, Hkv, bk, d)
+        dv_j = torch.zeros_like(dk_j)  # (B, Hkv, bk, d)
+
+        for i0 in range(_query_start(p, j0), p.N, block_q):  # line 7: for each query tile
+            i1 = min(i0 + block_q, p.N)
+            q_i = qg[..., i0:i1, :].to(acc_dtype)  # (B, Hkv, G, bq, d)
+            do_i = dog[..., i0:i1, :].to(acc_dtype)  # (B, Hkv, G, bq, d)
+            s = (q_i @ k_j.transpose(-2, -1)) * p.scale  # line 9: S_ij = Q_i K_jᵀ  (B, Hkv, G, bq, bk)
+            keep = _tile_mask(p, key_padding_mask, i0, i1, j0, j1, q.device)
+            if keep is not None:
+                s = s.masked_fill(~keep, float("-inf"))
+            p_ij = torch.exp(s - lse[..., i0:i1].unsqueeze(-1))  # line 10: P_ij = exp(S_ij - L_i)  (.., bq, bk)
+            # line 11: dV_j += P_ijᵀ dO_i, summed over the G query heads that read this key/value head
+            dv_j += (p_ij.transpose(-2, -1) @ do_i).sum(dim=2)  # (B, Hkv, bk, d)
+            dp = do_i @ v_j.transpose(-2, -1)  # line 12: dP_ij = dO_i V_jᵀ  (B, Hkv, G, bq, bk)
+            ds = p_ij * (dp - D[..., i0:i1].unsqueeze(-1))  # line 13: dS_ij = P_ij ∘ (dP_ij - D_i)
+            # line 14: dQ_i += dS_ij K_j (scaled: S = scale Q Kᵀ). The loop runs in order: no atomics, deterministic.
+            dq[..., i0:i1, :] += (ds @ k_j) * p.scale  # (B, Hkv, G, bq, d)
+            dk_j += (ds.transpose(-2, -1) @ q_i).sum(dim=2) * p.scale  # line 15: dK_j += dS_ijᵀ Q_i  (B, Hkv, bk, d)
+
+        dk[..., j0:j1, :] = dk_j  # line 17: write dK_j, dV_j
+        dv[..., j0:j1, :] = dv_j
+    return dq.flatten(1, 2).to(q.dtype), dk, dv  # (B, H, N, d), (B, Hkv, M, d), (B, Hkv, M, d)

@@ -1,0 +1,407 @@
+"""FlashAttention-2 as Triton kernels: forward, and a deterministic backward (no atomics).
+
+The algorithm of optimized/attention/blocked.py (FA2, Dao 2023, arXiv 2307.08691, Algorithms 1 and 2), one program
+per tile, written after the Triton fused-attention tutorial and the FA2 paper:
+
+    _fwd_kernel        one program per (query tile, batch x query head): online softmax over the key tiles,
+                       writes O and LSE (FA2 Alg. 1).
+    _bwd_preprocess    D = rowsum(dO ∘ O) (FA2 Alg. 2 line 3).
+    _bwd_dkdv_kernel   one program per (key tile, batch x key/value head): loops over the G query heads of its GQA
+                       group and over the query tiles, accumulating dK_j and dV_j in registers (Alg. 2 lines 4-17).
+    _bwd_dq_kernel     one program per (query tile, batch x query head): loops over the key tiles, accumulating dQ_i.
+
+FA2 accumulates dQ with atomic adds from the dK/dV pass; here dQ has its own pass instead, so each gradient element
+is summed by one program in a fixed order and the backward is bitwise reproducible, at the cost of computing
+S = Q Kᵀ and dP = dO Vᵀ twice.
+
+Supported: causal masks in both alignments (query i sees keys j <= i + offset, offset 0 for top-left and M - N for
+bottom-right), GQA/MQA, N != M and any length (tails masked), head dims 1..256 (padded to a power of two >= 16),
+float16 / bfloat16 / float32 inputs (float32 dot products in IEEE precision, not TF32), a (B, M) key padding mask.
+Scores are handled in base 2 (exp2 of S·scale·log2 e), LSE is stored in natural log.
+
+The kernels need CUDA tensors, unless Triton's interpreter is active (TRITON_INTERPRET=1 set before this module is
+first imported: `triton.jit` reads it when it decorates a kernel), in which case they run on CPU tensors;
+`interpreted()` says which. The interpreter has no bfloat16.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+from triton.runtime.interpreter import InterpretedFunction
+
+from optimized.attention._inputs import Problem, check_inputs
+
+MAX_HEAD_DIM = 256
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, O, LSE, PAD,
+    sqb, sqh, sqn, sqd,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    sob, soh, son, sod,
+    spb, spm,
+    H, N, M, HEAD_DIM, GROUP, qk_scale, causal_offset,
+    IS_CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)  # 64-bit offsets: B·H·N·d may pass 2^31 elements
+    h = (pid_bh % H).to(tl.int64)
+    hk = h // GROUP  # GQA: query head h reads key/value head h // G
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < N
+    d_ok = offs_d < HEAD_DIM
+    last_key = offs_m + causal_offset  # causal: query i sees keys j <= i + offset
+
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max, base-2 units
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2(s - m)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)  # running unnormalised output
+
+    kT_ptrs = K + b * skb + hk * skh + offs_n[None, :] * skn + offs_d[:, None] * skd  # (BLOCK_D, BLOCK_N)
+    v_ptrs = V + b * svb + hk * svh + offs_n[:, None] * svn + offs_d[None, :] * svd  # (BLOCK_N, BLOCK_D)
+    pad_ptrs = PAD + b * spb + offs_n * spm
+    hi = M
+    if IS_CAUSAL:  # key tiles past the last key the tile's last query may see are never loaded
+        hi = tl.minimum(M, (pid_m + 1) * BLOCK_M + causal_offset)
+    for start_n in range(0, hi, BLOCK_N):  # FA2 Alg. 1 line 6
+        cols = start_n + offs_n
+        col_ok = cols < M
+        kT = tl.load(kT_ptrs, mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+        s = tl.dot(q, kT, input_precision="ieee") * qk_scale  # S = Q Kᵀ · scale · log2(e)  (BLOCK_M, BLOCK_N)
+        keep = col_ok[None, :] & row_ok[:, None]
+        if IS_CAUSAL:
+            keep = keep & (cols[None, :] <= last_key[:, None])
+        if HAS_PAD:
+            keep = keep & (tl.load(pad_ptrs, mask=col_ok, other=0) != 0)[None, :]
+        s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # line 9: online softmax
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no visible key yet: exp2(-inf) = 0
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")  # line 10
+        m_i = m_new
+        kT_ptrs += BLOCK_N * skn
+        v_ptrs += BLOCK_N * svn
+        pad_ptrs += BLOCK_N * spm
+
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # a row that saw no key: O = 0 / 1 = 0
+    out = acc / l_safe[:, None]  # line 12
+    lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)  # line 13, ln
+    tl.store(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod,
+             out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(LSE + pid_bh * N + offs_m, lse, mask=row_ok)
+
+
+@triton.jit
+def _bwd_preprocess(
+    O, DO, DELTA,
+    sob, soh, son, sod,
+    sdb, sdh, sdn, sdd,
+    H, N, HEAD_DIM,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m < N)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    o = tl.load(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod, mask=mask, other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdn + offs_d[None, :] * sdd, mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # FA2 Alg. 2 line 3: D = rowsum(dO ∘ O)
+    tl.store(DELTA + pid_bh * N + offs_m, delta, mask=offs_m < N)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, PAD, DK, DV,
+    sqb, sqh, sqn, sqd,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    sdb, sdh, sdn, sdd,
+    spb, spm,
+    sdkb, sdkh, sdkn, sdkd,
+    sdvb, sdvh, sdvn, sdvd,
+    H, HKV, N, M, HEAD_DIM, GROUP, qk_scale, sm_scale, causal_offset,
+    IS_CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bhk = tl.program_id(1)
+    b = (pid_bhk // HKV).to(tl.int64)
+    hk = (pid_bhk % HKV).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    col_ok = offs_n < M
+    d_ok = offs_d < HEAD_DIM
+    kv_mask = col_ok[:, None] & d_ok[None, :]
+    first_query = offs_n - causal_offset  # causal: key j is seen by queries i >= j - offset
+    # FA2 Alg. 2 lines 5-6: load K_j, V_j; dK_j = dV_j = 0
+    k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
+    v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+    keep_cols = col_ok
+    if HAS_PAD:
+        keep_cols = keep_cols & (tl.load(PAD + b * spb + offs_n * spm, mask=col_ok, other=0) != 0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    lo = 0
+    if IS_CAUSAL:  # query tiles before the first query that may see this key tile are skipped
+        lo = tl.maximum(0, pid_n * BLOCK_N - causal_offset)
+        lo = (lo // BLOCK_M) * BLOCK_M
+    for g in range(0, GROUP):  # the G query heads that read this key/value head, in a fixed order
+        h = hk * GROUP + g
+        qT_ptrs = Q + b * sqb + h * sqh + (lo + offs_m)[None, :] * sqn + offs_d[:, None] * sqd  # (BLOCK_D, BLOCK_M)
+        do_ptrs = DO + b * sdb + h * sdh + (lo + offs_m)[:, None] * sdn + offs_d[None, :] * sdd  # (BLOCK_M, BLOCK_D)
+        lse_ptrs = LSE + (b * H + h) * N + lo + offs_m
+        delta_ptrs = DELTA + (b * H + h) * N + lo + offs_m
+        for start_m in range(lo, N, BLOCK_M):  # line 7
+            rows = start_m + offs_m
+            row_ok = rows < N
+            qT = tl.load(qT_ptrs, mask=row_ok[None, :] & d_ok[:, None], other=0.0)
+            do = tl.load(do_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            lse = tl.load(lse_ptrs, mask=row_ok, other=0.0) * 1.4426950408889634  # base 2
+            lse = tl.where(lse == float("-inf"), float("inf"), lse)  # a row that saw no key: P = 0
+            delta = tl.load(delta_ptrs, mask=row_ok, other=0.0)
+            sT = tl.dot(k, qT, input_precision="ieee") * qk_scale  # line 9, transposed: Sᵀ (BLOCK_N, BLOCK_M)
+            keep = keep_cols[:, None] & row_ok[None, :]
+            if IS_CAUSAL:
+                keep = keep & (rows[None, :] >= first_query[:, None])
+            pT = tl.where(keep, tl.math.exp2(sT - lse[None, :]), 0.0)  # line 10: Pᵀ = exp(Sᵀ - L)
+            dv += tl.dot(pT.to(do.dtype), do, input_precision="ieee")  # line 11: dV_j += Pᵀ dO_i
+            dpT = tl.dot(v, tl.trans(do), input_precision="ieee")  # line 12: dPᵀ = V_j dO_iᵀ
+            dsT = pT * (dpT - delta[None, :])  # line 13: dSᵀ = Pᵀ ∘ (dPᵀ - D_i)
+            dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision="ieee")  # line 15: dK_j += dSᵀ Q_i
+            qT_ptrs += BLOCK_M * sqn
+            do_ptrs += BLOCK_M * sdn
+            lse_ptrs += BLOCK_M
+            delta_ptrs += BLOCK_M
+    dk = dk * sm_scale  # S = scale · Q Kᵀ
+    tl.store(DK + b * sdkb + hk * sdkh + offs_n[:, None] * sdkn + offs_d[None, :] * sdkd,
+             dk.to(DK.dtype.element_ty), mask=kv_mask)  # line 17
+    tl.store(DV + b * sdvb + hk * sdvh + offs_n[:, None] * sdvn + offs_d[None, :] * sdvd,
+             dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, PAD, DQ,
+    sqb, sqh, sqn, sqd,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    sdb, sdh, sdn, sdd,
+    spb, spm,
+    sdqb, sdqh, sdqn, sdqd,
+    H, N, M, HEAD_DIM, GROUP, qk_scale, sm_scale, causal_offset,
+    IS_CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    hk = h // GROUP
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < N
+    d_ok = offs_d < HEAD_DIM
+    q_mask = row_ok[:, None] & d_ok[None, :]
+    last_key = offs_m + causal_offset
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=q_mask, other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdn + offs_d[None, :] * sdd, mask=q_mask, other=0.0)
+    lse = tl.load(LSE + pid_bh * N + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)
+    delta = tl.load(DELTA + pid_bh * N + offs_m, mask=row_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    k_ptrs = K + b * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :] * skd  # (BLOCK_N, BLOCK_D)
+    vT_ptrs = V + b * svb + hk * svh + offs_n[None, :] * svn + offs_d[:, None] * svd  # (BLOCK_D, BLOCK_N)
+    pad_ptrs = PAD + b * spb + offs_n * spm
+    hi = M
+    if IS_CAUSAL:
+        hi = tl.minimum(M, (pid_m + 1) * BLOCK_M + causal_offset)
+    for start_n in range(0, hi, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < M
+        k = tl.load(k_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        vT = tl.load(vT_ptrs, mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale  # S, base 2  (BLOCK_M, BLOCK_N)
+        keep = col_ok[None, :] & row_ok[:, None]
+        if IS_CAUSAL:
+            keep = keep & (cols[None, :] <= last_key[:, None])
+        if HAS_PAD:
+            keep = keep & (tl.load(pad_ptrs, mask=col_ok, other=0) != 0)[None, :]
+        p = tl.where(keep, tl.math.exp2(s - lse[:, None]), 0.0)  # P = exp(S - L)
+        dp = tl.dot(do, vT, input_precision="ieee")  # dP = dO Vᵀ
+        ds = p * (dp - delta[:, None])  # dS = P ∘ (dP - D)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")  # FA2 Alg. 2 line 14, without the atomic add
+        k_ptrs += BLOCK_N * skn
+        vT_ptrs += BLOCK_N * svn
+        pad_ptrs += BLOCK_N * spm
+    dq = dq * sm_scale
+    tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqn + offs_d[None, :] * sdqd,
+             dq.to(DQ.dtype.element_ty), mask=q_mask)
+
+
+def interpreted() -> bool:
+    """Do these kernels run in Triton's interpreter (on CPU tensors) rather than compiled for a GPU?
+
+    `triton.jit` returns an InterpretedFunction when the interpreter was on at decoration time, so the kernels
+    themselves are the record; this reads no environment variable."""
+    return isinstance(_fwd_kernel, InterpretedFunction)
+
+
+def unsupported(q: Tensor, p: Problem) -> str | None:
+    """Why these kernels cannot serve the inputs, or None when they can."""
+    if interpreted():
+        if q.device.type != "cpu":
+            return f"Triton's interpreter runs on CPU tensors, got device {q.device}"
+        if q.dtype == torch.bfloat16:
+            return "Triton's interpreter has no bfloat16"
+    elif q.device.type != "cuda":
+        return f"the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 before import), got device {q.device}"
+    elif q.dtype == torch.bfloat16 and torch.cuda.get_device_capability(q.device) < (8, 0):
+        return "bfloat16 dot products need a GPU of compute capability >= 8.0"
+    if q.dtype not in DTYPES:
+        return f"the Triton kernels take {[str(t) for t in DTYPES]}, got {q.dtype}"
+    if p.d > MAX_HEAD_DIM:
+        return f"the Triton kernels take head dims up to {MAX_HEAD_DIM}, got d={p.d}"
+    return None
+
+
+def _config(p: Problem, dtype: torch.dtype) -> dict:
+    """Tile sizes and warps: tiles shrink as the head dim grows so K, V and the accumulators fit on chip."""
+    block_d = max(16, triton.next_power_of_2(p.d))
+    if interpreted():  # every program is run in Python: small tiles, but >= 16 for tl.dot
+        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=block_d, num_warps=1, num_stages=1)
+    wide = block_d * (4 if dtype == torch.float32 else 2)  # bytes of one row of a tile
+    if wide <= 128:
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=block_d, num_warps=4, num_stages=2)
+    if wide <= 256:
+        return dict(BLOCK_M=64, BLOCK_N=32, BLOCK_D=block_d, num_warps=4, num_stages=2)
+    if wide <= 512:
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=block_d, num_warps=4, num_stages=1)
+    return dict(BLOCK_M=32, BLOCK_N=16, BLOCK_D=block_d, num_warps=8, num_stages=1)
+
+
+def _strides(t: Tensor) -> tuple[int, ...]:
+    return tuple(t.stride())
+
+
+class TritonAttention(torch.autograd.Function):
+    """The Triton forward saving O and LSE; the three-kernel backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, pad, problem: Problem):
+        p = problem
+        cfg = _config(p, q.dtype)
+        out = torch.empty(p.B, p.H, p.N, p.d, dtype=q.dtype, device=q.device)  # (B, H, N, d)
+        lse = torch.empty(p.B, p.H, p.N, dtype=torch.float32, device=q.device)  # (B, H, N)
+        pad_arg, pad_strides = (pad, pad.stride()) if pad is not None else (lse, (0, 0))
+        grid = (triton.cdiv(p.N, cfg["BLOCK_M"]), p.B * p.H)
+        if lse.numel() > 0:
+            with _device(q):
+                _fwd_kernel[grid](
+                    q, k, v, out, lse, pad_arg,
+                    *_strides(q), *_strides(k), *_strides(v), *_strides(out), *pad_strides,
+                    p.H, p.N, p.M, p.d, p.group, p.scale * _LOG2E, p.causal_offset or 0,
+                    IS_CAUSAL=p.causal_offset is not None, HAS_PAD=pad is not None, **cfg,
+                )
+        ctx.save_for_backward(q, k, v, out, lse, pad)
+        ctx.problem = p
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, d_out, _d_lse):
+        q, k, v, out, lse, pad = ctx.saved_tensors
+        p: Problem = ctx.problem
+        cfg = _config(p, q.dtype)
+        dq = torch.empty_like(q)
+        dk = torch.empty_like(k)
+        dv = torch.empty_like(v)
+        if lse.numel() == 0 or p.M == 0:
+            return dq.zero_(), dk.zero_(), dv.zero_(), None, None
+        d_out = d_out.contiguous() if d_out.stride(-1) != 1 else d_out
+        delta = torch.empty_like(lse)  # (B, H, N)
+        pad_arg, pad_strides = (pad, pad.stride()) if pad is not None else (lse, (0, 0))
+        flags = dict(IS_CAUSAL=p.causal_offset is not None, HAS_PAD=pad is not None)
+        with _device(q):
+            _bwd_preprocess[(triton.cdiv(p.N, cfg["BLOCK_M"]), p.B * p.H)](
+                out, d_out, delta, *_strides(out), *_strides(d_out), p.H, p.N, p.d,
+                BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
+            )
+            _bwd_dkdv_kernel[(triton.cdiv(p.M, cfg["BLOCK_N"]), p.B * p.Hkv)](
+                q, k, v, d_out, lse, delta, pad_arg, dk, dv,
+                *_strides(q), *_strides(k), *_strides(v), *_strides(d_out), *pad_strides,
+                *_strides(dk), *_strides(dv),
+                p.H, p.Hkv, p.N, p.M, p.d, p.group, p.scale * _LOG2E, p.scale, p.causal_offset or 0,
+                **flags, **cfg,
+            )
+            _bwd_dq_kernel[(triton.cdiv(p.N, cfg["BLOCK_M"]), p.B * p.H)](
+                q, k, v, d_out, lse, delta, pad_arg, dq,
+                *_strides(q), *_strides(k), *_strides(v), *_strides(d_out), *pad_strides, *_strides(dq),
+                p.H, p.N, p.M, p.d, p.group, p.scale * _LOG2E, p.scale, p.causal_offset or 0,
+                **flags, **cfg,
+            )
+        return dq, dk, dv, None, None
+
+
+class _device:
+    """The CUDA device of `t` for the kernel launches (a no-op on CPU, where the interpreter runs)."""
+
+    def __init__(self, t: Tensor) -> None:
+        self._ctx = torch.cuda.device(t.device) if t.is_cuda else None
+
+    def __enter__(self):
+        if self._ctx is not None:
+            self._ctx.__enter__()
+
+    def __exit__(self, *exc):
+        if self._ctx is not None:
+            self._ctx.__exit__(*exc)
+
+
+def triton_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    is_causal: bool = False,
+    scale: float | None = None,
+    key_padding_mask: Tensor | None = None,
+    causal_alignment: str = "top_left",
+    return_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Exact attention by the Triton kernels: the arguments and results of `reference.attention.attention`
+    (lse in float32). Raises ValueError saying why when the kernels cannot serve the inputs."""
+    p = check_inputs(q, k, v, is_causal=is_causal, scale=scale, key_padding_mask=key_padding_mask,
+                     causal_alignment=causal_alignment, return_lse=return_lse)
+    reason = unsupported(q, p)
+    if reason is not None:
+        raise ValueError(f"backend 'triton' cannot serve these inputs: {reason}")
+    pad = key_padding_mask.to(torch.int8) if key_padding_mask is not None else None  # (B, M); Triton loads int8
+    # The kernels index the head dim with a stride, but contiguous rows are what makes their loads coalesce.
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    out, lse = TritonAttention.apply(q, k, v, pad, p)
+    return (out, lse) if return_lse else out
+

@@ -1,0 +1,96 @@
+"""The `attention` conformance check: its rows, its byte accounting and its verdicts, on small sizes."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+import conformance.checks.attention as check
+from conformance.checks import Context
+from conformance.checks.attention import Case, Workload
+from conformance.claims import Verdict
+
+
+@pytest.fixture
+def small(monkeypatch):
+    monkeypatch.setattr(check, "CASES", (
+        Case("causal GQA", B=1, H=2, Hkv=1, N=131, M=131, d=8, is_causal=True),
+        Case("bottom-right padded", B=2, H=2, Hkv=1, N=20, M=45, d=8, is_causal=True,
+             causal_alignment="bottom_right", padding=True),
+    ))
+    monkeypatch.setattr(check, "INTERPRETER_CASES", (
+        Case("tiny", B=1, H=1, Hkv=1, N=9, M=16, d=16, is_causal=True, causal_alignment="bottom_right"),
+    ))
+    monkeypatch.setattr(check, "_lengths", lambda device, quick: (128, 256, 512))
+
+
+def test_check_rows_on_cpu(small, tmp_path: Path):
+    rows = check.run(Context(device=torch.device("cpu"), world_size=1, quick=True, out_dir=tmp_path))
+    by_name = {r.name: r for r in rows}
+    assert not [r.name for r in rows if r.failed]
+    for dtype in ("float32", "float16", "bfloat16"):
+        assert by_name[f"blocked {dtype} vs float64 naive (error rule)"].equivalence.passed
+    sdpa = by_name["sdpa float32 vs float64 naive (error rule)"]
+    assert sdpa.peer == "torch SDPA" and "1 of 2 cases" in sdpa.notes and "padding" in sdpa.notes
+    assert "CUDA" in by_name["flash_attn: not run here"].notes
+    if importlib.util.find_spec("triton") is not None:
+        from optimized.attention.triton import interpreted
+
+        if interpreted():  # tests/conftest.py turns the interpreter on without CUDA
+            for dtype in ("float32", "float16"):
+                row = by_name[f"triton {dtype} vs float64 naive (error rule)"]
+                assert row.equivalence.passed and "interpreter" in row.notes
+
+    memory = by_name["memory: naive vs blocked"]
+    saved = [m.measured for m in memory.memory if m.name.startswith("saved, naive / blocked")]
+    peak = [m.measured for m in memory.memory if m.name.startswith("peak, naive / blocked")]
+    assert len(saved) == len(peak) == 3
+    assert 1 < saved[0] < saved[1] < saved[2] and peak[0] < peak[1] < peak[2]  # grows with N
+    assert peak[2] > 1  # at N=128 a single 128-row tile holds as much as the naive matrix
+    assert memory.claim == "flash.memory" and memory.verdict == Verdict.NOT_MEASURABLE  # no N = 2K here
+    assert by_name["memory: naive vs sdpa"].verdict is None
+
+    seed = by_name["the seed's '7.6x memory'"]
+    assert seed.claim == "flash.memory_seed" and seed.verdict == Verdict.DOES_NOT_HOLD
+    assert "SPEED-UP" in seed.notes
+
+    speed = next(r for r in rows if r.name.startswith("speed"))
+    assert speed.claim == "flash.speed" and speed.verdict == Verdict.NOT_MEASURABLE
+    assert {m.name for m in speed.speed} >= {"speed-up naive / blocked, N=256", "speed-up naive / sdpa, N=256"}
+    assert all(m.measured > 0 for m in speed.speed)
+
+    assert memory.plots == ["attention_memory.png"]
+    png = (tmp_path / "attention_memory.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_saved_bytes_are_what_each_implementation_keeps_for_backward():
+    w = Workload(B=1, H=2, d=16, dtype=torch.float32)
+    impls = check._implementations(torch.device("cpu"), w)
+    ctx = Context(device=torch.device("cpu"), world_size=1, quick=True, out_dir=Path("."))
+    memory = check._measure_memory(ctx, w, {k: impls[k] for k in ("naive", "blocked")}, (128,))
+    n, qkv = 128, 2 * 128 * 16 * 4
+    # naive: q, k, v, the (B, H, N, N) softmax output P, and the causal (N, N) bool mask
+    assert memory["naive"][128][0] == 3 * qkv + 2 * n * n * 4 + n * n
+    # blocked: q, k, v, out, and the (B, H, N) fp32 log-sum-exp
+    assert memory["blocked"][128][0] == 4 * qkv + 2 * n * 4
+
+
+def test_memory_verdicts():
+    def memory(ratio_2k, ratio_4k):
+        return {"naive": {2048: (100 * ratio_2k, 100 * ratio_2k), 4096: (100 * ratio_4k, 100 * ratio_4k)},
+                "blocked": {2048: (100, 100), 4096: (100, 100)}}
+
+    claimed = {2048: "10x @2K", 4096: "20x @4K"}
+    assert check._memory_verdict(memory(10.5, 21), "blocked", claimed)[0] == Verdict.HOLDS_UNDER_CONDITIONS
+    assert check._memory_verdict(memory(10.5, 12), "blocked", claimed)[0] == Verdict.DOES_NOT_HOLD
+    assert check._memory_verdict(memory(10.5, 21), "sdpa", claimed)[0] is None
+    only_small = {"naive": {512: (9, 9)}, "blocked": {512: (1, 1)}}
+    assert check._memory_verdict(only_small, "blocked", claimed)[0] == Verdict.NOT_MEASURABLE
+
+
+def test_flop_count_is_fa2s():
+    w = Workload(B=2, H=3, d=64, dtype=torch.float16, is_causal=False)
+    assert w.flops(1024) == 3.5 * 4 * 1024 * 1024 * 64 * 3 * 2
+    assert Workload(B=2, H=3, d=64, dtype=torch.float16).flops(1024) == w.flops(1024) / 2
