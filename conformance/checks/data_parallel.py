@@ -238,9 +238,9 @@ def run(ctx: Context) -> list[Result]:
     rows.append(Result(
         name=f"bucketed all-reduce vs one process, {ws} ranks", reference="reference.training.train_step",
         optimized="optimized.data_parallel.DataParallel", equivalence=eq,
-        memory=[Metric("all-reduce bytes sent per rank per step (ring)", first["bucketed"]["ring_bytes"], "bytes",
+        metrics=[Metric("all-reduce bytes sent per rank per step (ring)", first["bucketed"]["ring_bytes"], "bytes",
                        claimed=f"2(N-1)/N x 4Ψ = {formula:.0f} (Ψ = {n_params})"),
-                Metric("all-reduces per step (buckets)", first["bucketed"]["all_reduces"], "count")],
+                 Metric("all-reduces per step (buckets)", first["bucketed"]["all_reduces"], "count")],
         claim="data_parallel.equivalence", verdict=Verdict.HOLDS if eq.passed else Verdict.DOES_NOT_HOLD,
         notes=f"{steps} AdamW steps, each rank {sizes['rows']} of the {sizes['rows'] * ws} rows, equal scored tokens "
               f"per rank; each step from the reference's state: loss and every gradient (rtol 1e-5, atol 1e-5 x "
@@ -259,8 +259,8 @@ def run(ctx: Context) -> list[Result]:
     rows.append(Result(
         name=f"uneven tokens per rank, {ws} ranks", reference="reference.training.train_step (token mean)",
         optimized="DataParallel with each rank's loss sum x N / (scored tokens of the whole batch)", equivalence=eq,
-        memory=[Metric("first step: relative loss gap, mean of rank means vs token mean", loss_gap, "fraction"),
-                Metric("first step: largest gradient gap / largest gradient entry", grad_gap, "fraction")],
+        metrics=[Metric("first step: relative loss gap, mean of rank means vs token mean", loss_gap, "fraction"),
+                 Metric("first step: largest gradient gap / largest gradient entry", grad_gap, "fraction")],
         claim="data_parallel.equivalence", verdict=verdict,
         notes="variable-length sequences: ranks score different numbers of tokens, so averaging the ranks' mean "
               "losses weights tokens unequally (the gaps above); the token-weighted loss (one extra all-reduce of "

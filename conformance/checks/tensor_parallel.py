@@ -225,14 +225,14 @@ def run(ctx: Context) -> list[Result]:
     rows.append(Result(
         name=f"collectives per layer and per step, t={t}", optimized="optimized.tensor_parallel", claim=
         "tensor_parallel.communication", verdict=verdict,
-        memory=[Metric("all-reduces per layer, forward", layer_fwd, "count", claimed="2"),
-                Metric("all-reduces per layer, backward", layer_bwd, "count", claimed="2"),
-                Metric("all-reduce payload per step, forward", fwd[1], "bytes",
-                       claimed=f"(1 + 2L) x 4BTC + 3 x 4BT = {want_fwd}" if t > 1 else "0"),
-                Metric("all-reduce payload per step, backward", bwd[1], "bytes",
-                       claimed=f"(2L + 1) x 4BTC = {want_bwd}" if t > 1 else "0"),
-                Metric("ring bytes sent per rank per step", fwd[2] + bwd[2], "bytes",
-                       claimed=f"2(t-1)/t x payload = {2 * (t - 1) / t * (want_fwd + want_bwd):.0f}")],
+        metrics=[Metric("all-reduces per layer, forward", layer_fwd, "count", claimed="2"),
+                 Metric("all-reduces per layer, backward", layer_bwd, "count", claimed="2"),
+                 Metric("all-reduce payload per step, forward", fwd[1], "bytes",
+                        claimed=f"(1 + 2L) x 4BTC + 3 x 4BT = {want_fwd}" if t > 1 else "0"),
+                 Metric("all-reduce payload per step, backward", bwd[1], "bytes",
+                        claimed=f"(2L + 1) x 4BTC = {want_bwd}" if t > 1 else "0"),
+                 Metric("ring bytes sent per rank per step", fwd[2] + bwd[2], "bytes",
+                        claimed=f"2(t-1)/t x payload = {2 * (t - 1) / t * (want_fwd + want_bwd):.0f}")],
         notes=f"{shape}; " + note, **common,
     ))
 
