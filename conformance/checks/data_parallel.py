@@ -19,7 +19,6 @@ Rows
 
 from __future__ import annotations
 
-import io
 import statistics
 
 import torch
@@ -66,12 +65,6 @@ def _reference(sizes: dict, world_size: int, vary_length: bool) -> tuple[list[di
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     return states, losses, grads
 
-
-def _to_bytes(obj) -> bytes:
-    """Tensors travel to the ranks as one bytes object (as tensors, each would need a file descriptor)."""
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return buffer.getvalue()
 
 
 # --- one rank --------------------------------------------------------------------------------------------------------
@@ -167,10 +160,10 @@ def _step_times(sizes: dict, device: torch.device) -> dict[str, float]:
     return {kind: statistics.median(ts) for kind, ts in times.items()}
 
 
-def _worker(quick: bool, device_type: str, states_bytes: bytes) -> dict:
+def _worker(quick: bool, device_type: str, reference_states: tuple[list[dict], list[dict]]) -> dict:
     device = torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
     sizes = _sizes(quick)
-    states, uneven_states = torch.load(io.BytesIO(states_bytes))
+    states, uneven_states = reference_states
     return {
         "bucketed": _per_step("bucketed", sizes, device, states),
         "ddp": _per_step("ddp", sizes, device, states),
@@ -220,7 +213,7 @@ def run(ctx: Context) -> list[Result]:
     sizes = _sizes(ctx.quick)
     states, ref_losses, ref_grads = _reference(sizes, ws, False)
     uneven_states, uneven_losses, uneven_grads = _reference(sizes, ws, True)
-    per_rank = spawn(_worker, ws, ctx.quick, ctx.device.type, _to_bytes((states, uneven_states)),
+    per_rank = spawn(_worker, ws, ctx.quick, ctx.device.type, (states, uneven_states),
                      device=ctx.device.type, timeout=ctx.timeout)
     first = per_rank[0]
     n_params = GPT(GPTConfig(**sizes["config"])).num_parameters()

@@ -19,8 +19,6 @@ Rows
 
 from __future__ import annotations
 
-import io
-
 import torch
 import torch.distributed as dist
 
@@ -73,12 +71,6 @@ def _reference(sizes: dict) -> tuple[list[dict], list[float], list[dict]]:
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     return states, losses, grads
 
-
-def _to_bytes(obj) -> bytes:
-    """Tensors travel to the ranks as one bytes object (as tensors, each would need a file descriptor)."""
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return buffer.getvalue()
 
 
 # --- one rank --------------------------------------------------------------------------------------------------------
@@ -145,11 +137,10 @@ def _trajectory(sizes: dict, device: torch.device, dp_size: int) -> list[float]:
     return losses
 
 
-def _worker(quick: bool, device_type: str, states_bytes: bytes) -> dict:
+def _worker(quick: bool, device_type: str, states: list[dict]) -> dict:
     world = dist.get_world_size()
     device = torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
     sizes = _sizes(quick, world)
-    states = torch.load(io.BytesIO(states_bytes))
     out = {"tp": _per_step(sizes, device, 1, states), "tp_trajectory": _trajectory(sizes, device, 1)}
     if world >= 4 and world % 2 == 0:
         out["dp_tp"] = _per_step(sizes, device, 2, states)
@@ -183,7 +174,7 @@ def run(ctx: Context) -> list[Result]:
     t = ctx.world_size
     sizes = _sizes(ctx.quick, t)
     states, ref_losses, ref_grads = _reference(sizes)
-    per_rank = spawn(_worker, t, ctx.quick, ctx.device.type, _to_bytes(states), device=ctx.device.type,
+    per_rank = spawn(_worker, t, ctx.quick, ctx.device.type, states, device=ctx.device.type,
                      timeout=ctx.timeout)
     tp = per_rank[0]["tp"]
     cfg = GPTConfig(**sizes["config"])

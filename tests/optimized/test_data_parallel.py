@@ -14,7 +14,6 @@ functions; one spawn per world size runs every variant, so each rank pays torch'
 from __future__ import annotations
 
 import functools
-import io
 import time
 from dataclasses import replace
 
@@ -51,12 +50,6 @@ def _batches() -> list:
 def _optimizer(model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WD)
 
-
-def _to_bytes(obj) -> bytes:
-    """Tensors travel to the ranks as one bytes object: passed as tensors, each would need a file descriptor."""
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return buffer.getvalue()
 
 
 def _grads(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -151,9 +144,8 @@ def _trajectory(rank: int, world: int) -> dict:
     return {"loss": losses, "final": {n: p.detach().clone() for n, p in model.named_parameters()}}
 
 
-def _equivalence_worker(states_bytes: bytes) -> dict:
+def _equivalence_worker(states: list[dict]) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
-    states = torch.load(io.BytesIO(states_bytes))
     out = {v: _per_step(v, states, rank, world) for v in VARIANTS}
     out["trajectory"] = _trajectory(rank, world)
     return out
@@ -185,7 +177,7 @@ def _check_against(results: list[dict], variant: str, ref_losses: list[float], r
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
 def test_data_parallel_equals_single_process_and_ddp(world_size):
     states, ref_losses, ref_grads = _reference()
-    results = spawn(_equivalence_worker, world_size, _to_bytes(states), timeout=TIMEOUT)
+    results = spawn(_equivalence_worker, world_size, states, timeout=TIMEOUT)
     # Loss and every gradient at each of the 10 steps; no_sync over two micro-batches per rank equals the big batch.
     for variant in VARIANTS:
         _check_against(results, variant, ref_losses, ref_grads)

@@ -11,7 +11,6 @@ Every multi-rank test goes through conformance.launch.spawn (gloo, one thread pe
 from __future__ import annotations
 
 import functools
-import io
 from dataclasses import asdict
 
 import pytest
@@ -207,12 +206,6 @@ def _batches_for_vocab(vocab_size: int) -> list:
     return make_batches(3, batch_size=BATCH, seq_len=SEQ, vocab_size=vocab_size, seed=11)
 
 
-def _to_bytes(obj) -> bytes:
-    """Tensors travel to the ranks as one bytes object: passed as tensors, each would need a file descriptor."""
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return buffer.getvalue()
-
 
 @functools.cache
 def _reference(world_size: int) -> tuple[list[dict], list[float], list[float], list[dict]]:
@@ -291,9 +284,8 @@ def _trajectory(config: GPTConfig, dp_size: int) -> list[float]:
     return losses
 
 
-def _tp_worker(config_dict: dict, dp_sizes: tuple[int, ...], states_bytes: bytes, trajectory: bool) -> dict:
+def _tp_worker(config_dict: dict, dp_sizes: tuple[int, ...], states: list[dict], trajectory: bool) -> dict:
     config = GPTConfig(**config_dict)
-    states = torch.load(io.BytesIO(states_bytes))
     out = {dp: _per_step(config, dp, states) for dp in dp_sizes}
     if trajectory:
         out["trajectory"] = {dp: _trajectory(config, dp) for dp in dp_sizes}
@@ -329,7 +321,7 @@ def test_tensor_parallel_gpt_trains_like_one_process(world_size):
     # The run with the model's own AdamW needs torch.optim, whose first use costs every rank seconds of imports:
     # done once, on four ranks, for TP 4 and DP 2 x TP 2.
     trajectory = world_size == 4
-    states = _to_bytes(_reference(world_size)[0])
+    states = _reference(world_size)[0]
     results = spawn(_tp_worker, world_size, asdict(config), dp_sizes, states, trajectory, timeout=TIMEOUT)
     t = world_size
     for r, per_rank in enumerate(results):
