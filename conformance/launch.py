@@ -106,9 +106,10 @@ def _write_error(workdir: str, rank: int) -> NoReturn:
     os._exit(1)
 
 
-def _rank_main(fn, rank, world_size, args, kwargs, backend, device_type, timeout, workdir) -> None:
-    """Body of one rank process. Writes result_<rank>.pt or error_<rank>.txt into workdir."""
+def _rank_main(rank, world_size, backend, device_type, timeout, workdir) -> None:
+    """Body of one rank process. Reads the call from workdir; writes result_<rank>.pt or error_<rank>.txt there."""
     try:
+        fn, args, kwargs = torch.load(os.path.join(workdir, "call.pt"), weights_only=False)
         if device_type == "cpu":
             torch.set_num_threads(1)  # N ranks share the cores; one intra-op thread each avoids oversubscription
         else:
@@ -143,10 +144,13 @@ def _spawn_processes(fn, world_size, args, kwargs, backend, device, timeout) -> 
     ctx = _context()
     procs = []
     try:
+        # The call travels as a file, not as Process arguments: multiprocessing would share tensor arguments
+        # through one file descriptor per storage, which runs out of descriptors for a model's worth of tensors.
+        torch.save((fn, args, kwargs), os.path.join(workdir, "call.pt"))
         for rank in range(world_size):
             p = ctx.Process(
                 target=_rank_main,
-                args=(fn, rank, world_size, args, kwargs, backend, device.type, timeout, workdir),
+                args=(rank, world_size, backend, device.type, timeout, workdir),
                 name=f"rank{rank}",
                 daemon=True,
             )

@@ -77,3 +77,12 @@ def test_bad_arguments_are_refused_before_anything_starts():
         spawn(_rank_and_sum, 1, 0.0, backend="mpi")
     with pytest.raises(ValueError, match="timeout must be > 0"):
         spawn(_rank_and_sum, 1, 0.0, timeout=0)
+
+
+def _sum_of(tensors):
+    return float(sum(t.sum() for t in tensors))
+
+
+def test_many_tensor_arguments_travel_to_every_rank():
+    tensors = [torch.full((3,), float(i)) for i in range(2000)]
+    assert spawn(_sum_of, 2, tensors, timeout=60) == [3.0 * sum(range(2000))] * 2

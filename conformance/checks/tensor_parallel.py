@@ -1,0 +1,270 @@
+"""Check `tensor_parallel`: the tiny GPT parallelised with optimized.tensor_parallel (Megatron-LM, arXiv 1909.08053,
+Sec. 3) on t = ctx.world_size ranks, against one process training the same model on the same batches.
+
+Every step is compared from the same state: before each step of the reference's AdamW run, the parallel model loads
+its parameters shard by shard (`load_full`); a whole run with the parallel model's own AdamW is compared by its
+losses (see conformance/checks/data_parallel.py for why fp32 trajectories are not held tighter).
+
+Rows
+1. TP vs one process: the loss and every (all-gathered) gradient at every AdamW step; the losses of a whole run.
+2. Communication (claim tensor_parallel.communication): all-reduces per transformer layer in forward and backward
+   (Megatron: 2 + 2), and the bytes of a whole training step against the formula: per layer 2 forward + 2 backward
+   all-reduces of B*T*C activations, the embedding's g, the head's f and the vocab-parallel loss's 3 numbers per token.
+3. Memory (claim tensor_parallel.memory): parameter bytes per rank of the split layers against 1/t of the full
+   layers, of the whole model (LayerNorms, position embedding and row-parallel biases stay replicated), and the
+   logits one rank holds with the vocab-parallel loss against gathered logits.
+4. DP x TP on a 2 x (t/2) grid (when the world size is an even number >= 4): the same training, the batch split
+   over the two replicas.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from conformance.checks import Context
+from conformance.claims import Verdict
+from conformance.launch import spawn
+from conformance.measure import CollectiveCounter, tensor_bytes
+from conformance.result import Metric, Result
+from conformance.tolerance import allclose, bitwise, combine
+from optimized.data_parallel import DataParallel
+from optimized.tensor_parallel import (
+    gather_full,
+    load_full,
+    make_process_grid,
+    megatron_plan,
+    parallelize,
+    split_parameters,
+)
+from reference.data import make_batches
+from reference.model import GPT, GPTConfig
+from reference.training import train_step
+
+CHECK = "tensor_parallel"
+LR, WD = 1e-2, 0.1
+
+
+def _sizes(quick: bool, t: int) -> dict:
+    """A GPT whose heads, MLP width and vocabulary all divide by t (12 heads cover t = 1, 2, 3, 4, 6, 12)."""
+    n_head = 12 if 12 % t == 0 else 4 * t
+    head_dim = 4 if quick else 16
+    config = dict(vocab_size=(24 if quick else 96) * t, block_size=16 if quick else 64, n_layer=2 if quick else 4,
+                  n_head=n_head, n_embd=n_head * head_dim)
+    return dict(config=config, rows=4, seq=config["block_size"], steps=3 if quick else 10)
+
+
+def _batches(sizes: dict) -> list:
+    return make_batches(sizes["steps"], batch_size=sizes["rows"], seq_len=sizes["seq"],
+                        vocab_size=sizes["config"]["vocab_size"], seed=5)
+
+
+def _reference(sizes: dict) -> tuple[list[dict], list[float], list[dict]]:
+    """One process, AdamW: the parameters before each step, its loss and its gradients."""
+    model = GPT(GPTConfig(**sizes["config"]))
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WD)
+    states, losses, grads = [], [], []
+    for batch in _batches(sizes):
+        states.append({n: p.detach().clone() for n, p in model.named_parameters()})
+        loss, _ = train_step(model, opt, batch)
+        losses.append(loss)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    return states, losses, grads
+
+
+
+# --- one rank --------------------------------------------------------------------------------------------------------
+
+
+def _build(sizes: dict, device: torch.device, dp_size: int):
+    """(model, what to call, dp rank): TP over the world, or DP over the columns of a dp_size x (world/dp_size) grid
+    of TP rows."""
+    world = dist.get_world_size()
+    model = GPT(GPTConfig(**sizes["config"])).to(device)
+    if dp_size == 1:
+        return model, parallelize(model, megatron_plan(model)), 0
+    grid = make_process_grid(dp_size, world // dp_size)
+    wrapped = DataParallel(parallelize(model, megatron_plan(model), grid.tp_group), process_group=grid.dp_group)
+    return model, wrapped, grid.dp_rank
+
+
+def _per_step(sizes: dict, device: torch.device, dp_size: int, states: list[dict]) -> dict:
+    model, wrapped, dp_rank = _build(sizes, device, dp_size)
+    out: dict = {"loss": [], "grads": [], "dp_rank": dp_rank}
+    for step, (idx, targets) in enumerate(_batches(sizes)):
+        load_full(model, states[step])
+        model.zero_grad(set_to_none=True)
+        idx, targets = idx.chunk(dp_size)[dp_rank].to(device), targets.chunk(dp_size)[dp_rank].to(device)
+        with CollectiveCounter() as fwd:
+            logits, loss = wrapped(idx, targets)
+        with CollectiveCounter() as bwd:
+            loss.backward()
+        if step == 0:
+            out["step_comm"] = {k: (c.count("all_reduce"), c.payload_bytes("all_reduce"),
+                                    c.ring_bytes_sent("all_reduce")) for k, c in (("fwd", fwd), ("bwd", bwd))}
+            out["logits_bytes"] = tensor_bytes([logits])
+        out["loss"].append(float(loss.detach()))
+        full = gather_full(model, grads=True)
+        out["grads"].append({n: g.cpu() for n, g in full.items()} if dist.get_rank() == 0 else None)
+    if dp_size == 1:
+        # One transformer layer alone (Megatron Sec. 3, Fig. 4).
+        x = torch.randn(sizes["rows"], sizes["seq"], model.config.n_embd, device=device,
+                        generator=torch.Generator(device=device).manual_seed(0), requires_grad=True)
+        with CollectiveCounter() as layer_fwd:
+            y = model.blocks[0](x)
+        with CollectiveCounter() as layer_bwd:
+            y.square().sum().backward()
+        out["layer"] = (layer_fwd.count("all_reduce"), layer_bwd.count("all_reduce"), layer_fwd.count(),
+                        layer_bwd.count())
+        sharded, _ = split_parameters(model)
+        out["param_bytes"] = tensor_bytes(model.parameters())
+        out["split_param_bytes"] = tensor_bytes(sharded)
+    return out
+
+
+def _trajectory(sizes: dict, device: torch.device, dp_size: int) -> list[float]:
+    """A whole run with the parallel model's own AdamW (on its shards): the losses."""
+    model, wrapped, dp_rank = _build(sizes, device, dp_size)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WD)
+    losses = []
+    for idx, targets in _batches(sizes):
+        idx, targets = idx.chunk(dp_size)[dp_rank].to(device), targets.chunk(dp_size)[dp_rank].to(device)
+        opt.zero_grad(set_to_none=True)
+        _, loss = wrapped(idx, targets)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def _worker(quick: bool, device_type: str, states: list[dict]) -> dict:
+    world = dist.get_world_size()
+    device = torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
+    sizes = _sizes(quick, world)
+    out = {"tp": _per_step(sizes, device, 1, states), "tp_trajectory": _trajectory(sizes, device, 1)}
+    if world >= 4 and world % 2 == 0:
+        out["dp_tp"] = _per_step(sizes, device, 2, states)
+        out["dp_tp_trajectory"] = _trajectory(sizes, device, 2)
+    return out
+
+
+# --- comparison ------------------------------------------------------------------------------------------------------
+
+
+def _losses(losses: list[float], ref_losses: list[float], name: str) -> list:
+    """A whole run's losses, rtol 1e-4: fp32 trajectories under Adam drift apart by ~1e-5 over ten steps of the
+    full-size model without either being wrong (per-step gradients are the tight comparison)."""
+    return [allclose(torch.tensor(a), torch.tensor(b), rtol=1e-4, atol=0.0, name=f"{name} loss step {s}")
+            for s, (a, b) in enumerate(zip(losses, ref_losses, strict=True))]
+
+
+def _against(run: dict, ref_losses: list[float], ref_grads: list[dict], name: str) -> list:
+    """Loss (rtol 1e-5) and every gradient (rtol 1e-5, atol 1e-5 of the step's largest gradient entry) per step."""
+    parts = []
+    for step, (ref_loss, ref) in enumerate(zip(ref_losses, ref_grads, strict=True)):
+        parts.append(allclose(torch.tensor(run["loss"][step]), torch.tensor(ref_loss), rtol=1e-5, atol=0.0,
+                              name=f"{name} loss step {step}"))
+        scale = max(float(g.abs().max()) for g in ref.values())
+        parts += [allclose(run["grads"][step][n], g, rtol=1e-5, atol=1e-5 * scale, name=f"{name} {n} step {step}")
+                  for n, g in ref.items()]
+    return parts
+
+
+def run(ctx: Context) -> list[Result]:
+    t = ctx.world_size
+    sizes = _sizes(ctx.quick, t)
+    states, ref_losses, ref_grads = _reference(sizes)
+    per_rank = spawn(_worker, t, ctx.quick, ctx.device.type, states, device=ctx.device.type,
+                     timeout=ctx.timeout)
+    tp = per_rank[0]["tp"]
+    cfg = GPTConfig(**sizes["config"])
+    B, T, C, L, V = sizes["rows"], sizes["seq"], cfg.n_embd, cfg.n_layer, cfg.vocab_size
+    common = dict(check=CHECK, technique="tensor parallel", reference="reference.training.train_step",
+                  device=ctx.device.type, world_size=t)
+    shape = f"{L} layers, C={C}, {cfg.n_head} heads, V={V}, B={B}, T={T}"
+    rows = []
+
+    # 1. equivalence
+    same_loss = [bitwise(torch.tensor(r["tp"]["loss"]), torch.tensor(tp["loss"]), name=f"rank {i} losses")
+                 for i, r in enumerate(per_rank)]
+    eq = combine(f"TP on {t} ranks vs one process", _against(tp, ref_losses, ref_grads, "per step") + same_loss
+                 + _losses(per_rank[0]["tp_trajectory"], ref_losses, "own AdamW"))
+    rows.append(Result(
+        name=f"Megatron TP GPT vs one process, t={t}",
+        optimized="optimized.tensor_parallel.parallelize(model, megatron_plan(model))", equivalence=eq,
+        notes=f"{shape}; {sizes['steps']} AdamW steps; each step from the reference's state: loss (vocab-parallel "
+              f"cross-entropy) and every all-gathered gradient (rtol 1e-5, atol 1e-5 x the step's largest "
+              f"gradient), bitwise the same loss on every rank; a whole run with the sharded model's own AdamW: "
+              f"the losses (rtol 1e-4)",
+        **common,
+    ))
+
+    # 2. communication
+    layer_fwd, layer_bwd, any_fwd, any_bwd = tp["layer"]
+    act = B * T * C * 4
+    want_fwd = (1 + 2 * L) * act + 3 * B * T * 4  # embedding g, 2 per layer, loss: max + (sum-exp, target logit)
+    want_bwd = (2 * L + 1) * act  # 2 per layer, the head's f
+    fwd, bwd = tp["step_comm"]["fwd"], tp["step_comm"]["bwd"]
+    if t == 1:
+        verdict, note = Verdict.NOT_MEASURABLE, "one rank: no collective is issued; run with world size >= 2"
+    else:
+        holds = (layer_fwd, layer_bwd, any_fwd, any_bwd) == (2, 2, 2, 2) and (fwd[1], bwd[1]) == (want_fwd, want_bwd)
+        verdict = Verdict.HOLDS if holds else Verdict.DOES_NOT_HOLD
+        note = (f"per layer (one Block alone): {layer_fwd} all-reduces forward, {layer_bwd} backward, and no other "
+                f"collective; whole step: {fwd[0]} forward ({1 + 2 * L} of B*T*C activations + 2 for the loss) and "
+                f"{bwd[0]} backward (2 per layer + the head's f); q, k and v share one f")
+    rows.append(Result(
+        name=f"collectives per layer and per step, t={t}", optimized="optimized.tensor_parallel", claim=
+        "tensor_parallel.communication", verdict=verdict,
+        metrics=[Metric("all-reduces per layer, forward", layer_fwd, "count", claimed="2"),
+                 Metric("all-reduces per layer, backward", layer_bwd, "count", claimed="2"),
+                 Metric("all-reduce payload per step, forward", fwd[1], "bytes",
+                        claimed=f"(1 + 2L) x 4BTC + 3 x 4BT = {want_fwd}" if t > 1 else "0"),
+                 Metric("all-reduce payload per step, backward", bwd[1], "bytes",
+                        claimed=f"(2L + 1) x 4BTC = {want_bwd}" if t > 1 else "0"),
+                 Metric("ring bytes sent per rank per step", fwd[2] + bwd[2], "bytes",
+                        claimed=f"2(t-1)/t x payload = {2 * (t - 1) / t * (want_fwd + want_bwd):.0f}")],
+        notes=f"{shape}; " + note, **common,
+    ))
+
+    # 3. memory
+    full_model = GPT(cfg)
+    plan = megatron_plan(full_model)
+    full_split = tensor_bytes(p for n, p in full_model.named_parameters() if n.rpartition(".")[0] in plan
+                              and not (plan[n.rpartition(".")[0]] == "rowwise" and n.endswith(".bias")))
+    full_bytes = tensor_bytes(full_model.parameters())
+    split_ratio = full_split / tp["split_param_bytes"]
+    whole_ratio = full_bytes / tp["param_bytes"]
+    verdict = Verdict.NOT_MEASURABLE if t == 1 else Verdict.HOLDS if split_ratio == t else Verdict.DOES_NOT_HOLD
+    rows.append(Result(
+        name=f"parameter bytes per rank, t={t}", optimized="optimized.tensor_parallel", claim="tensor_parallel.memory",
+        verdict=verdict,
+        memory=[Metric("split layers: full bytes / bytes per rank", split_ratio, "x", claimed=f"t = {t}"),
+                Metric("whole model: full bytes / bytes per rank", whole_ratio, "x", claimed=f"< t = {t}"),
+                Metric("parameter bytes per rank", tp["param_bytes"], "bytes", claimed=f"{full_bytes} / {t}"),
+                Metric("logits bytes per rank, vocab-parallel loss", tp["logits_bytes"], "bytes",
+                       claimed=f"4BTV/t = {4 * B * T * V // t} (gathered: {4 * B * T * V})")],
+        notes=f"{shape}; split: q/k/v/out_proj/fc_in/fc_out weights, column biases, the tied embedding/head; "
+              f"replicated: LayerNorms, the position embedding, row-parallel biases ({full_bytes - full_split} "
+              f"bytes), so the whole model divides by less than t" + ("" if t > 1 else "; one rank: nothing split"),
+        **common,
+    ))
+
+    # 4. DP x TP
+    if "dp_tp" in per_rank[0]:
+        runs = [r["dp_tp"] for r in per_rank]
+        tp_size = t // 2
+        mean_loss = [sum(r["loss"][s] for i, r in enumerate(runs) if i % tp_size == 0) / 2
+                     for s in range(sizes["steps"])]
+        trajectories = [r["dp_tp_trajectory"] for i, r in enumerate(per_rank) if i % tp_size == 0]
+        mean_trajectory = [sum(ls) / 2 for ls in zip(*trajectories, strict=True)]
+        eq = combine(f"DP 2 x TP {tp_size} vs one process",
+                     _against({**runs[0], "loss": mean_loss}, ref_losses, ref_grads, "per step")
+                     + _losses(mean_trajectory, ref_losses, "own AdamW"))
+        rows.append(Result(
+            name=f"DP 2 x TP {tp_size} vs one process",
+            optimized="DataParallel(parallelize(...), process_group=grid.dp_group) on make_process_grid(2, t/2)",
+            equivalence=eq,
+            notes=f"{shape}; each replica {B // 2} of the {B} rows; loss averaged over the replicas", **common,
+        ))
+    return rows
