@@ -130,3 +130,13 @@ def test_add_param_group_after_construction_is_refused():
     opt = ZeroOptimizer(_model(), torch.optim.AdamW, stage=1, lr=1e-3)
     with pytest.raises(NotImplementedError, match="param_groups="):
         opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))]})
+
+
+def test_stage3_inference_gathers_and_frees_each_module():
+    ref, ours = _model(), _model()
+    opt = ZeroOptimizer(ours, torch.optim.AdamW, stage=3, lr=1e-3)
+    idx, _ = make_batches(1, batch_size=2, seq_len=7, vocab_size=CFG.vocab_size)[0]
+    with torch.no_grad():
+        assert torch.equal(ours(idx)[0], ref(idx)[0])
+    assert all(p.untyped_storage().nbytes() == 0 for p in ours.parameters())
+    assert opt.model_state_tensors()["params"][0].numel() == sum(p.numel() for p in ref.parameters())
