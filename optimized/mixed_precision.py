@@ -1,0 +1,469 @@
+"""Mixed-precision training for a plain PyTorch loop, in the two styles people use.
+
+1. Autocast over fp32 weights (PyTorch AMP): `amp_step` / `amp_train`. The parameters, their gradients and the
+   optimizer state stay fp32; inside `torch.autocast` the matmuls run on half-precision copies of their inputs
+   (the weight copies are cached for the forward and saved for backward), so the activations saved for backward
+   are mostly half precision. fp16 has a 5-bit exponent and needs loss scaling (torch.amp.GradScaler:
+   Micikevicius et al. 2018, arXiv 1710.03740, Sec. 3.2); bf16 has fp32's 8-bit exponent and needs none.
+   Per step:  zero_grad -> forward + loss under autocast -> backward of (S * loss) -> unscale (g / S) ->
+   optional clip of the TRUE gradients -> step unless a gradient is inf/NaN -> move S.
+
+2. Half-precision weights with an fp32 master copy inside the optimizer: `MasterWeightOptimizer` (Micikevicius
+   et al. Sec. 3.1; Megatron-LM's Float16Optimizer; the layout ZeRO shards, arXiv 1910.02054 Sec. 3). The model
+   holds fp16/bf16 parameters and computes in them; the optimizer holds an fp32 copy of each and steps that:
+       g32 = fp32(g16) / S;  found_inf = any(!isfinite(g32));  optional clip of g32;
+       unless found_inf:  fp32 step of (master, g32);  p16 = round(master)
+       move S (the GradScaler rule: back off on overflow, grow after `growth_interval` clean steps)
+   A tiny update (lr * g much below the ulp of a half-precision weight) is lost when added to the half weight but
+   kept in the fp32 master, which is the point of the copy.
+
+Memory per parameter with Adam (bytes, "ZeRO accounting" counts params + grads + optimizer state):
+    fp32 training                        4 + 4 + 8 = 16
+    autocast over fp32 weights           4 + 4 + 8 = 16, plus 2 per matmul weight for its half copy while a
+                                                          forward's graph is alive
+    MasterWeightOptimizer (this file)    2 + 2 + (4 master + 8 Adam) = 16 resident; during step() the fp32
+                                                          gradient copies add 4 (freed before step() returns)
+Model state is not halved by any of them: only the activations saved for backward are (conformance measures it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from optimized.clipping import clip_grad_norm_, global_grad_norm
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+IGNORE_INDEX = -100  # the targets convention of torch.nn.functional.cross_entropy
+
+Batch = tuple[Tensor, Tensor]
+
+
+# ---- validation shared by both styles ------------------------------------------------------------------------------
+
+
+def check_autocast(device_type: str, dtype: torch.dtype) -> None:
+    """Raise ValueError unless `torch.autocast(device_type, dtype)` really runs in `dtype` on this machine.
+
+    torch.autocast with a dtype the device does not support warns and silently runs in fp32 (CPU) or raises a
+    RuntimeError (CUDA bf16 before Ampere); here both become one clear error before any work is done."""
+    if dtype not in HALF_DTYPES:
+        raise ValueError(f"dtype must be torch.float16 or torch.bfloat16 for autocast, got {dtype}")
+    if not torch.amp.is_autocast_available(device_type):
+        raise ValueError(f"device type {device_type!r} has no autocast support")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            with torch.autocast(device_type, dtype=dtype):
+                enabled = torch.is_autocast_enabled(device_type)
+        except RuntimeError as err:
+            raise ValueError(f"{device_type} has no {dtype} autocast support here: {err}") from err
+    if not enabled:
+        raise ValueError(f"{device_type} has no {dtype} autocast support here (torch would disable autocast)")
+
+
+def make_grad_scaler(dtype: torch.dtype, device_type: str = "cuda", **kwargs: Any) -> torch.amp.GradScaler | None:
+    """The scaler `dtype` needs: torch.amp.GradScaler(device_type, **kwargs) for fp16, None for bf16 and fp32."""
+    if dtype == torch.float16:
+        return torch.amp.GradScaler(device_type, **kwargs)
+    if dtype in (torch.bfloat16, torch.float32):
+        if kwargs:
+            raise ValueError(f"{dtype} takes no loss scaler, so no scaler arguments; got {sorted(kwargs)}")
+        return None
+    raise ValueError(f"dtype must be torch.float16, torch.bfloat16 or torch.float32, got {dtype}")
+
+
+def _check_scaler(dtype: torch.dtype, scaler: torch.amp.GradScaler | None) -> None:
+    if dtype == torch.float16:
+        if scaler is None:
+            raise ValueError(
+                "dtype=torch.float16 needs a torch.amp.GradScaler (fp16 gradients underflow without loss scaling); "
+                "pass scaler=make_grad_scaler(torch.float16, device_type)"
+            )
+        if not scaler.is_enabled():
+            raise ValueError(
+                "scaler is disabled (torch.amp.GradScaler('cuda') disables itself without CUDA); build it for the "
+                "device you train on: torch.amp.GradScaler(device_type)"
+            )
+    elif scaler is not None:
+        raise ValueError(
+            f"a GradScaler is for fp16 only; dtype={dtype} has fp32's exponent range and trains without loss "
+            f"scaling: pass scaler=None"
+        )
+
+
+# ---- style 1: autocast over fp32 weights ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one mixed-precision step did."""
+
+    loss: float
+    """Token-mean loss of the whole batch (unscaled)."""
+    grad_norm: float
+    """Global 2-norm of the true (unscaled) gradients before clipping; inf/NaN on an overflow step."""
+    scale: float | None
+    """The loss scale this step used (None without a scaler)."""
+    skipped: bool
+    """True when the optimizer step was skipped because a gradient was inf/NaN."""
+
+
+@dataclass
+class AmpHistory:
+    """Per-step record of `amp_train` (the fields of reference.training.History, plus the loss scale)."""
+
+    loss: list[float] = field(default_factory=list)
+    grad_norm: list[float] = field(default_factory=list)
+    lr: list[float] = field(default_factory=list)
+    scale: list[float | None] = field(default_factory=list)
+    """Loss scale used by each step (None without a scaler)."""
+    skipped: list[bool] = field(default_factory=list)
+    """Whether each step's update was skipped on overflow."""
+
+
+def _micro_batches(batch: Batch, accumulation_steps: int) -> list[Batch]:
+    idx, targets = batch
+    if not isinstance(accumulation_steps, int) or accumulation_steps < 1:
+        raise ValueError(f"accumulation_steps must be an integer >= 1, got {accumulation_steps!r}")
+    if idx.size(0) % accumulation_steps:
+        raise ValueError(
+            f"batch size {idx.size(0)} must be divisible by accumulation_steps={accumulation_steps} "
+            f"(micro-batches of equal rows)"
+        )
+    return list(zip(idx.chunk(accumulation_steps), targets.chunk(accumulation_steps), strict=True))
+
+
+def amp_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: Batch,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    scaler: torch.amp.GradScaler | None = None,
+    max_grad_norm: float | None = None,
+    accumulation_steps: int = 1,
+) -> StepResult:
+    """One optimizer step with forward + loss under torch.autocast(dtype); dtype=torch.float32 turns autocast off.
+
+    `model(idx, targets, reduction="sum")` must return (logits, summed token loss), the contract of the tiny GPT
+    (reference.model.GPT). Micro-batches are token-weighted: each backward runs on its summed loss divided by the
+    scored tokens of the whole batch, so accumulation gives the gradient of the batch's token mean.
+    fp16 needs `scaler` (a torch.amp.GradScaler); bf16 and fp32 refuse one. The gradients are unscaled before the
+    optional clipping, so `max_grad_norm` caps the true gradient norm."""
+    idx, _ = batch
+    device_type = idx.device.type
+    if dtype != torch.float32:
+        check_autocast(device_type, dtype)
+    _check_scaler(dtype, scaler)
+    if max_grad_norm is not None and (not max_grad_norm > 0 or math.isnan(max_grad_norm)):
+        raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm}")
+    micro_batches = _micro_batches(batch, accumulation_steps)
+
+    optimizer.zero_grad(set_to_none=True)
+    n_tokens = max(sum(int((t != IGNORE_INDEX).sum()) for _, t in micro_batches), 1)
+    total = torch.zeros((), device=idx.device)
+    for micro_idx, micro_targets in micro_batches:
+        with torch.autocast(device_type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext():
+            _, loss_sum = model(micro_idx, micro_targets, reduction="sum")
+        loss = loss_sum / n_tokens
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        total = total + loss_sum.detach().float()
+
+    scale = scaler.get_scale() if scaler is not None else None
+    if scaler is not None:
+        scaler.unscale_(optimizer)  # true gradients from here on: clipping must see them
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if max_grad_norm is not None:
+        norm = clip_grad_norm_(params, max_grad_norm)
+    else:
+        norm = global_grad_norm([p.grad for p in params])
+    if scaler is not None:
+        scaler.step(optimizer)  # skips optimizer.step() when unscale_ found an inf/NaN
+        scaler.update()
+        # An overflow multiplies the scale by backoff_factor < 1; a clean step keeps or grows it (accelerate's test).
+        skipped = scaler.get_scale() < scale
+    else:
+        optimizer.step()
+        skipped = False
+    return StepResult(float(total / n_tokens), float(norm), scale, skipped)
+
+
+def amp_train(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Sequence[Batch],
+    *,
+    steps: int,
+    dtype: torch.dtype = torch.bfloat16,
+    scaler: torch.amp.GradScaler | None = None,
+    lr_lambda: Callable[[int], float] | None = None,
+    max_grad_norm: float | None = None,
+    accumulation_steps: int = 1,
+) -> AmpHistory:
+    """`amp_step` for `steps` steps, cycling through `batches`; `lr_lambda(step)` multiplies each group's initial LR.
+
+    The same loop as reference.training.train, with autocast and loss scaling added."""
+    if not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
+    if not batches:
+        raise ValueError("batches must hold at least one batch")
+    base_lrs = [group["lr"] for group in optimizer.param_groups]
+    history = AmpHistory()
+    for step in range(steps):
+        if lr_lambda is not None:
+            for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
+                group["lr"] = base * lr_lambda(step)
+        history.lr.append(float(optimizer.param_groups[0]["lr"]))
+        result = amp_step(model, optimizer, batches[step % len(batches)], dtype=dtype, scaler=scaler,
+                          max_grad_norm=max_grad_norm, accumulation_steps=accumulation_steps)
+        history.loss.append(result.loss)
+        history.grad_norm.append(result.grad_norm)
+        history.scale.append(result.scale)
+        history.skipped.append(result.skipped)
+    return history
+
+
+# ---- style 2: half-precision weights, fp32 master copy in the optimizer --------------------------------------------
+
+
+def _as_groups(params: Iterable[Tensor] | Iterable[dict]) -> list[dict]:
+    if isinstance(params, Tensor):
+        raise TypeError("params must be an iterable of Tensors or of param-group dicts, got a single Tensor")
+    items = list(params)
+    if not items:
+        raise ValueError("params is empty: MasterWeightOptimizer needs at least one parameter")
+    groups = [dict(g) for g in items] if isinstance(items[0], dict) else [{"params": items}]
+    for g in groups:
+        g["params"] = [g["params"]] if isinstance(g["params"], Tensor) else list(g["params"])
+    return groups
+
+
+class MasterWeightOptimizer(torch.optim.Optimizer):
+    """An fp32 optimizer stepping fp32 master copies of half-precision model parameters, with loss scaling.
+
+        opt = MasterWeightOptimizer(model.parameters(), torch.optim.AdamW, dtype=torch.bfloat16, lr=3e-4)
+        loss = model(idx, targets)[1]
+        opt.scale_loss(loss).backward()
+        opt.step()            # unscale, check, clip, fp32 step, copy back; skipped on overflow
+        opt.zero_grad()
+
+    params: the model's parameters (or param-group dicts); they keep their dtype and receive the rounded masters.
+    optimizer_class: a torch.optim.Optimizer class built over the fp32 masters with `optimizer_kwargs`.
+    dtype: when given, every parameter must have this dtype (a guard against handing fp32 weights to what should be
+        an fp16 setup). None accepts any floating dtype; fp32 parameters then train exactly as `optimizer_class`.
+    loss_scale: "dynamic" (the GradScaler rule, with init_scale / growth_factor / backoff_factor /
+        growth_interval), a fixed float S, or None (S = 1). The inf/NaN check and skip happen in every case.
+    max_grad_norm: clip the global 2-norm of the unscaled fp32 gradients to this (None: no clipping).
+
+    `param_groups` are the inner optimizer's groups (holding the masters): LR schedulers work unchanged.
+    After each step: `last_grad_norm` (pre-clip norm of the true gradients) and `last_step_skipped`."""
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict],
+        optimizer_class: type[torch.optim.Optimizer] = torch.optim.AdamW,
+        *,
+        dtype: torch.dtype | None = None,
+        loss_scale: str | float | None = "dynamic",
+        init_scale: float = 2.0**16,
+        growth_factor: float = 2.0,
+        backoff_factor: float = 0.5,
+        growth_interval: int = 2000,
+        max_grad_norm: float | None = None,
+        **optimizer_kwargs: Any,
+    ) -> None:
+        if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, torch.optim.Optimizer)):
+            raise TypeError(f"optimizer_class must be a torch.optim.Optimizer subclass, got {optimizer_class!r}")
+        if dtype is not None and dtype not in (*HALF_DTYPES, torch.float32):
+            raise ValueError(f"dtype must be torch.float16, torch.bfloat16, torch.float32 or None, got {dtype}")
+        if isinstance(loss_scale, str):
+            if loss_scale != "dynamic":
+                raise ValueError(f"loss_scale must be 'dynamic', a float > 0 or None, got {loss_scale!r}")
+        elif loss_scale is not None and not (math.isfinite(loss_scale) and loss_scale > 0):
+            raise ValueError(f"loss_scale must be 'dynamic', a finite float > 0 or None, got {loss_scale!r}")
+        if loss_scale == "dynamic":
+            if not (math.isfinite(init_scale) and init_scale > 0):
+                raise ValueError(f"init_scale must be a finite number > 0, got {init_scale!r}")
+            if not growth_factor > 1.0:
+                raise ValueError(f"growth_factor must be > 1.0, got {growth_factor!r}")
+            if not 0.0 < backoff_factor < 1.0:
+                raise ValueError(f"backoff_factor must be in (0, 1), got {backoff_factor!r}")
+            if not isinstance(growth_interval, int) or growth_interval < 1:
+                raise ValueError(f"growth_interval must be an integer >= 1, got {growth_interval!r}")
+        if max_grad_norm is not None and (not max_grad_norm > 0 or math.isnan(max_grad_norm)):
+            raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm}")
+        self.dtype = dtype
+        self.max_grad_norm = max_grad_norm
+        self.dynamic = loss_scale == "dynamic"
+        self.growth_factor, self.backoff_factor, self.growth_interval = growth_factor, backoff_factor, growth_interval
+        self.model_params: list[list[Tensor]] = []
+        """The model's parameters, group by group, aligned with `param_groups` (which hold the masters)."""
+
+        groups = [self._master_group(g) for g in _as_groups(params)]
+        device = self.model_params[0][0].device
+        start = init_scale if self.dynamic else (1.0 if loss_scale is None else float(loss_scale))
+        self._scale = torch.full((), start, dtype=torch.float32, device=device)
+        self._growth_tracker = torch.zeros((), dtype=torch.int32, device=device)
+        self.optimizer = optimizer_class(groups, **optimizer_kwargs)
+        """The fp32 optimizer over the masters."""
+        self._registering = True  # Optimizer.__init__ calls add_param_group for groups that are already built
+        super().__init__(self.optimizer.param_groups, self.optimizer.defaults)
+        self._registering = False
+        self.param_groups = self.optimizer.param_groups  # one list: what a scheduler writes, the fp32 step reads
+        self.state = self.optimizer.state
+        self.last_grad_norm: Tensor | None = None
+        self.last_step_skipped: bool | None = None
+
+    def _master_group(self, group: dict) -> dict:
+        """Check the group's model params, remember them, and return the group over their fp32 copies."""
+        params = group["params"]
+        seen = {id(p) for ps in self.model_params for p in ps}
+        for i, p in enumerate(params):
+            if id(p) in seen:
+                raise ValueError(f"parameter {i} (shape {tuple(p.shape)}) appears more than once in the param groups")
+            seen.add(id(p))
+            if not p.is_floating_point():
+                raise ValueError(f"parameter {i} (shape {tuple(p.shape)}) is {p.dtype}; only floating params train")
+            if self.dtype is not None and p.dtype != self.dtype:
+                raise ValueError(
+                    f"parameter {i} (shape {tuple(p.shape)}) is {p.dtype} but dtype={self.dtype} was asked for: "
+                    f"cast the model first (model.to({self.dtype})) or pass dtype=None"
+                )
+        self.model_params.append(params)
+        masters = [p.detach().to(torch.float32, copy=True).requires_grad_(True) for p in params]
+        return {**group, "params": masters}
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Add a group of MODEL parameters: their fp32 masters join the inner optimizer."""
+        if self._registering:
+            super().add_param_group(param_group)
+            return
+        self.optimizer.add_param_group(self._master_group(_as_groups([param_group])[0]))
+
+    # ---- the loss scale ---------------------------------------------------------------------------------------------
+
+    @property
+    def loss_scale(self) -> float:
+        """The current S."""
+        return float(self._scale)
+
+    @property
+    def growth_tracker(self) -> int:
+        """Consecutive clean steps since S last changed (dynamic scaling)."""
+        return int(self._growth_tracker)
+
+    def scale_loss(self, loss: Tensor) -> Tensor:
+        """loss * S: call backward on this."""
+        return loss * self._scale.to(loss.device)
+
+    # ---- the step ---------------------------------------------------------------------------------------------------
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the model parameters' gradients (the masters' fp32 gradients only live inside step())."""
+        for params in self.model_params:
+            for p in params:
+                if p.grad is None:
+                    continue
+                if set_to_none:
+                    p.grad = None
+                else:
+                    p.grad.detach().zero_()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        """Unscale the fp32 copies of the gradients, check them, clip, step the masters, round them into the
+        model. On inf/NaN the update is skipped (model, masters and optimizer state untouched) and S backs off."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        pairs = [(p, m) for params, group in zip(self.model_params, self.param_groups, strict=True)
+                 for p, m in zip(params, group["params"], strict=True) if p.grad is not None]
+        if not pairs:
+            raise RuntimeError("step() found no gradient on any parameter: call scale_loss(loss).backward() first")
+        # 1. Gradients to fp32 (an fp32 model's gradient is used in place, no copy).
+        for p, m in pairs:
+            m.grad = p.grad.detach().to(torch.float32)
+        grads = [m.grad for _, m in pairs]
+        # 2. Unscale and check in one pass: the kernel GradScaler uses (found_inf set to 1 on any inf/NaN).
+        found_inf = torch.zeros((), dtype=torch.float32, device=self._scale.device)
+        inv_scale = self._scale.double().reciprocal().float()
+        for device, device_grads in _by_device(grads).items():
+            device_found = found_inf.to(device)
+            torch._amp_foreach_non_finite_check_and_unscale_(device_grads, device_found, inv_scale.to(device))
+            if device_found is not found_inf:
+                found_inf += device_found.to(found_inf.device)
+        # 3. Optional clipping of the true gradients (its norm is inf/NaN on an overflow step: harmless, skipped).
+        if self.max_grad_norm is not None:
+            self.last_grad_norm = clip_grad_norm_([m for _, m in pairs], self.max_grad_norm)
+        else:
+            self.last_grad_norm = global_grad_norm(grads)
+        # 4. fp32 step and copy back, unless a gradient overflowed.
+        self.last_step_skipped = bool(found_inf.item())
+        if not self.last_step_skipped:
+            self.optimizer.step()
+            for group in _by_device_dtype(pairs).values():
+                torch._foreach_copy_([p for p, _ in group], [m for _, m in group])
+        # 5. Move S by the GradScaler rule, and free the fp32 gradient copies.
+        if self.dynamic:
+            torch._amp_update_scale_(self._scale, self._growth_tracker, found_inf, self.growth_factor,
+                                     self.backoff_factor, self.growth_interval)
+        for _, m in pairs:
+            m.grad = None
+        return loss
+
+    # ---- checkpoints ------------------------------------------------------------------------------------------------
+
+    def master_params(self) -> list[Tensor]:
+        """The fp32 master copies, in parameter order."""
+        return [m for group in self.param_groups for m in group["params"]]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The inner optimizer's state, the fp32 masters (the half model cannot restore them) and the loss scale."""
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "master_params": [m.detach().clone() for m in self.master_params()],
+            "scale": self.loss_scale,
+            "growth_tracker": self.growth_tracker,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore state_dict(); the model parameters are set to the rounded restored masters."""
+        masters = self.master_params()
+        saved = state_dict["master_params"]
+        if len(saved) != len(masters) or any(s.shape != m.shape for s, m in zip(saved, masters, strict=True)):
+            raise ValueError(
+                f"state_dict holds {len(saved)} master params of shapes {[tuple(s.shape) for s in saved]}, this "
+                f"optimizer has {len(masters)} of shapes {[tuple(m.shape) for m in masters]}"
+            )
+        self.optimizer.load_state_dict(state_dict["optimizer"])
+        with torch.no_grad():
+            for m, s in zip(masters, saved, strict=True):
+                m.copy_(s)
+            for p, m in zip([p for ps in self.model_params for p in ps], masters, strict=True):
+                p.copy_(m)
+        self._scale.fill_(state_dict["scale"])
+        self._growth_tracker.fill_(state_dict["growth_tracker"])
+
+
+def _by_device(tensors: list[Tensor]) -> dict[torch.device, list[Tensor]]:
+    out: dict[torch.device, list[Tensor]] = {}
+    for t in tensors:
+        out.setdefault(t.device, []).append(t)
+    return out
+
+
+def _by_device_dtype(pairs: list[tuple[Tensor, Tensor]]) -> dict[tuple[torch.device, torch.dtype], list]:
+    out: dict[tuple[torch.device, torch.dtype], list] = {}
+    for p, m in pairs:
+        out.setdefault((p.device, p.dtype), []).append((p, m))
+    return out
