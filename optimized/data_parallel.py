@@ -1,0 +1,350 @@
+"""Data parallel: every rank holds the whole model, reads its own slice of the batch, and the ranks average their
+gradients before the optimizer step (PyTorch DDP, Li et al. 2020, arXiv 2006.15704).
+
+    g = (1 / N) * sum over ranks r of g_r          g_r: the gradient of rank r's loss on its slice
+
+With equal micro-batches per rank (the same number of scored tokens), g is the gradient of the mean loss over the
+concatenated batch, so N ranks compute the single-process step. Each rank sends 2 (N-1)/N of the gradient bytes per
+step when the all-reduce runs as a ring (Patarasuk & Yuan 2009).
+
+Two implementations:
+  - `DataParallel` (the one to train with): gradients are packed into flat buckets of about `bucket_cap_mb`, in
+    reverse registration order, which is roughly the order backward produces them. A hook on every parameter copies
+    its gradient into its bucket as soon as autograd has accumulated it; when a bucket is full its all-reduce is
+    launched asynchronously, so communication overlaps the rest of backward (DDP paper, Sec. 3.2.3). Buckets are
+    launched strictly in index order, so every rank issues the same collectives in the same order. At the end of
+    backward the remaining buckets are launched, all are awaited, divided by N and copied back into `.grad`.
+  - `NaiveDataParallel` (for study): after backward, `sync_gradients()` all-reduces one gradient at a time, with no
+    overlap: as many collectives as parameters, each paying the full latency.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.autograd import Variable
+
+_MB = 1024 * 1024
+
+
+def group_rank_and_size(process_group: dist.ProcessGroup | None, argument: str = "process_group") -> tuple[int, int]:
+    """(rank in the group, group size); a clear error when torch.distributed is not initialised or this process is
+    not a member of `process_group`. No collective runs."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(
+            "torch.distributed is not initialised: call torch.distributed.init_process_group (or launch through "
+            "torchrun / conformance.launch.spawn) before wrapping a module"
+        )
+    if process_group is dist.GroupMember.NON_GROUP_MEMBER:
+        raise ValueError(f"{argument}: this process (global rank {dist.get_rank()}) is not a member of the group")
+    rank = dist.get_rank(process_group)
+    if rank < 0:
+        raise ValueError(f"{argument}: this process (global rank {dist.get_rank()}) is not a member of the group")
+    return rank, dist.get_world_size(process_group)
+
+
+def single_device(tensors: Sequence[Tensor], argument: str) -> torch.device:
+    """The one device all `tensors` live on; a ValueError listing the devices otherwise."""
+    devices = sorted({str(t.device) for t in tensors})
+    if len(devices) > 1:
+        raise ValueError(f"{argument}: parameters and buffers must all be on one device, found {devices}")
+    return tensors[0].device if tensors else torch.device("cpu")
+
+
+@torch.no_grad()
+def broadcast_state(tensors: Sequence[Tensor], process_group: dist.ProcessGroup | None) -> None:
+    """Overwrite `tensors` with the values of the group's rank 0: one coalesced broadcast per dtype."""
+    by_dtype: dict[torch.dtype, list[Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    for ts in by_dtype.values():
+        flat = torch.cat([t.detach().reshape(-1) for t in ts])  # (sum of numels,)
+        dist.broadcast(flat, group=process_group, group_src=0)
+        offset = 0
+        for t in ts:
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+
+def _unique_parameters(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """(name, parameter) in registration order, each tied parameter once, only those that require grad."""
+    return [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+
+
+def assign_buckets(nbytes: Sequence[int], dtypes: Sequence[object], cap_bytes: float) -> list[list[int]]:
+    """Pack items (given in the order their gradients are expected) into buckets of one dtype each.
+
+    An item joins the open bucket of its dtype unless that would take the bucket past `cap_bytes`; then the bucket
+    is closed and a new one opened. So every bucket holds at most `cap_bytes`, except a bucket of a single item
+    larger than the cap. Buckets are numbered in the order they were opened; items keep their order inside."""
+    if len(nbytes) != len(dtypes):
+        raise ValueError(f"nbytes and dtypes must have the same length, got {len(nbytes)} and {len(dtypes)}")
+    if not cap_bytes > 0:
+        raise ValueError(f"cap_bytes must be > 0, got {cap_bytes}")
+    buckets: list[list[int]] = []
+    open_bucket: dict[object, tuple[int, int]] = {}  # dtype -> (bucket index, bytes in it)
+    for i, (size, dtype) in enumerate(zip(nbytes, dtypes, strict=True)):
+        if dtype in open_bucket and open_bucket[dtype][1] + size <= cap_bytes:
+            b, used = open_bucket[dtype]
+            buckets[b].append(i)
+            open_bucket[dtype] = (b, used + size)
+        else:
+            buckets.append([i])
+            open_bucket[dtype] = (len(buckets) - 1, size)
+    return buckets
+
+
+@dataclass
+class _Bucket:
+    params: list[nn.Parameter]
+    offsets: list[int]
+    buffer: Tensor
+    """Flat gradient buffer, (sum of numels,)."""
+    ready: list[bool] = field(default_factory=list)
+    pending: int = 0
+    work: dist.Work | None = None
+    launched: bool = False
+
+    def reset(self) -> None:
+        self.ready = [False] * len(self.params)
+        self.pending = len(self.params)
+        self.work = None
+        self.launched = False
+
+    def slot(self, i: int) -> Tensor:
+        p = self.params[i]
+        return self.buffer[self.offsets[i] : self.offsets[i] + p.numel()]
+
+
+@dataclass
+class BackwardStats:
+    """What the last synchronised backward did, for tests and study."""
+
+    launched_in_backward: int = 0
+    """Buckets whose all-reduce started from a gradient hook, while backward was still running."""
+    launched_at_end: int = 0
+    """Buckets launched after backward had finished (they held a parameter that got no gradient)."""
+    pending_at_launch: list[int] = field(default_factory=list)
+    """For each launch in order: parameters whose gradient had not arrived yet (> 0 means overlap with backward)."""
+
+
+class DataParallel(nn.Module):
+    """Wrap `module` for data-parallel training over `process_group` (default: the world).
+
+    At wrap, parameters and buffers are broadcast from the group's rank 0, so every rank starts from the same
+    weights. During backward, gradients are all-reduced in buckets of about `bucket_cap_mb` megabytes, overlapping
+    the rest of backward; when `loss.backward()` returns, every `.grad` holds the mean over the group's ranks, ready
+    for `optimizer.step()`. Inside `with model.no_sync():` forwards are not synchronised: their backwards only
+    accumulate local gradients, and the first synchronised backward after them all-reduces the accumulated sum.
+
+    A parameter that gets no gradient in a synchronised backward: with `find_unused_parameters=False` (the default,
+    as in torch DDP) the step's collectives are completed and a RuntimeError names it. With True, one extra small
+    all-reduce per step counts the ranks that used each parameter: a parameter no rank used keeps `.grad` None (as
+    in one process), one used by some ranks gets the mean with zeros from the others (its true gradient).
+    Gradients are copied into the buckets and back (the layout of DDP with gradient_as_bucket_view=False): one extra
+    copy of the gradients in memory.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        process_group: dist.ProcessGroup | None = None,
+        bucket_cap_mb: float = 25.0,
+        *,
+        find_unused_parameters: bool = False,
+    ) -> None:
+        super().__init__()
+        if not isinstance(module, nn.Module):
+            raise ValueError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+        if isinstance(bucket_cap_mb, bool) or not isinstance(bucket_cap_mb, (int, float)) or not (
+            bucket_cap_mb > 0 and math.isfinite(bucket_cap_mb)
+        ):
+            raise ValueError(f"bucket_cap_mb must be a finite number > 0, got {bucket_cap_mb!r}")
+        self.rank, self.world_size = group_rank_and_size(process_group)
+        named = _unique_parameters(module)
+        if not named:
+            raise ValueError("module has no parameter that requires grad: nothing to synchronise")
+        state = [p for p in module.parameters()] + [b for b in module.buffers()]
+        self.device = single_device(state, "module")
+        for name, p in named:
+            if p.layout != torch.strided:
+                raise ValueError(f"module: parameter {name!r} has layout {p.layout}; only dense (strided) is supported")
+
+        self.module = module
+        self.process_group = process_group
+        self.bucket_cap_mb = float(bucket_cap_mb)
+        self.find_unused_parameters = find_unused_parameters
+        broadcast_state(state, process_group)
+
+        # Reverse registration order: the last layers' gradients are produced first in backward.
+        order = list(reversed(named))
+        assignment = assign_buckets(
+            [p.numel() * p.element_size() for _, p in order], [p.dtype for _, p in order], bucket_cap_mb * _MB
+        )
+        self._names = {id(p): n for n, p in named}
+        self._buckets: list[_Bucket] = []
+        self._where: dict[int, tuple[int, int]] = {}  # id(param) -> (bucket index, position in bucket)
+        for b, indices in enumerate(assignment):
+            params = [order[i][1] for i in indices]
+            offsets = [0]
+            for p in params[:-1]:
+                offsets.append(offsets[-1] + p.numel())
+            numel = offsets[-1] + params[-1].numel()
+            bucket = _Bucket(params, offsets, torch.zeros(numel, dtype=params[0].dtype, device=self.device))
+            bucket.reset()
+            self._buckets.append(bucket)
+            for j, p in enumerate(params):
+                self._where[id(p)] = (b, j)
+        self._next_bucket = 0
+        self._pending_total = len(named)
+        self._callback_queued = False
+        self._require_sync = True
+        self._sync_next_backward = True
+        self.stats = BackwardStats()
+        self._hook_handles = [p.register_post_accumulate_grad_hook(self._on_grad_ready) for _, p in named]
+
+    # --- public ------------------------------------------------------------------------------------------------
+
+    def forward(self, *args, **kwargs):
+        # As in DDP, whether the coming backward synchronises is decided by the forward that built its graph.
+        if torch.is_grad_enabled():
+            self._sync_next_backward = self._require_sync
+        return self.module(*args, **kwargs)
+
+    @contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Forwards run inside skip gradient synchronisation in their backward: gradients accumulate locally."""
+        previous = self._require_sync
+        self._require_sync = False
+        try:
+            yield
+        finally:
+            self._require_sync = previous
+
+    @property
+    def bucket_assignment(self) -> list[list[str]]:
+        """Parameter names of each bucket, in launch order."""
+        return [[self._names[id(p)] for p in b.params] for b in self._buckets]
+
+    # --- backward ----------------------------------------------------------------------------------------------
+
+    def _on_grad_ready(self, param: Tensor) -> None:
+        if not self._sync_next_backward:
+            return
+        if not self._callback_queued:
+            self._callback_queued = True
+            self.stats = BackwardStats()
+            Variable._execution_engine.queue_callback(self._finish_backward)
+        b, j = self._where[id(param)]
+        bucket = self._buckets[b]
+        if bucket.ready[j]:
+            raise RuntimeError(
+                f"parameter {self._names[id(param)]!r} received its gradient twice in one backward "
+                f"(reentrant backward or a graph run twice); DataParallel cannot synchronise that"
+            )
+        bucket.slot(j).copy_(param.grad.reshape(-1))
+        bucket.ready[j] = True
+        bucket.pending -= 1
+        self._pending_total -= 1
+        while self._next_bucket < len(self._buckets) and self._buckets[self._next_bucket].pending == 0:
+            self._launch(self._buckets[self._next_bucket], in_backward=True)
+
+    def _launch(self, bucket: _Bucket, *, in_backward: bool) -> None:
+        self.stats.pending_at_launch.append(self._pending_total)
+        if in_backward:
+            self.stats.launched_in_backward += 1
+        else:
+            self.stats.launched_at_end += 1
+        bucket.work = dist.all_reduce(bucket.buffer, group=self.process_group, async_op=True)
+        bucket.launched = True
+        self._next_bucket += 1
+
+    @torch.no_grad()
+    def _finish_backward(self) -> None:
+        """Runs once autograd has finished: launch what is left, wait for everything, write the means back."""
+        unused: list[nn.Parameter] = []
+        for bucket in self._buckets[self._next_bucket :]:
+            for j, p in enumerate(bucket.params):
+                if not bucket.ready[j]:
+                    # Gradients accumulated under no_sync still count; a parameter with none contributes zero.
+                    if p.grad is None:
+                        bucket.slot(j).zero_()
+                        unused.append(p)
+                    else:
+                        bucket.slot(j).copy_(p.grad.reshape(-1))
+            self._launch(bucket, in_backward=False)
+        used_by = None
+        if self.find_unused_parameters:
+            unused_ids = {id(p) for p in unused}
+            locally_used = torch.tensor(
+                [0 if id(p) in unused_ids else 1 for b in self._buckets for p in b.params],
+                dtype=torch.int32,
+                device=self.device,
+            )
+            dist.all_reduce(locally_used, group=self.process_group)
+            used_by = locally_used.tolist()
+        position = 0
+        for bucket in self._buckets:
+            bucket.work.wait()
+            bucket.buffer.div_(self.world_size)
+            for j, p in enumerate(bucket.params):
+                globally_unused = used_by is not None and used_by[position] == 0
+                position += 1
+                if globally_unused:
+                    continue
+                mean = bucket.slot(j).view_as(p)
+                if p.grad is None:
+                    p.grad = mean.clone(memory_format=torch.contiguous_format)
+                else:
+                    p.grad.copy_(mean)
+        self._reset()
+        if unused and not self.find_unused_parameters:
+            names = [self._names[id(p)] for p in unused]
+            raise RuntimeError(
+                f"DataParallel: parameter(s) {names} got no gradient in this backward on rank {self.rank}; the step's "
+                f"all-reduces completed with zeros for them. If some parameters are legitimately unused, wrap with "
+                f"DataParallel(..., find_unused_parameters=True)"
+            )
+
+    def _reset(self) -> None:
+        for bucket in self._buckets:
+            bucket.reset()
+        self._next_bucket = 0
+        self._pending_total = sum(len(b.params) for b in self._buckets)
+        self._callback_queued = False
+
+
+class NaiveDataParallel(nn.Module):
+    """Data parallel spelled out, for study: broadcast at wrap, then after backward call `sync_gradients()`, which
+    all-reduces each gradient on its own, blocking, once backward is over (no buckets, no overlap).
+
+    A parameter without a gradient gets a zero gradient (so every rank issues the same collectives)."""
+
+    def __init__(self, module: nn.Module, process_group: dist.ProcessGroup | None = None) -> None:
+        super().__init__()
+        if not isinstance(module, nn.Module):
+            raise ValueError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+        self.rank, self.world_size = group_rank_and_size(process_group)
+        state = [p for p in module.parameters()] + [b for b in module.buffers()]
+        single_device(state, "module")
+        self.module = module
+        self.process_group = process_group
+        broadcast_state(state, process_group)
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    @torch.no_grad()
+    def sync_gradients(self) -> None:
+        """Replace every gradient by its mean over the group: one blocking all-reduce per parameter."""
+        for _, p in _unique_parameters(self.module):
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad, group=self.process_group)
+            p.grad.div_(self.world_size)
