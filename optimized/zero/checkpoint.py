@@ -1,0 +1,1 @@
+def consolidate(path): raise NotImplementedError
