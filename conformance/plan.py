@@ -603,6 +603,11 @@ def plan(
 # --- terminal and JSON ----------------------------------------------------------------------------------------------
 
 
+def _count_text(n: float) -> str:
+    """6.58B, 124M, 108K."""
+    return next(f"{n / k:.3g}{u}" for k, u in ((1e9, "B"), (1e6, "M"), (1e3, "K"), (1, "")) if n >= k or k == 1)
+
+
 def _fits_cell(e: Estimate) -> str:
     if not e.fits_gpu:
         return "[red]no[/red]"
@@ -629,8 +634,7 @@ def render(result: Plan, console: Console, *, top: int | None = 15) -> None:
     shape = (f"{w.config.n_layer} layers, hidden {w.config.n_embd}, {w.config.n_head} heads"
              + (f" ({w.config.n_kv_head} kv)" if w.config.n_kv_head != w.config.n_head else "")
              + f", vocab {w.config.vocab_size}") if w.config else "shape unknown"
-    count = next(f"{w.num_params / k:.3g}{n}" for k, n in ((1e9, "B"), (1e6, "M"), (1, "")) if w.num_params >= k)
-    console.print(f"[bold]model[/bold] Ψ = {count} parameters ({shape}); seq {w.seq_len}, "
+    console.print(f"[bold]model[/bold] Ψ = {_count_text(w.num_params)} parameters ({shape}); seq {w.seq_len}, "
                   f"micro-batch {w.micro_batch}, global batch {w.global_batch} sequences "
                   f"({w.tokens_per_step:,} tokens), {w.precision}")
     console.print(f"[bold]cluster[/bold] {c.gpus} GPUs, {c.node_size} per node, {_gb(c.gpu_memory)} each "
@@ -693,7 +697,7 @@ def _int_list(text: str) -> tuple[int, ...]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    presets = ", ".join(f"{k} ({gpt_parameters(v) / 1e9:.3g}B: {v.n_layer}x{v.n_embd}, {v.n_head} heads)"
+    presets = ", ".join(f"{k} ({_count_text(gpt_parameters(v))}: {v.n_layer}x{v.n_embd}, {v.n_head} heads)"
                         for k, v in PRESETS.items())
     parser = argparse.ArgumentParser(
         prog="python -m conformance plan",
@@ -704,7 +708,6 @@ def _parser() -> argparse.ArgumentParser:
         "recommendation with its reasons.",
         epilog="Examples: python -m conformance plan --model 7b --gpus 64 --gpu-memory 80 | "
         "python -m conformance plan --params 7.5e9 --seq-len 1024 --gpus 64 --zero 0,1,2,3 --json plan.json",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     m = parser.add_argument_group("model (a preset, a parameter count, or a shape; shape flags override a preset)")
     m.add_argument("--model", choices=sorted(PRESETS), default=None, metavar="NAME",
@@ -721,24 +724,29 @@ def _parser() -> argparse.ArgumentParser:
     b = parser.add_argument_group("batch and precision")
     b.add_argument("--seq-len", type=int, default=None,
                    help="tokens per sequence (default: the preset's context, else 2048)")
-    b.add_argument("--micro-batch", type=int, default=1, help="sequences per micro-batch per model replica")
+    b.add_argument("--micro-batch", type=int, default=1,
+                   help="sequences per micro-batch per model replica (default: 1)")
     b.add_argument("--global-batch", type=int, default=None,
                    help="sequences per optimizer step (default: 16 x GPUs x micro-batch)")
     b.add_argument("--precision", choices=sorted(PRECISIONS), default="bf16",
-                   help="bf16: bf16 compute, fp32 master weights and Adam (2+2+12 bytes per parameter); fp32: 4+4+8")
+                   help="bf16 (default): bf16 compute, fp32 master weights and Adam (2+2+12 bytes per "
+                   "parameter); fp32: 4+4+8")
     h = parser.add_argument_group("hardware")
-    h.add_argument("--gpus", type=int, default=8, help="number of GPUs")
+    h.add_argument("--gpus", type=int, default=8, help="number of GPUs (default: 8)")
     h.add_argument("--gpus-per-node", type=int, default=None, help="GPUs per node (default: min(8, --gpus))")
-    h.add_argument("--gpu-memory", type=float, default=80.0, help="GB (1e9 bytes) of memory per GPU")
-    h.add_argument("--cpu-memory", type=float, default=1024.0, help="GB of host memory per node (for offload)")
+    h.add_argument("--gpu-memory", type=float, default=80.0, help="GB (1e9 bytes) of memory per GPU (default: 80)")
+    h.add_argument("--cpu-memory", type=float, default=1024.0,
+                   help="GB of host memory per node, for offload (default: 1024)")
     h.add_argument("--tflops", type=float, default=200.0,
-                   help="achieved (not peak) TFLOP/s per GPU in the chosen precision, for the step-time estimate")
-    h.add_argument("--intra-node-gbps", type=float, default=150.0, help="GB/s each GPU sends within a node")
-    h.add_argument("--inter-node-gbps", type=float, default=25.0, help="GB/s each GPU sends across nodes")
-    h.add_argument("--pcie-gbps", type=float, default=25.0, help="GB/s between a GPU and host memory")
+                   help="achieved (not peak) TFLOP/s per GPU in the chosen precision, for the step-time estimate "
+                   "(default: 200)")
+    h.add_argument("--intra-node-gbps", type=float, default=150.0,
+                   help="GB/s each GPU sends within a node (default: 150)")
+    h.add_argument("--inter-node-gbps", type=float, default=25.0, help="GB/s each GPU sends across nodes (default: 25)")
+    h.add_argument("--pcie-gbps", type=float, default=25.0, help="GB/s between a GPU and host memory (default: 25)")
     h.add_argument("--headroom", type=float, default=0.1,
                    help="fraction of memory kept free for what the model does not count (CUDA context, buffers, "
-                   "logits, fragmentation)")
+                   "logits, fragmentation; default: 0.1)")
     s = parser.add_argument_group("search space")
     s.add_argument("--tp", type=_int_list, default=None, metavar="T[,T...]",
                    help="tensor-parallel degrees to consider (default: every divisor of the node that divides the "
@@ -746,19 +754,21 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--pp", type=_int_list, default=None, metavar="P[,P...]",
                    help="pipeline-parallel degrees to consider (default: every divisor of --gpus up to --layers)")
     s.add_argument("--zero", type=_int_list, default=(0, 1, 2, 3), metavar="S[,S...]",
-                   help="data-parallel strategies: 0 plain DP, 1/2/3 ZeRO stages")
+                   help="data-parallel strategies: 0 plain DP, 1/2/3 ZeRO stages (default: 0,1,2,3)")
     s.add_argument("--offload", choices=("consider", "never", "only"), default="consider",
-                   help="optimizer offload to CPU (ZeRO-Offload): consider both, never, or only offloaded layouts")
+                   help="optimizer offload to CPU (ZeRO-Offload): consider both (default), never, or only offloaded "
+                   "layouts")
     s.add_argument("--attention", choices=("flash", "naive"), default="flash",
-                   help="the attention whose activations decide the fit (both are shown)")
+                   help="the attention whose activations decide the fit (default: flash; both are shown)")
     s.add_argument("--checkpointing", choices=("auto", "never", "always"), default="auto",
-                   help="full activation checkpointing: only where needed to fit, never, or always")
+                   help="full activation checkpointing: only where needed to fit (auto, the default), never, or "
+                   "always")
     s.add_argument("--prefer-simple-within", type=float, default=0.1, metavar="FRACTION",
                    help="layouts whose estimated step time is within this fraction of the fastest count as equally "
                    "fast, and the simplest of them is recommended (fewest model-parallel dimensions, no offload, "
-                   "lowest ZeRO stage)")
+                   "lowest ZeRO stage; default: 0.1)")
     o = parser.add_argument_group("output")
-    o.add_argument("--top", type=int, default=15, help="layouts shown in the table")
+    o.add_argument("--top", type=int, default=15, help="layouts shown in the table (default: 15)")
     o.add_argument("--all", action="store_true", help="show every layout")
     o.add_argument("--json", type=Path, default=None, metavar="PATH",
                    help="also write the whole plan as JSON to PATH ('-': JSON on stdout instead of the table)")
