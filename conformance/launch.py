@@ -30,7 +30,9 @@ from typing import Any, NoReturn
 import torch
 import torch.distributed as dist
 
-_FORKSERVER_PRELOAD = ["torch", "torch.distributed", "torch.nn", "torch.optim"]
+# Imported once in the forkserver, so every rank starts with them loaded (torch._dynamo is pulled in by the first
+# optimizer or DDP a rank builds and costs seconds per process otherwise).
+_FORKSERVER_PRELOAD = ["torch", "torch.distributed", "torch.nn", "torch.optim", "torch._dynamo"]
 
 
 class RankError(RuntimeError):

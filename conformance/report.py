@@ -71,7 +71,8 @@ def print_table(results: list[Result], env: dict, console: Console | None = None
     console = console or Console()
     table = Table(title=f"pretrain-spec conformance  ·  torch {env['torch']}  ·  {env['device_name']}  ·  "
                   f"{env['backend']} x {env['world_size']}", show_lines=True)
-    for col in ("check", "row", "ranks", "equivalence (max err vs bound)", "memory", "speed", "claim → verdict"):
+    for col in ("check", "row", "ranks", "equivalence (max err vs bound)", "memory", "speed", "other measurements",
+                "claim → verdict"):
         table.add_column(col, overflow="fold")
     for r in results:
         style = "red" if r.failed else None
@@ -83,6 +84,7 @@ def print_table(results: list[Result], env: dict, console: Console | None = None
             _equivalence_cell(r),
             "\n".join(format_metric(m) for m in r.memory),
             "\n".join(format_metric(m) for m in r.speed),
+            "\n".join(format_metric(m) for m in r.metrics),
             verdict,
             style=style,
         )
@@ -97,16 +99,16 @@ def write_markdown(results: list[Result], env: dict, path: Path) -> None:
     lines = ["# pretrain-spec conformance report", ""]
     lines += ["| " + " | ".join(f"{k}: {v}" for k, v in env.items() if v is not None) + " |", "|---|", ""]
     lines += [
-        "| check | row | ranks | equivalence | rule | memory | speed | claim | verdict | notes |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| check | row | ranks | equivalence | rule | memory | speed | other | claim | verdict | notes |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         e = r.equivalence
         eq = _equivalence_cell(r) + (f" (mean {e.mean_error:.2g})" if e else "")
         rule = e.rule if e else (r.error.splitlines()[-1] if r.error else "")
-        cells = [r.check, r.name, str(r.world_size), eq, rule, "<br>".join(map(format_metric, r.memory)),
-                 "<br>".join(map(format_metric, r.speed)), r.claim or "", r.verdict.value if r.verdict else "",
-                 r.notes]
+        metrics = ["<br>".join(map(format_metric, ms)) for ms in (r.memory, r.speed, r.metrics)]
+        cells = [r.check, r.name, str(r.world_size), eq, rule, *metrics, r.claim or "",
+                 r.verdict.value if r.verdict else "", r.notes]
         lines.append("| " + " | ".join(_md_escape(c) for c in cells) + " |")
     answered = {r.claim for r in results if r.claim}
     lines += ["", "## The seed's claims", "", "| claim | claimed | source | conditions | verdicts in this run |",

@@ -41,6 +41,8 @@ class Result:
     equivalence: Equivalence | None = None
     memory: list[Metric] = field(default_factory=list)
     speed: list[Metric] = field(default_factory=list)
+    metrics: list[Metric] = field(default_factory=list)
+    """Other measured numbers (losses, bubble fractions, bytes communicated, ...)."""
     claim: str | None = None
     """Id of the claim in conformance.claims.CLAIMS that this row answers."""
     verdict: Verdict | None = None

@@ -161,8 +161,9 @@ def error_ratio(
 
 
 def combine(name: str, parts: Iterable[Equivalence]) -> Equivalence:
-    """One record for many comparisons (e.g. every parameter of a model): passes iff all pass; reports the worst
-    part by error-to-bound ratio, and the mean of the parts' mean errors."""
+    """One record for many comparisons (e.g. every parameter of a model): passes iff all pass. Its max error and
+    bound are those of the worst part by error-to-bound ratio (the pair that decides), named in the rule; its mean
+    error is the mean of the parts' mean errors."""
     parts = list(parts)
     if not parts:
         raise ValueError(f"{name}: nothing to combine")
@@ -170,7 +171,7 @@ def combine(name: str, parts: Iterable[Equivalence]) -> Equivalence:
     return Equivalence(
         name,
         all(p.passed for p in parts),
-        max(p.max_error for p in parts),
+        worst.max_error,
         sum(p.mean_error for p in parts) / len(parts),
         worst.bound,
         f"{worst.rule}; worst of {len(parts)}: {worst.name}",

@@ -37,10 +37,13 @@ def clip_grad_norm(
     grads = _grads(parameters)
     if not grads:
         return torch.tensor(0.0)
-    if norm_type == math.inf:
-        total = max(g.detach().abs().max() for g in grads)
+    flat = torch.cat([g.detach().flatten() for g in grads])  # every gradient as one long vector
+    if flat.numel() == 0:
+        total = flat.new_zeros(())
+    elif norm_type == math.inf:
+        total = flat.abs().max()  # a NaN anywhere makes the max NaN
     else:
-        total = sum(g.detach().abs().pow(norm_type).sum() for g in grads) ** (1.0 / norm_type)
+        total = flat.abs().pow(norm_type).sum() ** (1.0 / norm_type)
     if error_if_nonfinite and not torch.isfinite(total):
         raise RuntimeError(f"the total norm of order {norm_type} of the gradients is non-finite ({total.item()})")
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
