@@ -227,6 +227,8 @@ class PipelineExecutor:
                 if not stage.is_first:
                     post(x.grad, BACKWARD, i, s, s - 1)
             timeline.append(Interval(action, start, end))
+            # a posted tensor lives until its send completes: drop finished sends now, or 1F1B would hold all m
+            sends = [(work, t) for work, t in sends if not work.is_completed()]
 
         if self._tied is not None:
             self._reduce_tied_grad()

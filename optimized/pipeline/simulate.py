@@ -201,21 +201,24 @@ def plot_timeline(timeline: Timeline, path: str | Path, *, title: str = "", unit
     t0 = min((iv.start for rank in timeline for iv in rank), default=0.0)
     span = makespan(timeline)
     fig, ax = plt.subplots(figsize=(10, 0.6 * p + 1.2))
-    colors = {FORWARD: "#4c78a8", BACKWARD: "#f58518"}
+    # one shade per model chunk of the rank (interleaved schedules hold several), darkest first
+    shades = {FORWARD: ["#4c78a8", "#9ecae9", "#2a4a6e"], BACKWARD: ["#f58518", "#ffbf79", "#a35410"]}
     for r, rank in enumerate(timeline):
+        chunks = sorted({iv.action.stage for iv in rank})
         for iv in rank:
-            ax.barh(r, iv.end - iv.start, left=iv.start - t0, height=0.8, color=colors[iv.action.kind],
+            chunk = chunks.index(iv.action.stage) % 3
+            ax.barh(r, iv.end - iv.start, left=iv.start - t0, height=0.8, color=shades[iv.action.kind][chunk],
                     edgecolor="black", linewidth=0.4)
             if span > 0 and (iv.end - iv.start) / span > 0.015:
                 ax.text((iv.start + iv.end) / 2 - t0, r, iv.action.label(), ha="center", va="center",
-                        fontsize=7, color="white")
+                        fontsize=7, color="white" if chunk != 1 else "black")
     ax.set_yticks(range(p), [f"rank {r}" for r in range(p)])
     ax.invert_yaxis()
     ax.set_xlabel(unit)
     ax.set_xlim(0, span if span > 0 else 1)
     ax.set_title(title or f"pipeline timeline: bubble {bubble_fraction(timeline):.1%}")
-    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colors.values()]
-    ax.legend(handles, ["forward", "backward"], loc="upper right", fontsize=7)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=shades[k][0]) for k in (FORWARD, BACKWARD)]
+    ax.legend(handles, ["forward", "backward"], loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
