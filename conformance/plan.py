@@ -180,6 +180,8 @@ class Cluster:
     """Bytes/s one GPU sends to other nodes (its share of the node's network)."""
     pcie_bandwidth: float = 25 * GB
     """Bytes/s between one GPU and host memory (offload)."""
+    cpu_memory_bandwidth: float = 100 * GB
+    """Bytes/s of one node's host memory, which bounds the CPU optimizer step of offload (it streams the state)."""
     headroom: float = 0.1
     """Fraction of each GPU's (and node's host) memory kept free for what the model does not count: the CUDA
     context, temporary buffers, logits and loss, ZeRO-3's gathered layer, fragmentation."""
@@ -191,7 +193,7 @@ class Cluster:
                  f"gpus={self.gpus} must be a multiple of gpus_per_node={self.gpus_per_node} (whole nodes) or at "
                  f"most one node")
         for name in ("gpu_memory", "cpu_memory", "tflops", "intra_node_bandwidth", "inter_node_bandwidth",
-                     "pcie_bandwidth"):
+                     "pcie_bandwidth", "cpu_memory_bandwidth"):
             _positive_number(name, getattr(self, name))
         _require(isinstance(self.headroom, (int, float)) and 0 <= self.headroom < 1,
                  f"headroom must be in [0, 1), got {self.headroom!r}")
@@ -232,9 +234,10 @@ class Layout:
 
     @property
     def complexity(self) -> tuple[int, int, int, int]:
-        """Simpler first: fewer model-parallel dimensions (TP, PP change the model; ZeRO wraps the optimizer), fewer
-        model-parallel GPUs, no offload, a lower ZeRO stage."""
-        return (int(self.tp > 1) + int(self.pp > 1), self.tp * self.pp, int(self.offload), self.zero)
+        """Simpler first: no offload (it ties the step to the host's CPUs and memory), fewer model-parallel
+        dimensions (TP, PP change the model; ZeRO only wraps the optimizer), fewer model-parallel GPUs, a lower ZeRO
+        stage."""
+        return (int(self.offload), int(self.tp > 1) + int(self.pp > 1), self.tp * self.pp, self.zero)
 
 
 # --- one layout ----------------------------------------------------------------------------------------------------
@@ -267,6 +270,8 @@ class Estimate:
     bubble: float
     compute_s: float
     communication_s: float
+    offload_step_s: float
+    """The CPU optimizer step of offload, bounded by the node's host-memory bandwidth (0 without offload)."""
     step_s: float
     notes: list[str] = field(default_factory=list)
 
@@ -355,9 +360,13 @@ def estimate(
     else:
         comm["tp"] = None if t > 1 else 0.0
         comm["pp"] = None if p > 1 else 0.0
+    offload_step_s = 0.0
     if layout.offload:
         comm["offload"] = offload_transfer_bytes(psi_gpu, d, precision)
-        notes.append("offload: the CPU's optimizer step time is not counted")
+        # The CPU step streams the host state: reads the gradient slice, reads and writes master and moments; the
+        # node's GPUs share its memory bandwidth.
+        streamed = states.host_grads + 2 * states.host_optimizer
+        offload_step_s = streamed * cluster.node_size / cluster.cpu_memory_bandwidth
 
     dp_bw, pp_bw = _link_bandwidths(layout, cluster)
     comm_s = ((comm["dp"] or 0.0) / dp_bw + (comm["tp"] or 0.0) / cluster.intra_node_bandwidth
@@ -366,9 +375,12 @@ def estimate(
     flops = training_flops(work.num_params, work.tokens_per_step, recompute=chosen_ckpt, **shape)
     compute_s = flops / cluster.gpus / (cluster.tflops * 1e12)
     bubble = pipeline_bubble_fraction(p, m)
-    step_s = compute_s / (1 - bubble) + comm_s
-    return Estimate(layout, m, psi_gpu, states, activations, attention, chosen_ckpt, act, states.device + act,
-                    host_per_node, fits_gpu, fits_host, comm, bubble, compute_s, comm_s, step_s, notes)
+    step_s = compute_s / (1 - bubble) + comm_s + offload_step_s
+    return Estimate(layout=layout, microbatches=m, params_per_gpu=psi_gpu, model_states=states,
+                    activations=activations, attention=attention, checkpoint=chosen_ckpt, activation_bytes=act,
+                    gpu_bytes=states.device + act, host_bytes_per_node=host_per_node, fits_gpu=fits_gpu,
+                    fits_host=fits_host, communication=comm, bubble=bubble, compute_s=compute_s,
+                    communication_s=comm_s, offload_step_s=offload_step_s, step_s=step_s, notes=notes)
 
 
 # --- all layouts -----------------------------------------------------------------------------------------------------
@@ -514,7 +526,8 @@ def _reasons(best: Estimate, fastest: Estimate, estimates: list[Estimate], work:
                         for k, v in best.communication.items() if v)
     out.append(f"estimated step {best.step_s:.3g} s: compute {best.compute_s:.3g} s"
                + (f" / (1 - bubble {best.bubble:.1%})" if best.bubble else "")
-               + f", communication {best.communication_s:.3g} s" + (f" ({traffic} per GPU)" if traffic else ""))
+               + f", communication {best.communication_s:.3g} s" + (f" ({traffic} per GPU)" if traffic else "")
+               + (f", offload's CPU step {best.offload_step_s:.3g} s" if best.layout.offload else ""))
     dp = next((e for e in estimates if e.layout == Layout(1, 1, cluster.gpus, 0)), None)
     if dp is not None and dp is not best:
         states = dp.model_states.device
@@ -534,10 +547,15 @@ def _reasons(best: Estimate, fastest: Estimate, estimates: list[Estimate], work:
         nxt = next((e for e in estimates if e.fits and e is not best), None)
         if nxt is not None:
             out.append(f"next best: {nxt.name}, step {nxt.step_s:.3g} s ({nxt.step_s / best.step_s - 1:+.1%})")
-    if best.layout.zero in (1, 2):
+    if best.layout.offload:
+        out.append(f"offload keeps {_gb(best.model_states.host)} per GPU in host memory "
+                   f"({_gb(best.host_bytes_per_node)} of {_gb(cluster.usable_cpu_memory)} usable per node): the "
+                   f"optimizer state and step move to the CPU (ZeRO-Offload)")
+    sharded = best.layout.dp > 1
+    if sharded and best.layout.zero in (1, 2):
         out.append("ZeRO-1/2 send what DP sends per step (2Ψ, ZeRO Sec. 7) and shard the optimizer state"
                    + (" and the gradients" if best.layout.zero == 2 else ""))
-    if best.layout.zero == 3:
+    elif sharded and best.layout.zero == 3:
         out.append("ZeRO-3 sends 3Ψ per micro-batch (parameters gathered for forward and backward): chosen because "
                    "less sharding does not fit")
     if best.checkpoint:
@@ -595,7 +613,8 @@ def plan(
         f"headroom {cluster.headroom:.0%} of GPU memory left free; GB = 1e9 bytes",
         f"step time: {cluster.tflops:g} TFLOP/s achieved per GPU; links {cluster.intra_node_bandwidth / GB:g} GB/s in "
         f"a node, {cluster.inter_node_bandwidth / GB:g} GB/s between nodes, {cluster.pcie_bandwidth / GB:g} GB/s "
-        f"PCIe; communication not overlapped with compute (an upper bound, used only to rank)",
+        f"PCIe, {cluster.cpu_memory_bandwidth / GB:g} GB/s host memory per node (offload's CPU step); "
+        f"communication not overlapped with compute (an upper bound, used only to rank)",
     ]
     return Plan(work, cluster, estimates, rejected, best, reasons, assumptions)
 
@@ -744,6 +763,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="GB/s each GPU sends within a node (default: 150)")
     h.add_argument("--inter-node-gbps", type=float, default=25.0, help="GB/s each GPU sends across nodes (default: 25)")
     h.add_argument("--pcie-gbps", type=float, default=25.0, help="GB/s between a GPU and host memory (default: 25)")
+    h.add_argument("--cpu-memory-gbps", type=float, default=100.0,
+                   help="GB/s of a node's host memory, which bounds offload's CPU optimizer step (default: 100)")
     h.add_argument("--headroom", type=float, default=0.1,
                    help="fraction of memory kept free for what the model does not count (CUDA context, buffers, "
                    "logits, fragmentation; default: 0.1)")
@@ -765,7 +786,7 @@ def _parser() -> argparse.ArgumentParser:
                    "always")
     s.add_argument("--prefer-simple-within", type=float, default=0.1, metavar="FRACTION",
                    help="layouts whose estimated step time is within this fraction of the fastest count as equally "
-                   "fast, and the simplest of them is recommended (fewest model-parallel dimensions, no offload, "
+                   "fast, and the simplest of them is recommended (no offload, fewest model-parallel dimensions, "
                    "lowest ZeRO stage; default: 0.1)")
     o = parser.add_argument_group("output")
     o.add_argument("--top", type=int, default=15, help="layouts shown in the table (default: 15)")
@@ -806,13 +827,15 @@ def _build(args: argparse.Namespace) -> tuple[Workload, Cluster]:
                     global_batch=global_batch, precision=args.precision)
     for flag, value in (("--gpu-memory", args.gpu_memory), ("--cpu-memory", args.cpu_memory),
                         ("--tflops", args.tflops), ("--intra-node-gbps", args.intra_node_gbps),
-                        ("--inter-node-gbps", args.inter_node_gbps), ("--pcie-gbps", args.pcie_gbps)):
+                        ("--inter-node-gbps", args.inter_node_gbps), ("--pcie-gbps", args.pcie_gbps),
+                        ("--cpu-memory-gbps", args.cpu_memory_gbps)):
         _require(math.isfinite(value) and value > 0, f"{flag} must be a positive number, got {value:g}")
     _require(0 <= args.headroom < 1, f"--headroom must be in [0, 1), got {args.headroom:g}")
     gpus_per_node = args.gpus_per_node if args.gpus_per_node is not None else min(8, args.gpus)
     _require(gpus_per_node >= 1, f"--gpus-per-node must be a positive integer, got {gpus_per_node}")
     cluster = Cluster(args.gpus, gpus_per_node, args.gpu_memory * GB, args.cpu_memory * GB, args.tflops,
-                      args.intra_node_gbps * GB, args.inter_node_gbps * GB, args.pcie_gbps * GB, args.headroom)
+                      args.intra_node_gbps * GB, args.inter_node_gbps * GB, args.pcie_gbps * GB,
+                      args.cpu_memory_gbps * GB, args.headroom)
     return work, cluster
 
 

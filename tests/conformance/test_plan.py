@@ -222,6 +222,18 @@ def test_checkpointing_is_chosen_only_when_needed():
     assert auto.compute_s == pytest.approx(never.compute_s * 8 / 6, rel=1e-3)
 
 
+def test_offload_pays_for_its_cpu_step_and_pcie_traffic():
+    work = workload(PRESETS["7b"], global_batch=16)
+    cluster = Cluster(gpus=1, gpus_per_node=1, cpu_memory_bandwidth=50 * GB, pcie_bandwidth=20 * GB)
+    e = estimate(work, cluster, Layout(1, 1, 1, 2, offload=True))
+    psi = gpt_parameters(PRESETS["7b"])
+    assert e.model_states.device == pytest.approx(2 * psi)  # bf16 parameters only
+    assert e.model_states.host == pytest.approx((4 + 4 + 8) * psi)  # fp32 gradient, master, two moments
+    assert e.communication["offload"] == pytest.approx(4 * psi)
+    assert e.offload_step_s == pytest.approx((4 + 2 * 12) * psi / (50 * GB))  # read grads, read+write the rest
+    assert e.step_s == pytest.approx(e.compute_s + 4 * psi / (20 * GB) + e.offload_step_s)
+
+
 def test_nothing_fits_is_said_plainly():
     result = plan(workload(PRESETS["65b"], global_batch=8), Cluster(gpus=1, gpu_memory=16 * GB, cpu_memory=64 * GB))
     assert result.recommended is None
