@@ -2,8 +2,8 @@
 
 "How do you choose a parallel strategy?" has an honest answer: list the layouts the cluster allows, and for each
 compute what fits in one GPU's memory, what it communicates per step, and how much of the pipeline idles. This
-module does that with the memory model of `reference.memory` (and the few formulas in `conformance.plan_formulas`
-waiting to join it); it holds no formula of its own, only the bookkeeping of which formula applies to which layout.
+module does that with the formulas of `reference.memory` and `reference.parallelism`; it holds no formula of its
+own, only the bookkeeping of which formula applies to which layout.
 
 A layout is t-way tensor parallel x p-way pipeline parallel x d-way data parallel (t·p·d = GPUs), the data-parallel
 part plain (ZeRO stage 0) or ZeRO-1/2/3, with or without optimizer offload. Ranks are ordered tensor-parallel
@@ -11,8 +11,8 @@ fastest (a TP group is t consecutive GPUs of one node, where its per-layer all-r
 parallel, then pipeline (Megatron-LM's order; Narayanan et al. 2021, arXiv 2104.04473, Sec. 3.3). Per GPU:
     model states   reference.memory.model_state_bytes(Ψ_gpu, world_size=d, stage, precision, offload), Ψ_gpu the
                    parameters of the most loaded pipeline stage on one TP rank (whole blocks + embeddings, Megatron's
-                   split: plan_formulas.pipeline_stage_parameters on reference.memory.gpt_parameters), or Ψ/(t·p)
-                   when only the parameter count is known
+                   split: reference.parallelism.pipeline_stage_parameters on reference.memory.gpt_parameters), or
+                   Ψ/(t·p) when only the parameter count is known
     activations    one micro-batch per pipeline slot in flight (1F1B: min(p, m) on the first stage), layers per
                    stage x reference.memory.activation_bytes_per_layer, naive or flash attention, with and without
                    full activation checkpointing
@@ -39,17 +39,6 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from conformance.plan_formulas import (
-    activation_bytes_per_rank,
-    in_flight_microbatches,
-    offload_transfer_bytes,
-    pipeline_bubble_fraction,
-    pipeline_communication_bytes,
-    pipeline_stage_parameters,
-    tensor_parallel_communication_bytes,
-    training_flops,
-    zero_communication_elements,
-)
 from reference.memory import (
     FP32,
     MIXED,
@@ -61,6 +50,17 @@ from reference.memory import (
     params_per_model_parallel_rank,
 )
 from reference.model import GPTConfig
+from reference.parallelism import (
+    activation_bytes_per_rank,
+    in_flight_microbatches,
+    offload_transfer_bytes,
+    pipeline_bubble_fraction,
+    pipeline_communication_bytes,
+    pipeline_stage_parameters,
+    tensor_parallel_communication_bytes,
+    training_flops,
+    zero_communication_elements,
+)
 
 GB = 1e9
 """Decimal gigabytes, as the ZeRO paper writes them (16Ψ for 7.5B = 120 GB)."""
@@ -252,7 +252,7 @@ class Estimate:
     """m: micro-batches per optimizer step on each model replica (gradient accumulation steps; the pipeline's m)."""
     params_per_gpu: float
     """Parameters of one GPU's model-parallel slice: the most loaded pipeline stage on one tensor-parallel rank
-    (conformance.plan_formulas.pipeline_stage_parameters), or Ψ/(t·p) when only the count is known."""
+    (reference.parallelism.pipeline_stage_parameters), or Ψ/(t·p) when only the count is known."""
     model_states: ModelStateBytes
     activations: dict[str, float] | None
     """Peak activation bytes per GPU for each of ACTIVATION_VARIANTS; None when the shape is unknown."""

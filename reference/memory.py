@@ -217,8 +217,10 @@ def gpt_parameters(config: GPTConfig, *, tp: int = 1) -> int:
     """Parameters of reference.model.GPT held by one of t tensor-parallel ranks (t = 1: the whole model).
 
     Megatron-LM (arXiv 1909.08053, Sec. 3) splits q/k/v and fc_in by output columns (weights and biases) and
-    out_proj and fc_out by input rows (weights; their biases are replicated); LayerNorms and the embeddings stay
-    whole here. The key projection has no bias (its gradient is zero in exact arithmetic, see reference.model)."""
+    out_proj and fc_out by input rows (weights; their biases are replicated), and the token embedding (with an
+    untied output head, that too) by vocabulary rows, ceil(V/t) per rank (Megatron pads V to a multiple of t;
+    what optimized.tensor_parallel.megatron_plan does). LayerNorms and the position embedding stay whole.
+    The key projection has no bias (its gradient is zero in exact arithmetic, see reference.model)."""
     _check(0, 1, 0, tp)
     c, d, hidden = config.n_embd, config.head_dim, config.mlp_ratio * config.n_embd
     q, kv = config.n_head * d, config.n_kv_head * d
@@ -229,8 +231,9 @@ def gpt_parameters(config: GPTConfig, *, tp: int = 1) -> int:
     split = c * q + q * b + 2 * c * kv + kv * b + q * c + c * hidden + hidden * b + hidden * c  # column + row
     replicated = 2 * (c + c * b) + c * b + c * b  # ln_1, ln_2; biases of out_proj and fc_out
     layer = split // tp + replicated
-    embeddings = config.vocab_size * c + config.block_size * c
-    head = 0 if config.tie_embeddings else config.vocab_size * c
+    vocab_rows = -(-config.vocab_size // tp)  # ceil(V / t)
+    embeddings = vocab_rows * c + config.block_size * c
+    head = 0 if config.tie_embeddings else vocab_rows * c
     return config.n_layer * layer + embeddings + (c + c * b) + head
 
 

@@ -31,12 +31,12 @@ from conformance.checks import Context
 from conformance.launch import spawn, under_torchrun
 from conformance.measure import SavedTensorBytes, tensor_bytes
 from conformance.plan import GB, PRESETS, Cluster, Layout, estimate, workload
-from conformance.plan_formulas import largest_module_parameters
 from conformance.result import Metric, Result
 from conformance.tolerance import Equivalence
 from reference.data import make_batches
 from reference.memory import gpt_parameters
 from reference.model import GPT, GPTConfig
+from reference.parallelism import largest_module_parameters
 
 CONFIG = dict(vocab_size=64, block_size=32, n_layer=4, n_head=4, n_embd=64, seed=0)
 """The tiny GPT with 4 blocks, so that 2- and 4-stage pipelines and 2- and 4-way tensor parallelism all apply."""
@@ -46,7 +46,7 @@ SEQ_LEN = 32
 TOLERANCE = {
     "zero": (0.01, "padding of each flat buffer to a multiple of Nd and Adam's 4-byte step counters, < 1%"),
     "tp": (0.01, "the planner counts Megatron's plan as optimized.tensor_parallel.megatron_plan applies it "
-           "(conformance.plan_formulas.tensor_parallel_rank_parameters); Adam's 4-byte step counters, < 1%"),
+           "(reference.memory.gpt_parameters with tp=t); Adam's 4-byte step counters, < 1%"),
     "pp": (0.10, "the planner bounds the most loaded stage by ceil(L/p) blocks plus every parameter outside the "
            "blocks; the split balances blocks and embeddings, so a real stage holds at most that"),
     "activations": (0.02, "reference.memory.activation_bytes_per_layer counts the block's saved tensors one by "

@@ -1,4 +1,4 @@
-"""The parallel-strategy planner (conformance.plan) and the formulas it adds (conformance.plan_formulas).
+"""The parallel-strategy planner (conformance.plan) and the formulas it adds (reference.parallelism).
 
 Hand-computed values (the ZeRO paper's 7.5B example among them), the formulas against what the implementations do
 (DeepSpeed's module count, the pipeline simulator, the pipeline splitter), properties over drawn shapes and clusters,
@@ -29,7 +29,9 @@ from conformance.plan import (
     render,
     workload,
 )
-from conformance.plan_formulas import (
+from reference.memory import FP32, MIXED, activation_bytes_per_layer, communication_elements, gpt_parameters
+from reference.model import GPT, GPTConfig
+from reference.parallelism import (
     activation_bytes_per_rank,
     in_flight_microbatches,
     largest_module_parameters,
@@ -38,12 +40,9 @@ from conformance.plan_formulas import (
     pipeline_communication_bytes,
     pipeline_stage_parameters,
     tensor_parallel_communication_bytes,
-    tensor_parallel_rank_parameters,
     training_flops,
     zero_communication_elements,
 )
-from reference.memory import FP32, MIXED, activation_bytes_per_layer, communication_elements, gpt_parameters
-from reference.model import GPT, GPTConfig
 
 HAS_PIPELINE = importlib.util.find_spec("optimized.pipeline") is not None
 
@@ -100,14 +99,6 @@ def test_training_flops_by_hand():
     assert training_flops(1e9, 1000, n_layer=2, seq_len=8, n_embd=4) == 6 * (1e9 + 64) * 1000
     assert training_flops(1e9, 1000, n_layer=2, seq_len=8, n_embd=4, recompute=True) == 8 * (1e9 + 64) * 1000
     assert training_flops(1e9, 1000) == 6e12
-
-
-def test_tensor_parallel_rank_splits_the_vocabulary_too():
-    cfg = GPTConfig()  # V = 64, h = 64, tied
-    assert tensor_parallel_rank_parameters(cfg, tp=1) == gpt_parameters(cfg)
-    assert tensor_parallel_rank_parameters(cfg, tp=2) == gpt_parameters(cfg, tp=2) - 32 * 64
-    untied = GPTConfig(vocab_size=65, tie_embeddings=False)  # ceil(65/4) = 17 rows per rank, embedding and head
-    assert tensor_parallel_rank_parameters(untied, tp=4) == gpt_parameters(untied, tp=4) - 2 * (65 - 17) * 64
 
 
 def test_checkpointed_activations_keep_block_inputs_and_one_block():

@@ -4,6 +4,7 @@ Activation formulas are held to what autograd actually saves (conformance.measur
 block of reference.model.GPT, with the naive reference attention and with torch's CPU FlashAttention kernel.
 """
 
+import dataclasses
 import math
 
 import pytest
@@ -86,12 +87,16 @@ def test_gpt_parameter_count(config):
     assert memory.gpt_parameters(config) == GPT(config).num_parameters()
 
 
-def test_tensor_parallel_splits_the_projections_and_replicates_the_rest():
+def test_tensor_parallel_splits_the_projections_and_the_vocabulary_and_replicates_the_rest():
     config = GPTConfig(n_head=4, n_kv_head=2, n_embd=64)
     whole, half = memory.gpt_parameters(config), memory.gpt_parameters(config, tp=2)
     c, b = config.n_embd, 1
-    replicated = config.n_layer * (2 * (c + c * b) + 2 * c * b) + (config.vocab_size + config.block_size) * c + 2 * c
+    replicated = config.n_layer * (2 * (c + c * b) + 2 * c * b) + config.block_size * c + 2 * c
     assert 2 * half - replicated == whole
+    odd = GPTConfig(vocab_size=65, n_head=4, n_embd=64, tie_embeddings=False)
+    one_row = dataclasses.replace(odd, vocab_size=1)
+    # wte and the untied head each keep ceil(65 / 4) = 17 of their 65 rows on every one of 4 ranks
+    assert memory.gpt_parameters(odd, tp=4) - memory.gpt_parameters(one_row, tp=4) == 2 * (17 - 1) * 64
     with pytest.raises(ValueError, match="tp=3 must divide"):
         memory.gpt_parameters(config, tp=3)
 

@@ -1,9 +1,8 @@
-"""Formulas the planner needs that `reference.memory` does not have yet: each is asked for in issue 9's report, to be
-moved into reference/memory.py at integration (the planner then imports them from there, and this file goes).
+"""Choosing a parallel strategy, as formulas: what a layout keeps alive, communicates, idles and computes.
 
-Every function here is built on `reference.memory` where one of its formulas applies, so no formula exists twice:
+The memory of model states is `reference.memory`; this file adds what a planner needs beside it, each formula built
+on `reference.memory` where one applies, so no formula exists twice (conformance/plan.py is the planner):
     activation_bytes_per_rank         a rank's live activations: layers x micro-batches in flight, checkpointing
-    tensor_parallel_rank_parameters   parameters of one TP rank with the embedding split by vocabulary too
     pipeline_stage_parameters         parameters of the most loaded pipeline stage (whole blocks + embeddings)
     in_flight_microbatches            micro-batches whose activations the first pipeline stage holds at its peak
     pipeline_bubble_fraction          (p - 1) / (m + p - 1), GPipe and 1F1B
@@ -70,20 +69,6 @@ def activation_bytes_per_rank(
     return in_flight * num_layers * element_bytes * batch_size * seq_len * config.n_embd + per_layer
 
 
-def tensor_parallel_rank_parameters(config: GPTConfig, *, tp: int) -> int:
-    """Parameters one of t tensor-parallel ranks holds under Megatron's full plan (what
-    optimized.tensor_parallel.megatron_plan does): `reference.memory.gpt_parameters(config, tp=t)` splits the
-    blocks' Linear layers and keeps the embeddings whole; Megatron also splits the token embedding (and an untied
-    output head) by vocabulary rows (Megatron-LM, arXiv 1909.08053, Sec. 3, "Input and output embedding"), ceil(V/t)
-    rows per rank (Megatron pads V to a multiple of t):
-        gpt_parameters(config, tp=t) - tables * (V - ceil(V/t)) * h        tables = 1 tied, 2 untied
-    For a 7B model at t = 8 that is 115M parameters per rank fewer than the whole-embedding count."""
-    _positive(tp=tp)
-    tables = 1 if config.tie_embeddings else 2
-    split_rows = config.vocab_size - -(-config.vocab_size // tp)
-    return gpt_parameters(config, tp=tp) - tables * split_rows * config.n_embd
-
-
 def pipeline_stage_parameters(config: GPTConfig, *, pp: int, tp: int = 1) -> int:
     """Parameters of the most loaded of p pipeline stages, on one of t tensor-parallel ranks: an upper bound.
 
@@ -91,14 +76,15 @@ def pipeline_stage_parameters(config: GPTConfig, *, pp: int, tp: int = 1) -> int
     also holds the embeddings, the last the final LayerNorm and the head (with tied embeddings a copy of the token
     embedding: Megatron-LM, arXiv 1909.08053), each at most all the parameters outside the blocks:
         ceil(L/p) * block + outside       block, outside from reference.memory.gpt_parameters at 2 and 1 layers
-    with every count on one tensor-parallel rank (`tensor_parallel_rank_parameters`), which p = 1 gives exactly.
+    with every count on one tensor-parallel rank (`reference.memory.gpt_parameters(config, tp=t)`), which p = 1
+    gives exactly.
     ZeRO Sec. 8's Ψ/(t·p) is the ideal this bound approaches when the blocks divide evenly and the embeddings are
     small."""
     _positive(pp=pp, tp=tp)
     if pp == 1:
-        return tensor_parallel_rank_parameters(config, tp=tp)
-    one = tensor_parallel_rank_parameters(dataclasses.replace(config, n_layer=1), tp=tp)
-    block = tensor_parallel_rank_parameters(dataclasses.replace(config, n_layer=2), tp=tp) - one
+        return gpt_parameters(config, tp=tp)
+    one = gpt_parameters(dataclasses.replace(config, n_layer=1), tp=tp)
+    block = gpt_parameters(dataclasses.replace(config, n_layer=2), tp=tp) - one
     return layers_per_stage(config.n_layer, pp) * block + (one - block)
 
 
