@@ -17,7 +17,7 @@ Every record carries the max and mean error and the bound, whether it passed or 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -158,6 +158,31 @@ def error_ratio(
     passed = bool(torch.isfinite(err).all()) and max_err <= bound
     rule = f"error ratio: <= {factor:g} x naive {str(dtype).removeprefix('torch.')} error + {floor:.2g} floor"
     return Equivalence(name, passed, max_err, mean_err, bound, rule, baseline_error=base_max)
+
+
+def step_by_step(
+    losses: Sequence[float],
+    grads: Sequence[Mapping[str, Tensor]],
+    ref_losses: Sequence[float],
+    ref_grads: Sequence[Mapping[str, Tensor]],
+    *,
+    name: str,
+    rtol: float = 1e-5,
+) -> list[Equivalence]:
+    """A parallel run held to the reference at every step: the loss within rtol, and every named gradient within
+    rtol with an absolute floor of rtol times the step's largest reference gradient entry (some entries are zero in
+    exact arithmetic and only rounding noise in fp32, where a relative bound means nothing)."""
+    if not (len(losses) == len(grads) == len(ref_losses) == len(ref_grads)):
+        raise ValueError(f"{name}: steps differ: {len(losses)} losses, {len(grads)} gradient sets, "
+                         f"{len(ref_losses)} reference losses, {len(ref_grads)} reference gradient sets")
+    parts = []
+    for step, (loss, grad, ref_loss, ref) in enumerate(zip(losses, grads, ref_losses, ref_grads, strict=True)):
+        parts.append(allclose(torch.tensor(loss), torch.tensor(ref_loss), rtol=rtol, atol=0.0,
+                              name=f"{name} loss step {step}"))
+        scale = max(float(g.abs().max()) for g in ref.values())
+        parts += [allclose(grad[n], g, rtol=rtol, atol=rtol * scale, name=f"{name} {n} step {step}")
+                  for n, g in ref.items()]
+    return parts
 
 
 def combine(name: str, parts: Iterable[Equivalence]) -> Equivalence:

@@ -30,7 +30,7 @@ from conformance.claims import Verdict
 from conformance.launch import spawn
 from conformance.measure import CollectiveCounter, time_fn
 from conformance.result import Metric, Result
-from conformance.tolerance import allclose, bitwise, combine
+from conformance.tolerance import allclose, bitwise, combine, step_by_step
 from optimized.data_parallel import DataParallel, NaiveDataParallel
 from reference.data import make_batches
 from reference.model import GPT, IGNORE_INDEX, GPTConfig
@@ -187,16 +187,7 @@ def _losses(losses: list[float], ref_losses: list[float], name: str) -> list:
 
 
 def _against(run: dict, ref_losses: list[float], ref_grads: list[dict], name: str) -> list:
-    """Loss (rtol 1e-5) and every gradient (rtol 1e-5, atol 1e-5 of the step's largest gradient entry: some entries
-    are exactly zero in exact arithmetic and only rounding noise in fp32) at every step."""
-    parts = []
-    for step, (ref_loss, ref) in enumerate(zip(ref_losses, ref_grads, strict=True)):
-        parts.append(allclose(torch.tensor(run["loss"][step]), torch.tensor(ref_loss), rtol=1e-5, atol=0.0,
-                              name=f"{name} loss step {step}"))
-        scale = max(float(g.abs().max()) for g in ref.values())
-        parts += [allclose(run["grads"][step][n], g, rtol=1e-5, atol=1e-5 * scale, name=f"{name} {n} step {step}")
-                  for n, g in ref.items()]
-    return parts
+    return step_by_step(run["loss"], run["grads"], ref_losses, ref_grads, name=name)
 
 
 def _first_step_gap(run: dict, ref_losses: list[float], ref_grads: list[dict]) -> tuple[float, float]:

@@ -3,7 +3,15 @@
 import pytest
 import torch
 
-from conformance.tolerance import GRADIENT_FACTOR, allclose, assert_equivalent, bitwise, combine, error_ratio
+from conformance.tolerance import (
+    GRADIENT_FACTOR,
+    allclose,
+    assert_equivalent,
+    bitwise,
+    combine,
+    error_ratio,
+    step_by_step,
+)
 
 
 def _softmax_case(dtype):
@@ -67,3 +75,14 @@ def test_bitwise_and_combine():
     parts = [allclose(a, a), allclose(a + 1, a, name="off")]
     c = combine("all", parts)
     assert not c.passed and "off" in c.rule and c.max_error == pytest.approx(1.0)
+
+
+def test_step_by_step_holds_each_step_and_floors_zero_gradients():
+    ref = [{"w": torch.tensor([1.0, 0.0])}, {"w": torch.tensor([2.0, 0.0])}]
+    noisy = [{"w": torch.tensor([1.0, 1e-6])}, {"w": torch.tensor([2.0, -1e-6])}]  # rounding noise on a zero entry
+    assert all(p.passed for p in step_by_step([1.0, 0.5], noisy, [1.0, 0.5], ref, name="run"))
+    wrong = [{"w": torch.tensor([1.0, 0.0])}, {"w": torch.tensor([2.1, 0.0])}]
+    failed = [p.name for p in step_by_step([1.0, 0.5], wrong, [1.0, 0.5], ref, name="run") if not p.passed]
+    assert failed == ["run w step 1"]
+    with pytest.raises(ValueError, match="steps differ"):
+        step_by_step([1.0], noisy, [1.0, 0.5], ref, name="run")

@@ -23,7 +23,7 @@ from torch import nn
 
 from conformance.launch import spawn
 from conformance.measure import CollectiveCounter
-from conformance.tolerance import allclose, assert_equivalent, combine
+from conformance.tolerance import allclose, assert_equivalent, combine, step_by_step
 from optimized.clipping import global_grad_norm
 from optimized.data_parallel import DataParallel
 from optimized.tensor_parallel import (
@@ -294,17 +294,10 @@ def _tp_worker(config_dict: dict, dp_sizes: tuple[int, ...], states: list[dict],
 
 def _assert_matches_reference(res: dict, world_size: int) -> None:
     _, ref_losses, ref_norms, ref_grads = _reference(world_size)
-    parts = []
-    for step in range(STEPS):
-        parts.append(allclose(torch.tensor(res["loss"][step]), torch.tensor(ref_losses[step]), rtol=1e-5, atol=0.0,
-                              name=f"loss step {step}"))
-        parts.append(allclose(torch.tensor(res["norm"][step]), torch.tensor(ref_norms[step]), rtol=1e-5, atol=0.0,
-                              name=f"grad norm step {step}"))
-        scale = max(float(g.abs().max()) for g in ref_grads[step].values())
-        got = res["grads"][step]
-        assert got.keys() == ref_grads[step].keys()
-        parts += [allclose(got[n], g, rtol=1e-5, atol=1e-5 * scale, name=f"grad {n} step {step}")
-                  for n, g in ref_grads[step].items()]
+    assert all(got.keys() == ref.keys() for got, ref in zip(res["grads"], ref_grads, strict=True))
+    parts = step_by_step(res["loss"], res["grads"], ref_losses, ref_grads, name="TP")
+    parts += [allclose(torch.tensor(norm), torch.tensor(ref), rtol=1e-5, atol=0.0, name=f"grad norm step {step}")
+              for step, (norm, ref) in enumerate(zip(res["norm"], ref_norms, strict=True))]
     assert_equivalent(combine(f"TP t={world_size} vs single process", parts))
 
 
