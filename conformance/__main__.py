@@ -3,7 +3,7 @@
     python -m conformance                       quick suite: CPU + 2 gloo ranks, or CUDA + NCCL on all visible GPUs
     python -m conformance --only attention,zero --full --out my-report
     torchrun --nproc-per-node 8 -m conformance  one rank per GPU, launched by torchrun
-    python -m conformance plan --help           the parallel-strategy planner (when installed)
+    python -m conformance plan --help           the parallel-strategy planner (plan must come first)
 
 Exit status: 0 when every equivalence holds, 1 when any fails or a check crashes, 2 for bad arguments.
 """
@@ -109,11 +109,8 @@ def _run_checks(args: argparse.Namespace, console: Console, show: bool) -> list[
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["plan"]:
-        try:
-            from conformance.plan import main as plan_main
-        except ImportError:
-            print("the planner (conformance/plan.py) is not part of this version", file=sys.stderr)
-            return 2
+        from conformance.plan import main as plan_main
+
         return plan_main(argv[1:])
     args = _parse(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING)

@@ -85,6 +85,14 @@ CLAIMS: dict[str, Claim] = {
 }
 
 
+def equivalence_verdict(passed: bool, *, world_size: int) -> Verdict:
+    """The verdict of a claim that N ranks compute what one process does: not measurable on one rank (it splits
+    nothing), else holds or does not hold with the equivalence."""
+    if world_size == 1:
+        return Verdict.NOT_MEASURABLE
+    return Verdict.HOLDS if passed else Verdict.DOES_NOT_HOLD
+
+
 def claim(claim_id: str) -> Claim:
     """The claim with this id; a clear error listing the known ids otherwise."""
     if claim_id not in CLAIMS:

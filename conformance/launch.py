@@ -11,7 +11,8 @@ temp dir. The caller watches all ranks:
   - ranks still running at `timeout`: all are killed and the call raises RankTimeout naming them;
   - in every case no process is left behind.
 Under torchrun (RANK and WORLD_SIZE in the environment) the function runs in place on this process's rank and the
-results of all ranks are gathered with all_gather_object.
+results of all ranks are gathered with all_gather_object; a rank that raises is reported on every rank, so all of
+them raise the same RankError and stay in step for the next call.
 """
 
 from __future__ import annotations
@@ -93,10 +94,17 @@ def _run_in_place(fn, world_size, args, kwargs, backend, device, timeout) -> lis
         if device.type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout))
-    result = fn(*args, **kwargs)
+    try:
+        outcome = (None, fn(*args, **kwargs))
+    except Exception:  # noqa: BLE001 - shared with every rank below, so all of them fail together
+        outcome = (traceback.format_exc(), None)
     gathered: list[Any] = [None] * world_size
-    dist.all_gather_object(gathered, result)
-    return gathered
+    dist.all_gather_object(gathered, outcome)
+    failed = [r for r, (error, _) in enumerate(gathered) if error is not None]
+    if failed:
+        raise RankError(f"rank {failed[0]} of {world_size} raised:\n{gathered[failed[0]][0]}"
+                        + (f"\n(rank(s) {', '.join(map(str, failed[1:]))} failed too)" if failed[1:] else ""))
+    return [result for _, result in gathered]
 
 
 def _write_error(workdir: str, rank: int) -> NoReturn:

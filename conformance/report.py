@@ -97,7 +97,8 @@ def _md_escape(text: str) -> str:
 
 def write_markdown(results: list[Result], env: dict, path: Path) -> None:
     lines = ["# pretrain-spec conformance report", ""]
-    lines += ["| " + " | ".join(f"{k}: {v}" for k, v in env.items() if v is not None) + " |", "|---|", ""]
+    lines += ["| environment | |", "|---|---|"]
+    lines += [f"| {k} | {_md_escape(str(v))} |" for k, v in env.items() if v is not None] + [""]
     lines += [
         "| check | row | ranks | equivalence | rule | memory | speed | other | claim | verdict | notes |",
         "|---|---|---|---|---|---|---|---|---|---|---|",

@@ -2,7 +2,8 @@
 
 1. `allclose` (and `bitwise`): where the optimized path can mirror the reference's arithmetic (fp32, same
    reduction order or nearly), demand what torch.testing.assert_close demands by default for the dtype:
-   |actual - expected| <= atol + rtol * |expected| elementwise.
+   |actual - expected| <= atol + rtol * |expected| elementwise, with NaN matching NaN at the same position (a NaN
+   the reference produces must be reproduced, e.g. by a clipping norm; torch.testing's default would refuse both).
 
 2. `error_ratio`: for low precision and kernels, the FlashAttention rule (the FA2 repository's tests):
        ref  = the reference computed in float64
@@ -17,6 +18,7 @@ Every record carries the max and mean error and the bound, whether it passed or 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
@@ -106,11 +108,13 @@ def allclose(
     err = torch.where(same_nonfinite, torch.zeros_like(a), (a - e).abs())
     err = torch.nan_to_num(err, nan=float("inf"))
     allowed = atol + rtol * torch.where(e.isfinite(), e.abs(), torch.zeros_like(e))
-    ratio = err / allowed.clamp(min=torch.finfo(torch.float64).tiny)
-    worst = int(ratio.argmax()) if ratio.numel() else 0
     max_err, mean_err = _stat(err)
     passed = bool((err <= allowed).all())
-    bound = float(allowed.flatten()[worst]) if allowed.numel() else atol
+    # The bound shown beside max_err: where the largest error sits when all pass (so "max_err <= bound" is true),
+    # at the element furthest past its bound when some fail (so "max_err > bound" is true).
+    ratio = err / allowed.clamp(min=torch.finfo(torch.float64).tiny) if not passed else err
+    at = int(ratio.argmax()) if ratio.numel() else 0
+    bound = float(allowed.flatten()[at]) if allowed.numel() else atol
     return Equivalence(name, passed, max_err, mean_err, bound, f"allclose rtol={rtol:g} atol={atol:g}")
 
 
@@ -177,9 +181,12 @@ def step_by_step(
                          f"{len(ref_losses)} reference losses, {len(ref_grads)} reference gradient sets")
     parts = []
     for step, (loss, grad, ref_loss, ref) in enumerate(zip(losses, grads, ref_losses, ref_grads, strict=True)):
+        if grad.keys() != ref.keys():
+            raise ValueError(f"{name} step {step}: gradient names differ: only in the run {sorted(grad.keys() - ref)}, "
+                             f"only in the reference {sorted(ref.keys() - grad)}")
         parts.append(allclose(torch.tensor(loss), torch.tensor(ref_loss), rtol=rtol, atol=0.0,
                               name=f"{name} loss step {step}"))
-        scale = max(float(g.abs().max()) for g in ref.values())
+        scale = max((float(g.abs().max()) for g in ref.values() if g.numel()), default=0.0)
         parts += [allclose(grad[n], g, rtol=rtol, atol=rtol * scale, name=f"{name} {n} step {step}")
                   for n, g in ref.items()]
     return parts
@@ -192,7 +199,11 @@ def combine(name: str, parts: Iterable[Equivalence]) -> Equivalence:
     parts = list(parts)
     if not parts:
         raise ValueError(f"{name}: nothing to combine")
-    worst = max(parts, key=lambda e: e.max_error / e.bound if e.bound > 0 else (0.0 if e.max_error == 0 else 1e300))
+    def badness(e: Equivalence) -> tuple[bool, bool, float]:
+        ratio = e.max_error / e.bound if e.bound > 0 else (0.0 if e.max_error == 0 else math.inf)
+        return (not e.passed, math.isnan(e.max_error), ratio)
+
+    worst = max(parts, key=badness)
     return Equivalence(
         name,
         all(p.passed for p in parts),

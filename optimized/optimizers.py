@@ -81,10 +81,19 @@ def build_optimizer(
     _check("weight_decay", weight_decay, math.isfinite(weight_decay) and weight_decay >= 0, "a finite float >= 0")
     _check("eps", eps, math.isfinite(eps) and eps >= 0, "a finite float >= 0")
     _check("momentum", momentum, math.isfinite(momentum) and momentum >= 0, "a finite float >= 0")
-    betas = tuple(betas) if betas is not None else _DEFAULT_BETAS.get(key, (0.9, 0.999))
+    betas_given = betas is not None
+    betas = tuple(betas) if betas_given else _DEFAULT_BETAS.get(key, (0.9, 0.999))
     _check("betas", betas, len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas), "two floats in [0, 1)")
     if key == "lion" and fused:
         raise ValueError("fused=True: torch has no fused Lion kernel; use fused=None or False (foreach Lion)")
+    # An option the chosen optimizer has no use for is refused, not silently dropped.
+    applies = {"betas": ("adam", "adamw", "lion"), "eps": ("adam", "adamw"), "amsgrad": ("adam", "adamw"),
+               "momentum": ("sgd",), "nesterov": ("sgd",)}
+    given = {"betas": betas_given, "eps": eps != 1e-8, "amsgrad": amsgrad, "momentum": momentum != 0.0,
+             "nesterov": nesterov}
+    for option, owners in applies.items():
+        if given[option] and key not in owners:
+            raise ValueError(f"{option} does not apply to {key!r}; it applies to {', '.join(owners)}")
 
     if isinstance(model, nn.Module):
         groups: list[Any] = param_groups(model, weight_decay, no_decay)

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from conformance.checks import Context
-from conformance.claims import Verdict
+from conformance.claims import Verdict, equivalence_verdict
 from conformance.launch import spawn
 from conformance.measure import CollectiveCounter, time_fn
 from conformance.result import Metric, Result
@@ -225,7 +225,7 @@ def run(ctx: Context) -> list[Result]:
         metrics=[Metric("all-reduce bytes sent per rank per step (ring)", first["bucketed"]["ring_bytes"], "bytes",
                        claimed=f"2(N-1)/N x 4Ψ = {formula:.0f} (Ψ = {n_params})"),
                  Metric("all-reduces per step (buckets)", first["bucketed"]["all_reduces"], "count")],
-        claim="data_parallel.equivalence", verdict=Verdict.HOLDS if eq.passed else Verdict.DOES_NOT_HOLD,
+        claim="data_parallel.equivalence", verdict=equivalence_verdict(eq.passed, world_size=ws),
         notes=f"{steps} AdamW steps, each rank {sizes['rows']} of the {sizes['rows'] * ws} rows, equal scored tokens "
               f"per rank; each step from the reference's state: loss and every gradient (rtol 1e-5, atol 1e-5 x "
               f"the step's largest gradient); a whole run with DataParallel's own AdamW: the losses (rtol 1e-4), "
@@ -238,8 +238,9 @@ def run(ctx: Context) -> list[Result]:
     eq = combine("token-weighted DataParallel vs one process, uneven padding",
                  _against(first["uneven_token_weighted"], uneven_losses, uneven_grads, "token-weighted"))
     rank_means_equal = all(p.passed for p in _against(first["uneven_mean"], uneven_losses, uneven_grads, "mean"))
-    verdict = Verdict.DOES_NOT_HOLD if not eq.passed else (
-        Verdict.HOLDS if rank_means_equal else Verdict.HOLDS_UNDER_CONDITIONS)
+    verdict = equivalence_verdict(eq.passed, world_size=ws)
+    if verdict is Verdict.HOLDS and not rank_means_equal:
+        verdict = Verdict.HOLDS_UNDER_CONDITIONS
     rows.append(Result(
         name=f"uneven tokens per rank, {ws} ranks", reference="reference.training.train_step (token mean)",
         optimized="DataParallel with each rank's loss sum x N / (scored tokens of the whole batch)", equivalence=eq,

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from conformance.checks import Context
-from conformance.claims import Verdict
+from conformance.claims import equivalence_verdict
 from conformance.launch import spawn
 from conformance.result import Result
 from conformance.tolerance import allclose, bitwise, combine
@@ -101,7 +101,7 @@ def run(ctx: Context) -> list[Result]:
             world_size=ws,
             equivalence=equivalence,
             claim="data_parallel.equivalence",
-            verdict=Verdict.HOLDS if equivalence.passed else Verdict.DOES_NOT_HOLD,
+            verdict=equivalence_verdict(equivalence.passed, world_size=ws),
             notes="loss and every parameter after the run within the fp32 defaults of the single process; "
             "all ranks bitwise equal to each other",
         )

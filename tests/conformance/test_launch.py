@@ -86,3 +86,29 @@ def _sum_of(tensors):
 def test_many_tensor_arguments_travel_to_every_rank():
     tensors = [torch.full((3,), float(i)) for i in range(2000)]
     assert spawn(_sum_of, 2, tensors, timeout=60) == [3.0 * sum(range(2000))] * 2
+
+
+def _raise_on_rank_one_in_place():
+    if dist.get_rank() == 1:
+        raise ValueError("in-place failure on rank 1")
+    return "fine"
+
+
+def _as_if_under_torchrun():
+    # The outer launcher made the group; with RANK/WORLD_SIZE set, spawn runs in place as under torchrun.
+    os.environ["RANK"], os.environ["WORLD_SIZE"] = str(dist.get_rank()), str(dist.get_world_size())
+    first = spawn(_rank_and_sum, dist.get_world_size(), 0.0)
+    try:
+        spawn(_raise_on_rank_one_in_place, dist.get_world_size())
+    except RankError as e:
+        failure = str(e)
+    else:
+        failure = None
+    after = spawn(_rank_and_sum, dist.get_world_size(), 1.0)  # the ranks are still in step
+    return first[1]["sum"], failure, after[0]["sum"]
+
+
+def test_in_place_ranks_fail_together_and_stay_in_step():
+    for first_sum, failure, after_sum in spawn(_as_if_under_torchrun, 2, timeout=60):
+        assert first_sum == 1.0 and after_sum == 2.0
+        assert failure is not None and "rank 1 of 2 raised" in failure and "in-place failure on rank 1" in failure

@@ -86,3 +86,22 @@ def test_step_by_step_holds_each_step_and_floors_zero_gradients():
     assert failed == ["run w step 1"]
     with pytest.raises(ValueError, match="steps differ"):
         step_by_step([1.0], noisy, [1.0, 0.5], ref, name="run")
+
+
+def test_combine_names_a_failing_part_and_allclose_prints_true_comparisons():
+    e = torch.tensor([1e3, 0.0])
+    ok = allclose(torch.tensor([1e3 + 1e-3, 0.0]), e, name="ok")  # large error, larger bound: passes
+    bad = allclose(torch.tensor([1e3, 1e-4]), e, name="bad")  # small error past a small bound
+    assert ok.passed and ok.max_error <= ok.bound
+    assert not bad.passed and bad.max_error > bad.bound
+    c = combine("both", [ok, bad])
+    assert not c.passed and "bad" in c.rule and c.max_error > c.bound
+    nan = error_ratio(torch.tensor([float("nan")]), torch.zeros(1, dtype=torch.float64), torch.zeros(1))
+    assert "worst of 2: " in combine("with nan", [allclose(e, e, name="fine"), nan]).rule
+    assert not combine("with nan", [allclose(e, e, name="fine"), nan]).passed
+
+
+def test_step_by_step_refuses_mismatched_gradient_names():
+    ref = [{"w": torch.ones(2)}]
+    with pytest.raises(ValueError, match=r"gradient names differ: only in the run \['extra'\]"):
+        step_by_step([1.0], [{"w": torch.ones(2), "extra": torch.ones(1)}], [1.0], ref, name="run")

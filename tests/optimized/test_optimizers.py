@@ -138,3 +138,18 @@ def test_build_optimizer_is_fused_on_cuda_and_trains_like_the_reference(name):
             o.step()
     for p, q in zip(model_opt.parameters(), model_ref.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "name, option, message",
+    [
+        ("lion", {"amsgrad": True}, "amsgrad does not apply to 'lion'"),
+        ("adam", {"momentum": 0.9}, "momentum does not apply to 'adam'"),
+        ("sgd", {"betas": (0.9, 0.99)}, "betas does not apply to 'sgd'"),
+        ("lion", {"eps": 1e-6}, "eps does not apply to 'lion'"),
+        ("adamw", {"nesterov": True}, "nesterov does not apply to 'adamw'"),
+    ],
+)
+def test_options_that_do_not_apply_are_refused(name, option, message):
+    with pytest.raises(ValueError, match=message):
+        build_optimizer(torch.nn.Linear(2, 2), name, lr=1e-3, **option)
