@@ -203,7 +203,19 @@ class _ShardedLayer(nn.Module):
                 param.requires_grad_(getattr(dense, name).requires_grad)
 
 
-class ColumnParallelLinear(_ShardedLayer):
+class _ParallelLinear(_ShardedLayer):
+    """What the column- and row-parallel layers share: being cut from a dense nn.Linear."""
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, process_group: dist.ProcessGroup | None = None, **kwargs):
+        """The parallel layer holding this rank's slice of `linear` (equal to it once gathered)."""
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, process_group=process_group,
+                    device=linear.weight.device, dtype=linear.weight.dtype, **kwargs)
+        layer._load_dense(linear)
+        return layer
+
+
+class ColumnParallelLinear(_ParallelLinear):
     """Y_i = f(X) A_iᵀ + b_i: the outputs split over the group (Megatron Sec. 3). Input (..., in), output
     (..., out / t), or (..., out) with `gather_output=True`.
 
@@ -236,14 +248,6 @@ class ColumnParallelLinear(_ShardedLayer):
         weight, b = _dense_linear_init(in_features, out_features, bias, seed)
         self.load_full_(weight=weight, bias=b)
 
-    @classmethod
-    def from_dense(cls, linear: nn.Linear, process_group: dist.ProcessGroup | None = None, **kwargs):
-        """The column-parallel layer holding this rank's slice of `linear` (equal to it once gathered)."""
-        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, process_group=process_group,
-                    device=linear.weight.device, dtype=linear.weight.dtype, **kwargs)
-        layer._load_dense(linear)
-        return layer
-
     def forward(self, x: Tensor) -> Tensor:
         if self.copy_input:
             x = copy_to_region(x, self.process_group)
@@ -255,7 +259,7 @@ class ColumnParallelLinear(_ShardedLayer):
                 f"bias={self.bias is not None}, gather_output={self.gather_output}, copy_input={self.copy_input}")
 
 
-class RowParallelLinear(_ShardedLayer):
+class RowParallelLinear(_ParallelLinear):
     """Y = g(sum_i X_i A_iᵀ) + b: the inputs split over the group, the bias added once after the all-reduce.
     Input (..., in / t) (`input_is_parallel=True`, the output of a column-parallel layer) or (..., in), which is
     then scattered. Output (..., out) on every rank."""
@@ -284,14 +288,6 @@ class RowParallelLinear(_ShardedLayer):
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
         weight, b = _dense_linear_init(in_features, out_features, bias, seed)
         self.load_full_(weight=weight, bias=b)
-
-    @classmethod
-    def from_dense(cls, linear: nn.Linear, process_group: dist.ProcessGroup | None = None, **kwargs):
-        """The row-parallel layer holding this rank's slice of `linear`."""
-        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, process_group=process_group,
-                    device=linear.weight.device, dtype=linear.weight.dtype, **kwargs)
-        layer._load_dense(linear)
-        return layer
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.input_is_parallel:
