@@ -27,7 +27,7 @@ from conformance.claims import Verdict
 from conformance.launch import spawn
 from conformance.measure import CollectiveCounter, tensor_bytes
 from conformance.result import Metric, Result
-from conformance.tolerance import allclose, bitwise, combine, step_by_step
+from conformance.tolerance import TRAJECTORY_RTOL, bitwise, combine, series_close, step_by_step
 from optimized.data_parallel import DataParallel
 from optimized.tensor_parallel import (
     gather_full,
@@ -151,15 +151,6 @@ def _worker(quick: bool, device_type: str, states: list[dict]) -> dict:
 # --- comparison ------------------------------------------------------------------------------------------------------
 
 
-def _losses(losses: list[float], ref_losses: list[float], name: str) -> list:
-    """A whole run's losses, rtol 1e-4: fp32 trajectories under Adam drift apart by ~1e-5 over ten steps of the
-    full-size model without either being wrong (per-step gradients are the tight comparison)."""
-    return [allclose(torch.tensor(a), torch.tensor(b), rtol=1e-4, atol=0.0, name=f"{name} loss step {s}")
-            for s, (a, b) in enumerate(zip(losses, ref_losses, strict=True))]
-
-
-def _against(run: dict, ref_losses: list[float], ref_grads: list[dict], name: str) -> list:
-    return step_by_step(run["loss"], run["grads"], ref_losses, ref_grads, name=name)
 
 
 def run(ctx: Context) -> list[Result]:
@@ -179,8 +170,9 @@ def run(ctx: Context) -> list[Result]:
     # 1. equivalence
     same_loss = [bitwise(torch.tensor(r["tp"]["loss"]), torch.tensor(tp["loss"]), name=f"rank {i} losses")
                  for i, r in enumerate(per_rank)]
-    eq = combine(f"TP on {t} ranks vs one process", _against(tp, ref_losses, ref_grads, "per step") + same_loss
-                 + _losses(per_rank[0]["tp_trajectory"], ref_losses, "own AdamW"))
+    eq = combine(f"TP on {t} ranks vs one process",
+                 step_by_step(tp["loss"], tp["grads"], ref_losses, ref_grads, name="per step") + same_loss
+                 + series_close(per_rank[0]["tp_trajectory"], ref_losses, name="own AdamW loss", rtol=TRAJECTORY_RTOL))
     rows.append(Result(
         name=f"Megatron TP GPT vs one process, t={t}",
         optimized="optimized.tensor_parallel.parallelize(model, megatron_plan(model))", equivalence=eq,
@@ -251,8 +243,8 @@ def run(ctx: Context) -> list[Result]:
         trajectories = [r["dp_tp_trajectory"] for i, r in enumerate(per_rank) if i % tp_size == 0]
         mean_trajectory = [sum(ls) / 2 for ls in zip(*trajectories, strict=True)]
         eq = combine(f"DP 2 x TP {tp_size} vs one process",
-                     _against({**runs[0], "loss": mean_loss}, ref_losses, ref_grads, "per step")
-                     + _losses(mean_trajectory, ref_losses, "own AdamW"))
+                     step_by_step(mean_loss, runs[0]["grads"], ref_losses, ref_grads, name="per step")
+                     + series_close(mean_trajectory, ref_losses, name="own AdamW loss", rtol=TRAJECTORY_RTOL))
         rows.append(Result(
             name=f"DP 2 x TP {tp_size} vs one process",
             optimized="DataParallel(parallelize(...), process_group=grid.dp_group) on make_process_grid(2, t/2)",

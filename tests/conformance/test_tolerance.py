@@ -10,6 +10,7 @@ from conformance.tolerance import (
     bitwise,
     combine,
     error_ratio,
+    series_close,
     step_by_step,
 )
 
@@ -105,3 +106,11 @@ def test_step_by_step_refuses_mismatched_gradient_names():
     ref = [{"w": torch.ones(2)}]
     with pytest.raises(ValueError, match=r"gradient names differ: only in the run \['extra'\]"):
         step_by_step([1.0], [{"w": torch.ones(2), "extra": torch.ones(1)}], [1.0], ref, name="run")
+
+
+def test_series_close_compares_each_step_without_absolute_slack():
+    parts = series_close([1.0, 2.0, 3.0], [1.0, 2.0 * (1 + 1e-6), 3.1], name="loss", rtol=1e-5)
+    assert [p.passed for p in parts] == [True, True, False] and parts[2].name == "loss step 2"
+    assert not series_close([1e-9], [0.0], name="zero")[0].passed
+    with pytest.raises(ValueError, match="2 values vs 1 reference values"):
+        series_close([1.0, 2.0], [1.0], name="loss")

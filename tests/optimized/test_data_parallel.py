@@ -26,7 +26,7 @@ from torch import nn
 
 from conformance.launch import RankError, spawn
 from conformance.measure import CollectiveCounter
-from conformance.tolerance import allclose, assert_equivalent, combine
+from conformance.tolerance import allclose, assert_equivalent, combine, series_close, step_by_step
 from optimized.data_parallel import DataParallel, NaiveDataParallel, assign_buckets
 from reference.data import make_batches
 from reference.model import GPT, IGNORE_INDEX, GPTConfig
@@ -151,26 +151,15 @@ def _equivalence_worker(states: list[dict]) -> dict:
     return out
 
 
-def _close(actual: torch.Tensor, expected: torch.Tensor, name: str, scale: float):
-    """rtol 1e-5, with an absolute floor of 1e-5 of `scale`, the largest gradient entry of the step: some entries
-    are zero in exact arithmetic (the k_proj bias: softmax ignores a shift shared by all keys) and are only
-    rounding noise, which summing in another order changes."""
-    return allclose(actual, expected, name=name, rtol=1e-5, atol=1e-5 * scale)
-
-
 def _mean_losses(results: list[dict], variant: str) -> list[float]:
     return [sum(r[variant]["loss"][s] for r in results) / len(results) for s in range(STEPS)]
 
 
 def _check_against(results: list[dict], variant: str, ref_losses: list[float], ref_grads: list[dict]) -> None:
-    parts = []
-    for step, mean_loss in enumerate(_mean_losses(results, variant)):
-        parts.append(allclose(torch.tensor(mean_loss), torch.tensor(ref_losses[step]), rtol=1e-5, atol=0.0,
-                              name=f"{variant} loss step {step}"))
-        got = results[0][variant]["grads"][step]
-        assert got.keys() == ref_grads[step].keys()
-        scale = max(float(g.abs().max()) for g in ref_grads[step].values())
-        parts += [_close(got[n], g, f"{variant} grad {n} step {step}", scale) for n, g in ref_grads[step].items()]
+    """Loss (mean over ranks) and every gradient at each step: rtol 1e-5, with step_by_step's absolute floor for
+    entries that are zero in exact arithmetic and only rounding noise, which summing in another order changes."""
+    parts = step_by_step(_mean_losses(results, variant), results[0][variant]["grads"], ref_losses, ref_grads,
+                         name=variant)
     assert_equivalent(combine(f"{variant} vs single process", parts))
 
 
@@ -191,10 +180,8 @@ def test_data_parallel_equals_single_process_and_ddp(world_size):
     ]))
 
     # The whole trajectory with DataParallel's own AdamW: the same losses, and ranks bitwise in sync at the end.
-    assert_equivalent(combine("trajectory losses", [
-        allclose(torch.tensor(loss), torch.tensor(ref_losses[s]), rtol=1e-5, atol=0.0, name=f"loss step {s}")
-        for s, loss in enumerate(_mean_losses(results, "trajectory"))
-    ]))
+    assert_equivalent(combine("trajectory losses",
+                              series_close(_mean_losses(results, "trajectory"), ref_losses, name="loss")))
     for r in results[1:]:
         for n, p in results[0]["trajectory"]["final"].items():
             assert torch.equal(r["trajectory"]["final"][n], p), f"{n} differs between ranks"

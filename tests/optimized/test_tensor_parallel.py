@@ -23,7 +23,7 @@ from torch import nn
 
 from conformance.launch import spawn
 from conformance.measure import CollectiveCounter
-from conformance.tolerance import allclose, assert_equivalent, combine, step_by_step
+from conformance.tolerance import allclose, assert_equivalent, combine, series_close, step_by_step
 from optimized.clipping import global_grad_norm
 from optimized.data_parallel import DataParallel
 from optimized.tensor_parallel import (
@@ -296,15 +296,13 @@ def _assert_matches_reference(res: dict, world_size: int) -> None:
     _, ref_losses, ref_norms, ref_grads = _reference(world_size)
     assert all(got.keys() == ref.keys() for got, ref in zip(res["grads"], ref_grads, strict=True))
     parts = step_by_step(res["loss"], res["grads"], ref_losses, ref_grads, name="TP")
-    parts += [allclose(torch.tensor(norm), torch.tensor(ref), rtol=1e-5, atol=0.0, name=f"grad norm step {step}")
-              for step, (norm, ref) in enumerate(zip(res["norm"], ref_norms, strict=True))]
+    parts += series_close(res["norm"], ref_norms, name="grad norm")
     assert_equivalent(combine(f"TP t={world_size} vs single process", parts))
 
 
 def _assert_losses(losses: list[float], world_size: int, name: str) -> None:
     ref_losses = _reference(world_size)[1]
-    assert_equivalent(combine(name, [allclose(torch.tensor(loss), torch.tensor(ref_losses[s]), rtol=1e-5, atol=0.0,
-                                              name=f"loss step {s}") for s, loss in enumerate(losses)]))
+    assert_equivalent(combine(name, series_close(losses, ref_losses, name="loss")))
 
 
 @pytest.mark.parametrize("world_size", [2, 3, 4])
