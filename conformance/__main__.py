@@ -112,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         from conformance.plan import main as plan_main
 
         return plan_main(argv[1:])
+    if argv[:1] in (["bench"], ["gpu"]):
+        return __import__(f"conformance.{argv[0]}", fromlist=["main"]).main(argv[1:])
     args = _parse(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING)
     rank0 = not under_torchrun() or int(os.environ["RANK"]) == 0
