@@ -53,6 +53,8 @@ HEADLINE = ("bf16", 128, 8192)
 """dtype, d, N of the issue's goal (ours / SDPA-flash >= 1.0x forward, >= 0.9x forward + backward): measured first."""
 MEMORY_N = 4096
 """The sequence length of the paper's 20x memory claim."""
+CONVENTION = ("FLOPs per FA2 and flash-attn's benchmark: forward 4·B·H·N·M·d, half when causal; backward 2.5x, "
+              "forward + backward 3.5x the forward. TFLOP/s = FLOPs / median time; B·N and H·d fixed per case")
 MODE_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}
 """FLOPs of each mode as a multiple of the forward's (FA2's count: the backward does 2.5x the forward's matmuls)."""
 
@@ -240,8 +242,6 @@ def measure_case(case: Case, impls: tuple[str, ...], device: torch.device, *, mo
                     seconds = time_fn(step, warmup=warmup, reps=reps, device=device).median_s
                 except Exception as error:  # noqa: BLE001 - a refusal or a failure is a row, never a crash
                     result.timings[impl][mode] = Timing(na=_reason(error, caught))
-                    if device.type == "cuda":
-                        torch.cuda.synchronize()
                     continue
             tflops = case.flops(mode) / seconds / 1e12
             result.timings[impl][mode] = Timing(ms=seconds * 1e3, tflops=tflops,
@@ -337,8 +337,7 @@ def render_table(results: list[CaseResult], impls: tuple[str, ...], modes: tuple
     widths = [max(len(str(row[c])) for row in [header, *rows]) for c in range(len(header))]
     fmt = lambda row: "  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=True)).rstrip()  # noqa: E731
     peak_text = f", dense peak {peak:g} TFLOP/s" if peak else ", peak unknown for this GPU (no %)"
-    lines = [f"attention TFLOP/s on {device_name or 'this device'}{peak_text}; FLOPs per FA2 (forward 4·B·H·N²·d, "
-             "half when causal; fwd_bwd 3.5x forward); B·N and H·d fixed per case",
+    lines = [f"attention TFLOP/s on {device_name or 'this device'}{peak_text}", CONVENTION,
              fmt(header), fmt(["-" * w for w in widths]), *(fmt(row) for row in rows)]
     lines += [f"[{i}] {note}" for i, note in enumerate(notes, 1)]
     if memory is not None:
@@ -436,7 +435,7 @@ def run(args: argparse.Namespace, device: torch.device, out=None) -> dict:
     todo = cases(args.dtype, args.head_dim, args.seqlen, args.causal, args.tokens, args.hidden)
     args.out.mkdir(parents=True, exist_ok=True)
     json_path = args.out / "bench.json"
-    payload: dict = {"environment": env, "peak_tflops": peak, "convention": __doc__.split("\n\n")[2].strip(),
+    payload: dict = {"environment": env, "peak_tflops": peak, "convention": CONVENTION,
                      "warmup": args.warmup, "reps": args.reps, "cases": [], "skipped": [], "memory": None}
     results: list[CaseResult] = []
     start = time.monotonic()
