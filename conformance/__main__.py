@@ -103,6 +103,8 @@ def _run_checks(args: argparse.Namespace, console: Console, show: bool) -> list[
 
 COMMANDS = {
     "plan": "conformance.plan.cli",
+    "bench": "conformance.bench",
+    "gpu": "conformance.gpu",
 }
 """Subcommands: `python -m conformance NAME ...` calls `main(argv)` of the module; without one, the suite runs."""
 
