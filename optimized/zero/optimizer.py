@@ -53,6 +53,7 @@ from torch.utils._pytree import tree_flatten
 from optimized.clipping import clip_grads_with_norm_, global_grad_norm
 from optimized.data_parallel import check_replicas_agree, refuse_meta
 from optimized.mixed_precision import LossScale, unscale_and_check_
+from optimized.zero import checkpoint
 from optimized.zero.comm import Group
 from optimized.zero.gather import Gathering
 from optimized.zero.partition import FlatBuffers, FlatLayout, Slot, build_layouts, parse_groups
@@ -606,7 +607,33 @@ class ZeroOptimizer(torch.optim.Optimizer):
         return {k: v for k, v in self.module.state_dict(keep_vars=True).items() if id(v) not in self._where}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load this rank's shard written by state_dict() at the same world size; see load_checkpoint to reshard."""
+        """Load this rank's shard written by state_dict() at the same world size; see load_checkpoint to reshard.
+
+        Everything is checked (check_state_dict) before anything changes."""
+        self.check_state_dict(state_dict)
+        inner_groups = self.optimizer.state_dict()["param_groups"]
+        with torch.no_grad():
+            for flat, master in zip(self._flats, state_dict["masters"], strict=True):
+                flat.master.copy_(master)
+            replicated = self._replicated()
+            for name, value in state_dict["replicated"].items():
+                if name in replicated:
+                    replicated[name].copy_(value)
+        self.optimizer.load_state_dict({
+            "state": {i: s for i, s in enumerate(state_dict["state"]) if s},
+            "param_groups": [{**saved, "params": ours["params"]}
+                             for saved, ours in zip(state_dict["param_groups"], inner_groups, strict=True)],
+        })
+        if "loss_scale" in state_dict:
+            self.scaler.load_state_dict(state_dict["loss_scale"])
+        self._publish()
+        self.zero_grad()
+
+    def check_state_dict(self, state_dict: dict) -> None:
+        """Raise ValueError naming what in `state_dict` does not fit this optimizer (load_state_dict's checks)."""
+        for key in ("zero", "layouts", "replicated", "masters", "state", "param_groups"):
+            if key not in state_dict:
+                raise ValueError(f"state_dict has no {key!r} entry (not a ZeroOptimizer.state_dict()?)")
         meta = state_dict["zero"]
         self.check_compatible(meta, state_dict["layouts"], state_dict["replicated"], "state_dict")
         if (meta["world_size"], meta["rank"]) != (self.world_size, self.rank):
@@ -619,27 +646,25 @@ class ZeroOptimizer(torch.optim.Optimizer):
             if tuple(master.shape) != (owned,):
                 raise ValueError(f"state_dict: master slice of {flat.layout.slots[0].name!r}... has shape "
                                  f"{tuple(master.shape)}, expected ({owned},)")
+        if len(state_dict["masters"]) != len(self._flats) or len(state_dict["state"]) != len(self._flats):
+            raise ValueError(f"state_dict: {len(state_dict['masters'])} master slices and {len(state_dict['state'])} "
+                             f"state entries, this optimizer has {len(self._flats)} flat buffers")
+        for flat, state in zip(self._flats, state_dict["state"], strict=True):
+            owned = flat.layout.owned_numel(self.rank)
+            for k, v in state.items():
+                if isinstance(v, Tensor) and v.dim() == 1 and tuple(v.shape) != (owned,):
+                    raise ValueError(f"state_dict: optimizer state {k!r} of the flat buffer starting at "
+                                     f"{flat.layout.slots[0].name!r} has shape {tuple(v.shape)}, expected ({owned},)")
+        replicated = self._replicated()
+        for name, value in state_dict["replicated"].items():
+            if name in replicated and tuple(value.shape) != tuple(replicated[name].shape):
+                raise ValueError(f"state_dict: {name!r} has shape {tuple(value.shape)}, the model's has "
+                                 f"{tuple(replicated[name].shape)}")
         inner_groups = self.optimizer.state_dict()["param_groups"]
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(inner_groups):
             raise ValueError(f"state_dict: {len(saved_groups)} parameter groups, this optimizer has "
                              f"{len(inner_groups)}")
-        with torch.no_grad():
-            for flat, master in zip(self._flats, state_dict["masters"], strict=True):
-                flat.master.copy_(master)
-            replicated = self._replicated()
-            for name, value in state_dict["replicated"].items():
-                if name in replicated:
-                    replicated[name].copy_(value)
-        self.optimizer.load_state_dict({
-            "state": {i: s for i, s in enumerate(state_dict["state"]) if s},
-            "param_groups": [{**saved, "params": ours["params"]}
-                             for saved, ours in zip(saved_groups, inner_groups, strict=True)],
-        })
-        if "loss_scale" in state_dict:
-            self.scaler.load_state_dict(state_dict["loss_scale"])
-        self._publish()
-        self.zero_grad()
 
     @torch.no_grad()
     def _publish(self) -> None:
@@ -674,17 +699,17 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     # --- checkpoints (checkpoint.py) -----------------------------------------------------------------------------
 
-    def save_checkpoint(self, path) -> None:
-        """Write this rank's shard and (rank 0) the manifest into directory `path`; every rank must call it."""
-        from optimized.zero.checkpoint import save_checkpoint
-
-        save_checkpoint(self, path)
+    def save_checkpoint(self, path):
+        """Write the checkpoint directory `path` and point `latest` beside it at it, committed across ranks (the
+        previous checkpoint at `path` stays intact until every shard is written); every rank must call it."""
+        return checkpoint.save_checkpoint(self, path)
 
     def load_checkpoint(self, path) -> None:
-        """Load a checkpoint written at any world size, re-partitioned for this one; every rank must call it."""
-        from optimized.zero.checkpoint import load_checkpoint
+        """Load a checkpoint written at any world size, re-partitioned for this one; every rank must call it.
 
-        load_checkpoint(self, path)
+        `path`: a checkpoint directory, or the directory holding `latest`. Every rank loads it or every rank
+        raises (checkpoint.py)."""
+        checkpoint.load_checkpoint(self, path)
 
     def barrier(self) -> None:
         self.group.barrier()
