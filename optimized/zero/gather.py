@@ -167,6 +167,20 @@ class Gathering:
             p.__class__ = self._guarded[cls]
         unit.gathered = False
 
+    def release_keeping_reads(self, units: Iterable[Unit]) -> None:
+        """Release units by moving the parameters to new (empty) storage instead of freeing the old one, so tensors
+        read while gathered (model.state_dict() inside gathered_parameters()) stay valid: their storage lives on
+        for as long as they do."""
+        for unit in units:
+            if not unit.gathered:
+                continue
+            fresh = torch.empty(unit.hi - unit.lo, dtype=unit.full.dtype, device=unit.full.device)
+            for p in unit.params:
+                slot = self.where[id(p)][1]
+                p.data = fresh[slot.offset - unit.lo : slot.end - unit.lo].view(slot.shape)
+            unit.full = fresh
+            self._release_unit(unit)
+
     def use_outside_forward(self, p: Tensor, what: str) -> None:
         """A released parameter is being read: gather it for the running forward, or raise."""
         unit = self.unit_of[id(p)]

@@ -320,7 +320,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
     def gathered_parameters(self) -> Iterator[None]:
         """Stage 3: every parameter whole inside the block (e.g. to read model.state_dict()); no-op otherwise.
 
-        Every rank must enter it (it gathers). Read-only: changes made inside are lost when the block ends."""
+        Every rank must enter it (it gathers). Read-only: changes made inside are lost when the block ends; tensors
+        read inside (state_dict() values) stay valid after it."""
         if self._gathering is None or self._gathering.pinned:
             yield
             return
@@ -330,7 +331,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
             yield
         finally:
             self._gathering.pinned = False
-            self._gathering.release(self._gathering.units)
+            self._gathering.release_keeping_reads(self._gathering.units)
 
     def register_external_parameter(self, module: nn.Module, parameter: nn.Parameter) -> None:
         """Stage 3: gather `parameter` whenever `module` runs (for a parameter `module`'s forward reads although
