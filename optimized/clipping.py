@@ -29,15 +29,16 @@ from torch import Tensor
 from optimized import _validate as check
 
 
-def _validate(max_norm: float | None, norm_type: float | str) -> float:
-    """norm_type as a float (a number >= 1, inf, or the string "inf" torch also takes); max_norm a number > 0
-    (inf: measure without clipping)."""
+def _norm_type(norm_type: float | str) -> float:
+    """norm_type as a float: a number >= 1, inf, or the string "inf" that torch's clip_grad_norm_ also takes."""
     if isinstance(norm_type, str) and norm_type.strip().lower() == "inf":
         norm_type = math.inf
-    norm_type = check.real("norm_type", norm_type, minimum=1.0, allow_inf=True)
-    if max_norm is not None:
-        check.real("max_norm", max_norm, minimum=0.0, min_open=True, allow_inf=True)
-    return norm_type
+    return check.real("norm_type", norm_type, minimum=1.0, allow_inf=True)
+
+
+def _max_norm(max_norm: float) -> float:
+    """A number > 0; inf measures the norm and never clips."""
+    return check.real("max_norm", max_norm, minimum=0.0, min_open=True, allow_inf=True)
 
 
 def _process_group(process_group: object) -> None:
@@ -88,7 +89,7 @@ def global_grad_norm(
     sharded: gradient shards this rank owns (disjoint across the group; summed over ranks).
     replicated: gradients every rank of the group holds in full (counted once).
     Without an initialised process group this is the plain norm of all given gradients."""
-    norm_type = _validate(None, norm_type)
+    norm_type = _norm_type(norm_type)
     _process_group(process_group)
     sharded = [g.detach() for g in check.tensors("sharded", sharded, allow_none=True) if g is not None]
     replicated = [g.detach() for g in check.tensors("replicated", replicated, allow_none=True) if g is not None]
@@ -110,7 +111,7 @@ def global_grad_norm(
 
 def clip_grads_with_norm_(grads: Iterable[Tensor], max_norm: float, total_norm: Tensor) -> None:
     """Scale `grads` in place by min(1, max_norm / (total_norm + 1e-6)), as torch.nn.utils.clip_grad_norm_ does."""
-    _validate(max_norm, 2.0)
+    _max_norm(max_norm)
     check.scalar_tensor("total_norm", total_norm)
     grads = [g for g in check.tensors("grads", grads, allow_none=True) if g is not None]
     if not grads:
@@ -131,7 +132,8 @@ def clip_grad_norm_(
 
     foreach: None or True use one multi-tensor norm kernel per (device, dtype); False a loop of per-tensor norms.
     """
-    norm_type = _validate(max_norm, norm_type)
+    _max_norm(max_norm)
+    norm_type = _norm_type(norm_type)
     check.boolean("error_if_nonfinite", error_if_nonfinite)
     check.boolean("foreach", foreach, optional=True)
     grads = [p.grad for p in check.tensors("parameters", parameters) if p.grad is not None]
@@ -157,7 +159,8 @@ def clip_sharded_grad_norm_(
 ) -> Tensor:
     """`global_grad_norm` then `clip_grads_with_norm_` on every given gradient: clip a sharded model's gradients by
     the norm of the whole gradient. Returns that norm (before clipping)."""
-    norm_type = _validate(max_norm, norm_type)
+    _max_norm(max_norm)
+    norm_type = _norm_type(norm_type)
     check.boolean("error_if_nonfinite", error_if_nonfinite)
     _process_group(process_group)
     sharded = [g for g in check.tensors("sharded", sharded, allow_none=True) if g is not None]
