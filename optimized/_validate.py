@@ -87,8 +87,10 @@ def one_of(name: str, value: Any, allowed: Sequence[str], *, case_sensitive: boo
     key = value if case_sensitive or not isinstance(value, str) else value.lower()
     if isinstance(key, str) and key in allowed:
         return key
-    close = difflib.get_close_matches(key, allowed, n=1) if isinstance(key, str) else []
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    close = [] if not isinstance(key, str) or not key else (
+        [a for a in allowed if key in a] or difflib.get_close_matches(key, allowed, n=3))
+    hint = "" if not close else f" (did you mean {close[0]!r}?)" if len(close) == 1 else (
+        f" (did you mean one of {', '.join(map(repr, close))}?)")
     raise ArgumentError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}{hint}")
 
 
