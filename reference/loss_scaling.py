@@ -80,12 +80,15 @@ class DynamicLossScaler:
         backoff_factor: float = 0.5,
         growth_interval: int = 2000,
     ) -> None:
-        if not (isinstance(init_scale, (int, float)) and math.isfinite(init_scale) and init_scale > 0):
+        def number(x: Any) -> bool:  # a bool is not a scale: True would silently be 1.0
+            return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+        if not (number(init_scale) and init_scale > 0):
             raise ValueError(f"init_scale must be a finite number > 0, got {init_scale!r}")
-        if not growth_factor > 1.0:
-            raise ValueError(f"growth_factor must be > 1.0 (the scale grows), got {growth_factor!r}")
-        if not 0.0 < backoff_factor < 1.0:
-            raise ValueError(f"backoff_factor must be in (0, 1) (the scale shrinks), got {backoff_factor!r}")
+        if not (number(growth_factor) and growth_factor > 1.0):
+            raise ValueError(f"growth_factor must be a finite number > 1.0 (the scale grows), got {growth_factor!r}")
+        if not (number(backoff_factor) and 0.0 < backoff_factor < 1.0):
+            raise ValueError(f"backoff_factor must be a number in (0, 1) (the scale shrinks), got {backoff_factor!r}")
         if not isinstance(growth_interval, int) or isinstance(growth_interval, bool) or growth_interval < 1:
             raise ValueError(f"growth_interval must be an integer >= 1, got {growth_interval!r}")
         self.growth_factor = float(growth_factor)

@@ -9,6 +9,7 @@ skip decision (same parameters after step), the unscaled gradients (bitwise) and
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -312,8 +313,20 @@ def test_load_empty_state_dict_is_an_error():
         ({"backoff_factor": 0.0}, "backoff_factor"),
         ({"growth_interval": 0}, "growth_interval"),
         ({"growth_interval": 2.5}, "growth_interval"),
+        ({"growth_interval": True}, "growth_interval"),
+        ({"init_scale": True}, "init_scale"),
+        ({"init_scale": "65536"}, "init_scale"),
+        ({"init_scale": None}, "init_scale"),
+        ({"growth_factor": "2"}, "growth_factor"),
+        ({"growth_factor": float("nan")}, "growth_factor"),
+        ({"growth_factor": float("inf")}, "growth_factor"),
+        ({"growth_factor": None}, "growth_factor"),
+        ({"backoff_factor": "0.5"}, "backoff_factor"),
+        ({"backoff_factor": True}, "backoff_factor"),
+        ({"backoff_factor": float("nan")}, "backoff_factor"),
     ],
 )
 def test_bad_arguments(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+    (value,) = kwargs.values()
+    with pytest.raises(ValueError, match=rf"^{match} must .*got {re.escape(repr(value))}"):
         DynamicLossScaler(**kwargs)
