@@ -157,6 +157,12 @@ class DynamicLossScaler:
         """Move S and n by the rule in the module docstring (or set S = new_scale), and start a new iteration."""
         self._require_scale("update")
         if new_scale is not None:
+            if isinstance(new_scale, Tensor) and new_scale.numel() == 1 and not new_scale.requires_grad:
+                new_scale = new_scale.item()
+            if isinstance(new_scale, bool) or not isinstance(new_scale, (int, float)) or not (
+                    math.isfinite(new_scale) and new_scale >= 0):
+                raise ValueError(f"new_scale must be a finite number >= 0 (or a 1-element tensor holding one), "
+                                 f"got {new_scale!r}")
             self._scale = _fp32(float(new_scale))
         else:
             checks = [f for f in self._found_inf.values() if f is not None]
@@ -223,6 +229,9 @@ class DynamicLossScaler:
     @staticmethod
     def _grads(optimizer: torch.optim.Optimizer) -> list[Tensor]:
         """The gradients unscale_ divides: every param's .grad (a sparse grad's values), fp16 refused."""
+        if not isinstance(getattr(optimizer, "param_groups", None), list):
+            raise ValueError(f"optimizer must be a torch.optim.Optimizer (an object with param_groups), got "
+                             f"{optimizer!r}")
         grads = []
         for group in optimizer.param_groups:
             for p in group["params"]:
