@@ -194,9 +194,9 @@ def _gone(workdir: str, rank: int) -> bool:
     except FileNotFoundError:
         return False  # not started yet
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # shared: peers probing the same rank never block each other
     except BlockingIOError:
-        return False  # the rank holds its lock: alive
+        return False  # the rank holds its exclusive lock: alive
     finally:
         os.close(fd)
     return not os.path.exists(os.path.join(workdir, f"result_{rank}.pt"))
