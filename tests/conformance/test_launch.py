@@ -1,6 +1,5 @@
 """The launcher: results in rank order, failures and hangs surface fast, nothing is left running."""
 
-import ctypes
 import math
 import os
 import re
@@ -16,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from conformance.launch import RankError, RankTimeout, _write_atomically, spawn
+from tests.conformance.launch_faults import die_mid_collective
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -139,23 +139,6 @@ def test_in_place_ranks_fail_together_and_stay_in_step():
 # ---- faults: the rank that failed first is named, whatever killed it -------------------------------------------------
 
 
-def _die(how):
-    if how == "exit":
-        os._exit(3)
-    if how == "sigkill":
-        os.kill(os.getpid(), signal.SIGKILL)
-    ctypes.string_at(0)  # reads address 0: SIGSEGV
-
-
-def _die_mid_collective(victim, how):
-    t = torch.ones(1024)
-    for step in range(1000):
-        if step == 3 and dist.get_rank() == victim:
-            _die(how)
-        dist.all_reduce(t)  # the survivors are inside this all-reduce, waiting for the victim, when it dies
-    return "survived"
-
-
 _DEATHS = {"exit": "died with exit code 3", "sigkill": "died: killed by signal SIGKILL",
            "segv": "died: killed by signal SIGSEGV"}
 
@@ -168,7 +151,7 @@ def test_a_killed_rank_is_named_as_the_cause_every_time():
     for trial in range(20):
         victim, how = trial % 3, ("exit", "sigkill", "segv")[(trial // 3) % 3]  # every pair within 9 trials
         with pytest.raises(RankError) as info:
-            spawn(_die_mid_collective, 3, victim, how, timeout=60)
+            spawn(die_mid_collective, 3, victim, how, timeout=60)
         message = str(info.value)
         first_line = message.splitlines()[0]
         named.append(first_line == f"rank {victim} of 3 {_DEATHS[how]}" + (
@@ -219,21 +202,13 @@ def test_result_and_error_files_are_never_seen_half_written(tmp_path):
 # ---- the caller killed: nothing outlives it --------------------------------------------------------------------------
 
 
-def _report_and_block(out):
-    """Rank 0 waits in an all-reduce that rank 1 never joins; rank 1 sleeps. Both report their pid."""
-    Path(out, f"rank{dist.get_rank()}").write_text(str(os.getpid()))
-    if dist.get_rank() == 0:
-        dist.all_reduce(torch.ones(1))
-    time.sleep(3600)
-
-
 _CALLER = """
 import sys, threading, time
 import multiprocessing.forkserver as fs, multiprocessing.resource_tracker as rt
 from pathlib import Path
 import conformance.launch
 from conformance.launch import spawn
-from tests.conformance.test_launch import _report_and_block
+from tests.conformance.launch_faults import report_and_block
 
 out = sys.argv[1]
 conformance.launch._FORKSERVER_PRELOAD = ["torch", "torch.distributed"]  # faster start; nothing here needs more
@@ -244,7 +219,7 @@ def report_helpers():
     Path(out, "helpers").write_text(f"{fs._forkserver._forkserver_pid} {rt._resource_tracker._pid}")
 
 threading.Thread(target=report_helpers, daemon=True).start()
-spawn(_report_and_block, 2, out, timeout=600)
+spawn(report_and_block, 2, out, timeout=600)
 """
 
 
