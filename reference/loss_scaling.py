@@ -24,6 +24,12 @@ One iteration
                                                                 S <- S' only if S' is finite;  n <- 0
                          every optimizer back to READY
 
+Scale 0 (torch's decision, followed here): about 150 backoffs in a row (persistent overflow, e.g. a NaN in the
+loss) take S through fp32's subnormals to 0, and nothing brings it back: 0 * growth_factor is 0. Then 1/S = inf,
+scaled gradients are 0 (or NaN), unscaled ones NaN, and found_inf only sees the NaN that was there before the
+division: a step whose scaled gradients were finite is taken with NaN gradients. A training loop should watch
+get_scale() and stop when it reaches 0; the scaler itself keeps going exactly as GradScaler does.
+
 The update rule is torch's `_amp_update_scale_` kernel (aten/src/ATen/native/cpu/AmpGradScalerKernels.cpp): each
 product is formed in float64 and rounded once to fp32, so S * 0.3 gives the fp32 nearest the exact product. The
 tracker resets to 0 both on an overflow and on a growth (also when a growth is refused because S' would be inf).
@@ -74,12 +80,15 @@ class DynamicLossScaler:
         backoff_factor: float = 0.5,
         growth_interval: int = 2000,
     ) -> None:
-        if not (isinstance(init_scale, (int, float)) and math.isfinite(init_scale) and init_scale > 0):
+        def number(x: Any) -> bool:  # a bool is not a scale: True would silently be 1.0
+            return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+        if not (number(init_scale) and init_scale > 0):
             raise ValueError(f"init_scale must be a finite number > 0, got {init_scale!r}")
-        if not growth_factor > 1.0:
-            raise ValueError(f"growth_factor must be > 1.0 (the scale grows), got {growth_factor!r}")
-        if not 0.0 < backoff_factor < 1.0:
-            raise ValueError(f"backoff_factor must be in (0, 1) (the scale shrinks), got {backoff_factor!r}")
+        if not (number(growth_factor) and growth_factor > 1.0):
+            raise ValueError(f"growth_factor must be a finite number > 1.0 (the scale grows), got {growth_factor!r}")
+        if not (number(backoff_factor) and 0.0 < backoff_factor < 1.0):
+            raise ValueError(f"backoff_factor must be a number in (0, 1) (the scale shrinks), got {backoff_factor!r}")
         if not isinstance(growth_interval, int) or isinstance(growth_interval, bool) or growth_interval < 1:
             raise ValueError(f"growth_interval must be an integer >= 1, got {growth_interval!r}")
         self.growth_factor = float(growth_factor)
@@ -116,7 +125,9 @@ class DynamicLossScaler:
         if stage is Stage.STEPPED:
             raise RuntimeError("unscale_() is being called after step().")
         grads = self._grads(optimizer)
-        inv_scale = torch.tensor(_fp32(1.0 / self._scale), dtype=torch.float32)  # 1/S in fp64, rounded once
+        # 1/S in fp64, rounded once; S = 0 (reached after persistent overflow) gives 1/S = inf, as torch's
+        # reciprocal does: zero gradients become NaN and pass the check above, so that step is taken (see docstring).
+        inv_scale = torch.tensor(_fp32(1.0 / self._scale) if self._scale != 0 else math.inf, dtype=torch.float32)
         found_inf = None if not grads else False
         with torch.no_grad():
             for g in grads:
@@ -146,6 +157,12 @@ class DynamicLossScaler:
         """Move S and n by the rule in the module docstring (or set S = new_scale), and start a new iteration."""
         self._require_scale("update")
         if new_scale is not None:
+            if isinstance(new_scale, Tensor) and new_scale.numel() == 1 and not new_scale.requires_grad:
+                new_scale = new_scale.item()
+            if isinstance(new_scale, bool) or not isinstance(new_scale, (int, float)) or not (
+                    math.isfinite(new_scale) and new_scale >= 0):
+                raise ValueError(f"new_scale must be a finite number >= 0 (or a 1-element tensor holding one), "
+                                 f"got {new_scale!r}")
             self._scale = _fp32(float(new_scale))
         else:
             checks = [f for f in self._found_inf.values() if f is not None]
@@ -212,6 +229,9 @@ class DynamicLossScaler:
     @staticmethod
     def _grads(optimizer: torch.optim.Optimizer) -> list[Tensor]:
         """The gradients unscale_ divides: every param's .grad (a sparse grad's values), fp16 refused."""
+        if not isinstance(getattr(optimizer, "param_groups", None), list):
+            raise ValueError(f"optimizer must be a torch.optim.Optimizer (an object with param_groups), got "
+                             f"{optimizer!r}")
         grads = []
         for group in optimizer.param_groups:
             for p in group["params"]:

@@ -9,6 +9,7 @@ skip decision (same parameters after step), the unscaled gradients (bitwise) and
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -152,6 +153,20 @@ def test_growth_refused_at_the_fp32_limit_resets_tracker():
     ref = pair.scalers["ref"]
     assert ref.get_scale() == FP32_MAX and math.isfinite(ref.get_scale()) and ref.get_growth_tracker() == 0
     pair.assert_same("at limit")
+
+
+@pytest.mark.parametrize("growth_interval", [1, 3])
+@pytest.mark.parametrize("unscale_first", [False, True])
+def test_scale_zero_after_persistent_overflow_follows_grad_scaler(growth_interval, unscale_first):
+    """Overflow after overflow takes S through fp32's subnormals to exactly 0; from there torch neither divides by
+    zero nor recovers: 1/S = inf, zero scaled gradients unscale to NaN and pass the inf check (the step is taken,
+    with NaN gradients), backoff and growth leave S at 0. The reference makes every one of those decisions."""
+    pair = Pair([(3, 5), (7,)], init_scale=2.0**-140, growth_interval=growth_interval)
+    script = ["inf"] * 12 + ["ok", "nan", "ok", "ok", "overflow", "ok"]
+    _run(pair, script, unscale_first=unscale_first)
+    ref = pair.scalers["ref"]
+    assert ref.get_scale() == 0.0 == pair.scalers["torch"].get_scale()
+    assert all(p.isnan().all() for p in pair.params["ref"])  # torch's outcome too: the run is lost, visibly
 
 
 def test_non_power_of_two_backoff_rounds_like_torch():
@@ -298,8 +313,49 @@ def test_load_empty_state_dict_is_an_error():
         ({"backoff_factor": 0.0}, "backoff_factor"),
         ({"growth_interval": 0}, "growth_interval"),
         ({"growth_interval": 2.5}, "growth_interval"),
+        ({"growth_interval": True}, "growth_interval"),
+        ({"init_scale": True}, "init_scale"),
+        ({"init_scale": "65536"}, "init_scale"),
+        ({"init_scale": None}, "init_scale"),
+        ({"growth_factor": "2"}, "growth_factor"),
+        ({"growth_factor": float("nan")}, "growth_factor"),
+        ({"growth_factor": float("inf")}, "growth_factor"),
+        ({"growth_factor": None}, "growth_factor"),
+        ({"backoff_factor": "0.5"}, "backoff_factor"),
+        ({"backoff_factor": True}, "backoff_factor"),
+        ({"backoff_factor": float("nan")}, "backoff_factor"),
     ],
 )
 def test_bad_arguments(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+    (value,) = kwargs.values()
+    with pytest.raises(ValueError, match=rf"^{match} must .*got {re.escape(repr(value))}"):
         DynamicLossScaler(**kwargs)
+
+
+@pytest.mark.parametrize("new_scale", [True, "2", float("nan"), float("inf"), -1.0, torch.ones(2), [2.0]])
+def test_update_refuses_a_scale_that_is_not_one(new_scale):
+    scaler = DynamicLossScaler(init_scale=8.0)
+    p, opt = _fresh()
+    scaler.scale(p.sum()).backward()
+    scaler.step(opt)
+    with pytest.raises(ValueError, match="^new_scale must be a finite number >= 0"):
+        scaler.update(new_scale)
+    assert scaler.get_scale() == 8.0
+
+
+def test_a_tensor_new_scale_is_taken_like_torch():
+    pair = Pair([(4,)])
+    _run(pair, ["ok"])
+    pair.backward(["ok"])
+    pair.step()
+    for s in pair.scalers.values():
+        s.update(torch.tensor(3.0))
+    pair.assert_same("tensor new_scale")
+
+
+def test_something_that_is_not_an_optimizer_is_refused_by_name():
+    scaler = DynamicLossScaler()
+    p, _ = _fresh()
+    scaler.scale(p.sum()).backward()
+    with pytest.raises(ValueError, match=r"^optimizer must be a torch.optim.Optimizer .*got \[tensor"):
+        scaler.step([p])
