@@ -39,9 +39,9 @@ LayerInputs = Callable[[Tensor, Tensor], dict]
 
 
 def token_loss_sum(logits: Tensor, targets: Tensor) -> Tensor:
-    """Sum of cross-entropy over the tokens whose target is not IGNORE_INDEX (fp32)."""
+    """Sum of cross-entropy over the tokens whose target is not IGNORE_INDEX (at least fp32)."""
     return F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)).float(),  # (B*T, V)
+        logits.reshape(-1, logits.size(-1)).to(torch.promote_types(logits.dtype, torch.float32)),  # (B*T, V)
         targets.reshape(-1),  # (B*T,)
         ignore_index=IGNORE_INDEX,
         reduction="sum",
@@ -52,7 +52,7 @@ def causal_mask_inputs(hidden: Tensor, positions: Tensor) -> dict:
     """Layer inputs of a causal `torch.nn.TransformerEncoderLayer`: src_mask (T, T) with -inf above the diagonal."""
     T = hidden.size(1)
     mask = nn.Transformer.generate_square_subsequent_mask(T, device=hidden.device, dtype=hidden.dtype)  # (T, T)
-    return {"src_mask": mask, "is_causal": True}
+    return {"src_mask": mask, "is_causal": True}  # is_causal: a hint that src_mask is the causal mask
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ def _model(family: str, t: int):
                                        max_position_embeddings=32, attn_implementation="eager")
         return transformers.LlamaForCausalLM(cfg).double()
     cfg = transformers.GPT2Config(vocab_size=96, n_embd=8 * heads, n_layer=2, n_head=heads, n_positions=32,
+                                  bos_token_id=0, eos_token_id=0,
                                   resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="eager")
     return transformers.GPT2LMHeadModel(cfg).double()
 
