@@ -295,11 +295,11 @@ def check_ids(idx: Tensor, vocab_size: int, block_size: int, name: str = "idx") 
 
 
 def token_loss(logits: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
-    """Cross-entropy of (..., V) logits against (...) targets, skipping IGNORE_INDEX.
+    """Cross-entropy of (..., V) logits against (...) targets, skipping IGNORE_INDEX, in at least fp32.
 
     "sum" is the sum over scored tokens; "mean" divides it by their count (0 when there is none)."""
     total = F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)).float(),  # (B*T, V)
+        logits.reshape(-1, logits.size(-1)).to(torch.promote_types(logits.dtype, torch.float32)),  # (B*T, V)
         targets.reshape(-1),  # (B*T,)
         ignore_index=IGNORE_INDEX,
         reduction="sum",

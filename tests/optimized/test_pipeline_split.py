@@ -177,3 +177,32 @@ def test_executor_rejects_wrong_stages_and_deadlocking_schedules():
     stuck = Schedule.parse("B0@0 F0@0 F0@1 B0@1", stages_per_rank=2)
     with pytest.raises(Deadlock, match="rank 0 waits at B0@0 for F0@0 on rank 0"):
         PipelineExecutor(stages, stuck)
+
+
+def test_llama_style_stages_in_sequence_compute_the_model_bitwise():
+    from reference.model import GPT, GPTConfig
+
+    model = GPT(GPTConfig.llama(vocab_size=64, block_size=16, n_layer=4, n_head=4, n_kv_head=2, n_embd=32))
+    idx, targets = batch()
+    logits_ref, loss_ref = model(idx, targets, reduction="sum")
+    loss_ref.backward()
+    grads_ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    stages = split(model, 3)
+    assert stages[0].position_embedding is None and not stages[0].tied_embeddings
+    logits, loss = run_stages(stages, idx, targets)
+    loss.backward()
+    assert torch.equal(logits, logits_ref) and torch.equal(loss, loss_ref)
+    for n, p in model.named_parameters():
+        assert torch.equal(p.grad, grads_ref[n]), n
+
+
+@pytest.mark.parametrize(
+    "idx, match",
+    [(torch.tensor([[1, 99]]), r"idx holds token id 99, outside \[0, vocab_size=64\)"),
+     (torch.zeros(1, 0, dtype=torch.long), "T >= 1"),
+     (torch.zeros(1, 33, dtype=torch.long), r"T=33 exceeds the position embedding.s 32 positions")],
+)
+def test_first_stage_checks_ids(idx, match):
+    with pytest.raises(ValueError, match=match):
+        split(tiny(), 2)[0](idx)

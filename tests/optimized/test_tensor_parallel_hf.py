@@ -68,3 +68,31 @@ def test_ready_plan_equals_one_process(family, world_size):
         assert res["local_vocab"] == 96 // world_size
         bad = {k: e for k, e in res["errors"].items() if not e < 1e-10}
         assert not bad, f"rank {rank}: {bad}"
+
+
+def _llama_style_worker() -> dict:
+    """The project's GPT in its Llama-style family (RMSNorm, RoPE, SwiGLU with a shared f for gate and up, GQA 4:2,
+    untied head), float64, through parallelize(model) and its pluggable loss."""
+    from reference.model import GPT, GPTConfig
+
+    cfg = GPTConfig.llama(vocab_size=32, block_size=16, n_layer=2, n_head=4, n_kv_head=2, n_embd=32)
+    dense = GPT(cfg).double()
+    tp = parallelize(copy.deepcopy(dense))
+    gen = torch.Generator().manual_seed(2)
+    idx, targets = torch.randint(0, 32, (2, 9), generator=gen), torch.randint(0, 32, (2, 9), generator=gen)
+    want_logits, want = dense(idx, targets)
+    want.backward()
+    logits, got = tp(idx, targets)
+    got.backward()
+    errors = {"logits": (gather_from_region(logits) - want_logits).abs().max().item(),
+              "loss": abs(got.item() - want.item())}
+    for name, g in gather_full(tp, grads=True).items():
+        ref = dict(dense.named_parameters())[name].grad
+        errors[name] = ((g - ref).abs().max() / ref.abs().max()).item()
+    return errors
+
+
+def test_llama_style_project_gpt_equals_one_process():
+    for rank, errors in enumerate(spawn(_llama_style_worker, 2, timeout=TIMEOUT)):
+        bad = {k: e for k, e in errors.items() if not e < 1e-10}
+        assert not bad and len(errors) > 10, f"rank {rank}: {bad}"
