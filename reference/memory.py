@@ -329,8 +329,8 @@ def layer_forward_flops(config: GPTConfig, batch_size: int, seq_len: int) -> tup
 
 def recompute_flops_per_layer(config: GPTConfig, batch_size: int, seq_len: int, recompute: str) -> float:
     """Extra forward FLOPs one block spends in backward: none 0, selective the attention core (4bs²h), full the whole
-    forward (24bsh² + 4bs²h). Over forward + backward (3 forwards) full recomputation costs 33% more FLOPs; selective
-    costs 4bs²h / (72bsh² + 12bs²h), 2.7% for GPT-3 175B (Korthikanti et al. Sec. 5, Table 4)."""
+    forward (24bsh² + 4bs²h). Against forward + backward (3 forwards, 72bsh² + 12bs²h) full recomputation adds 33%,
+    selective 4bs²h / (72bsh² + 12bs²h) = s / (18h + 3s): under 1% for GPT-3's h = 12288, s = 2048."""
     if recompute not in RECOMPUTE_POLICIES:
         raise ValueError(f"recompute must be one of {RECOMPUTE_POLICIES}, got {recompute!r}")
     total, core = layer_forward_flops(config, batch_size, seq_len)
@@ -340,14 +340,19 @@ def recompute_flops_per_layer(config: GPTConfig, batch_size: int, seq_len: int, 
 # --- context parallelism: ring attention (Liu et al. 2023, arXiv 2310.01889) ----------------------------------------
 
 
+def _check_cp(seq_len: int, cp: int) -> None:
+    if not isinstance(cp, int) or isinstance(cp, bool) or cp < 1:
+        raise ValueError(f"cp must be an integer >= 1, got {cp!r}")
+    if seq_len % cp:
+        raise ValueError(f"seq_len={seq_len} must be a multiple of cp={cp} (each rank holds s/P tokens)")
+
+
 def context_parallel_activation_bytes_per_layer(config: GPTConfig, batch_size: int, seq_len: int, *, cp: int,
                                                 element_bytes: int = 4, recompute: str = "none") -> int:
     """Activation bytes of one block on one of P = cp context-parallel ranks: every tensor of the block is per token
     and each rank holds s/P tokens, so it is `activation_bytes_per_layer` with flash attention at s/P. (Ring
     attention never saves anything N x M; the two K/V blocks in flight are transient, not saved.)"""
-    _check(0, cp, 0)
-    if seq_len % cp:
-        raise ValueError(f"seq_len={seq_len} must be a multiple of cp={cp} (each rank holds s/P tokens)")
+    _check_cp(seq_len, cp)
     return activation_bytes_per_layer(config, batch_size, seq_len // cp, attention="flash",
                                       element_bytes=element_bytes, recompute=recompute)
 
@@ -360,9 +365,7 @@ def ring_attention_bytes_sent(config: GPTConfig, batch_size: int, seq_len: int, 
     P - 1 of them. Backward: K/V travel again (P - 1 sends; no rank keeps the others' blocks), and each block's dK/dV
     accumulator travels with it and then one hop home (P sends). Without GQA and in half precision that is
     4(P-1)/P·bsh bytes forward (Liu et al. Sec. 3.1)."""
-    _check(0, cp, 0)
-    if seq_len % cp:
-        raise ValueError(f"seq_len={seq_len} must be a multiple of cp={cp} (each rank holds s/P tokens)")
+    _check_cp(seq_len, cp)
     grad_element_bytes = element_bytes if grad_element_bytes is None else grad_element_bytes
     block = 2 * batch_size * (seq_len // cp) * config.n_kv_head * config.head_dim
     if cp == 1:
