@@ -215,7 +215,7 @@ def _ring_exchange(send: list[Tensor], group, rank: int, world_size: int) -> tup
     """Start sending `send` to rank+1 and receiving tensors like them from rank-1; return (buffers, works)."""
     nxt = dist.get_global_rank(group, (rank + 1) % world_size) if group is not None else (rank + 1) % world_size
     prv = dist.get_global_rank(group, (rank - 1) % world_size) if group is not None else (rank - 1) % world_size
-    recv = [torch.empty_like(t) for t in send]
+    recv = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in send]  # contiguous, whatever t's strides
     # P2POp needs torch's own isend/irecv (batch_isend_irecv tells them apart by identity), whatever wraps dist.*.
     ops = [dist.P2POp(c10d.isend, t.contiguous(), nxt, group) for t in send]
     ops += [dist.P2POp(c10d.irecv, t, prv, group) for t in recv]
@@ -262,7 +262,9 @@ class _RingAttention(torch.autograd.Function):
             if step + 1 < world_size:
                 _wait(works)
                 kv = incoming
-        out = out.to(q.dtype)
+        # (B, H, n, d) over (B, n, H, d) memory, as torch's SDPA kernels return it: the model's
+        # transpose(1, 2).reshape(B, n, H*d) is then a view, and the tensor saved here is the one out_proj saves.
+        out = out.to(q.dtype).transpose(1, 2).contiguous().transpose(1, 2)  # (B, H, n, d)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.problem, ctx.schedule, ctx.group = problem, schedule, group
         return out

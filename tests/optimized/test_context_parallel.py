@@ -49,7 +49,8 @@ def _check_one(B, H, Hkv, N, d, causal, layout, seed=0, scale=None):
     def mine(t):
         return shard_sequence(t, rank=rank, world_size=world, layout=layout)
 
-    q, k, v = (mine(t).requires_grad_() for t in full[:3])
+    # (B, H, n, d) views of (B, n, H, d) memory, as the model's projections give them
+    q, k, v = (mine(t).transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for t in full[:3])
     with CollectiveCounter() as counter:
         out = ring_attention(q, k, v, is_causal=causal, scale=scale, layout=layout)  # (B, H, n, d)
         out.backward(mine(full[3]))
