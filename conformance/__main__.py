@@ -11,6 +11,7 @@ Exit status: 0 when every equivalence holds, 1 when any fails or a check crashes
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
@@ -106,12 +107,16 @@ def _run_checks(args: argparse.Namespace, console: Console, show: bool) -> list[
     return results
 
 
+COMMANDS = {
+    "plan": "conformance.plan.cli",
+}
+"""Subcommands: `python -m conformance NAME ...` calls `main(argv)` of the module; without one, the suite runs."""
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["plan"]:
-        from conformance.plan import main as plan_main
-
-        return plan_main(argv[1:])
+    if argv[:1] and argv[0] in COMMANDS:
+        return importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
     args = _parse(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING)
     rank0 = not under_torchrun() or int(os.environ["RANK"]) == 0
