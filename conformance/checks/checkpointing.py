@@ -198,7 +198,7 @@ def _speed_rows(ctx: Context) -> list[Result]:
     _, seq = _sizes(ctx)
     batch = 2 if ctx.quick else 4
     config = GPTConfig(block_size=seq, **CONFIG)
-    times = {}
+    steps = {}
     for policy in POLICIES:
         model = _model(config, policy, ctx.device)
         data = _batch(config, batch, seq, ctx.device)
@@ -207,17 +207,27 @@ def _speed_rows(ctx: Context) -> list[Result]:
             model.zero_grad(set_to_none=True)
             model(*data)[1].backward()
 
-        times[policy] = time_fn(step, warmup=1, reps=3 if ctx.quick else 7, device=ctx.device).median_s
+        step()  # warm-up
+        steps[policy] = step
+    # Rounds of one step per policy, interleaved, and the fastest of each: a busy machine slows all three alike.
+    rounds = [{p: time_fn(steps[p], warmup=0, reps=1, device=ctx.device).min_s for p in POLICIES}
+              for _ in range(5 if ctx.quick else 15)]
+    times = {p: min(r[p] for r in rounds) for p in POLICIES}
     forward, _ = memory.layer_forward_flops(config, batch, seq)
     predicted = {p: memory.recompute_flops_per_layer(config, batch, seq, p) / (3 * forward) for p in POLICIES}
     measured = {p: times[p] / times["none"] - 1 for p in POLICIES}
     holds = abs(measured["full"] - predicted["full"]) <= SPEED_TOLERANCE
+    # On a CPU the tiny model's step is a few ms of Python and small kernels, shared with whatever else runs: the
+    # numbers are shown, the FLOP claim is judged on an accelerator only.
+    verdict = (Verdict.HOLDS if holds else Verdict.DOES_NOT_HOLD) if ctx.device.type == "cuda" else \
+        Verdict.NOT_MEASURABLE
     speed = [Metric(f"step time overhead, {p}", measured[p], "fraction", claimed=f"{predicted[p]:+.1%} (FLOPs)")
              for p in ("selective", "full")]
     return [SPEC.row(
         ctx, f"recompute time overhead, T={seq}", speed=speed, claim="checkpointing.speed",
-        verdict=Verdict.HOLDS if holds else Verdict.DOES_NOT_HOLD,
-        notes=f"median step (fwd+bwd) {', '.join(f'{p} {times[p] * 1e3:.1f} ms' for p in POLICIES)}; B={batch}. "
+        verdict=verdict,
+        notes=f"fastest of interleaved steps (fwd+bwd): {', '.join(f'{p} {times[p] * 1e3:.1f} ms' for p in POLICIES)}; "
+              f"B={batch}. "
               f"Predicted: the blocks' recomputed forward FLOPs over 3 forwards (embeddings and head not counted); "
               f"holds when full's measured overhead is within {SPEED_TOLERANCE:.0%} of it.")]
 
