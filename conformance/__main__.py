@@ -15,7 +15,6 @@ import importlib
 import logging
 import os
 import sys
-import traceback
 from pathlib import Path
 
 import torch
@@ -97,18 +96,15 @@ def _run_checks(args: argparse.Namespace, console: Console, show: bool) -> list[
         task = progress.add_task("conformance", total=len(args.selected))
         for name in args.selected:
             progress.update(task, description=f"check {name}")
-            try:
-                results.extend(checks.load(name)(ctx))
-            except Exception:  # noqa: BLE001 - a crashing check becomes a failing row; the others still run
-                results.append(Result(check=name, name="check crashed", technique=name, reference="-",
-                                      optimized="-", device=args.device.type, world_size=args.world_size,
-                                      error=traceback.format_exc()))
+            results.extend(checks.run(name, ctx))  # a crashing check is one failing row; the others still run
             progress.advance(task)
     return results
 
 
 COMMANDS = {
     "plan": "conformance.plan.cli",
+    "bench": "conformance.bench",
+    "gpu": "conformance.gpu",
 }
 """Subcommands: `python -m conformance NAME ...` calls `main(argv)` of the module; without one, the suite runs."""
 
