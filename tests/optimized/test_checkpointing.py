@@ -17,6 +17,8 @@ from reference import memory
 from reference.model import GPT, GPTConfig
 
 POLICIES = ("none", "selective", "full")
+FAMILIES = ["gpt"] + (["llama"] if hasattr(GPTConfig, "llama") else [])
+"""The tiny GPT and, where reference.model has it, the Llama-style configuration of the same model."""
 
 
 def _model(config: GPTConfig, policy: str, attention=None) -> GPT:
@@ -36,13 +38,15 @@ def _batch(config: GPTConfig, batch: int, seq: int, seed: int = 0):
     return idx, torch.randint(0, config.vocab_size, (batch, seq), generator=g)  # (B, T)
 
 
-@settings(max_examples=4, deadline=None)
+@pytest.mark.parametrize("family", FAMILIES)
+@settings(max_examples=3, deadline=None)
 @given(batch=st.integers(1, 3), seq=st.sampled_from([1, 7, 16]), heads=st.sampled_from([(4, 4), (4, 2), (6, 1)]),
        n_layer=st.integers(1, 3), flash=st.booleans())
-def test_gradients_are_bitwise_those_of_the_unwrapped_model(batch, seq, heads, n_layer, flash):
+def test_gradients_are_bitwise_those_of_the_unwrapped_model(family, batch, seq, heads, n_layer, flash):
     from optimized.attention import flash_attention
 
-    config = GPTConfig(n_layer=n_layer, n_head=heads[0], n_kv_head=heads[1], n_embd=heads[0] * 4, block_size=16)
+    shape = dict(n_layer=n_layer, n_head=heads[0], n_kv_head=heads[1], n_embd=heads[0] * 4, block_size=16)
+    config = GPTConfig.llama(**shape) if family == "llama" else GPTConfig(**shape)
     idx, targets = _batch(config, batch, seq)
     attention = flash_attention if flash else None
     expected = _grads(_model(config, "none", attention), idx, targets)
