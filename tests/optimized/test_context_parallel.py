@@ -67,6 +67,16 @@ def _grid_worker():
             for Hkv in (6, 3, 1):  # GQA ratios 1, 2, 6
                 N = 4 * dist.get_world_size() if layout == "zigzag" else 3 * dist.get_world_size()
                 sent[layout, causal, Hkv] = _check_one(2, 6, Hkv, N, 4, causal, layout, seed=Hkv)
+    if dist.get_world_size() == 3:  # a ring over a subgroup: group ranks 0, 1 are global ranks 2, 1
+        group = dist.new_group([2, 1])
+        if dist.get_rank() != 0:
+            g = torch.Generator().manual_seed(5)
+            q, k, v = (torch.randn(1, 2, 8, 4, generator=g) for _ in range(3))  # (B, H, N, d)
+            me = dist.get_rank(group)
+            local = [shard_sequence(t, rank=me, world_size=2, layout="zigzag") for t in (q, k, v)]
+            out = ring_attention(*local, is_causal=True, process_group=group, layout="zigzag")
+            expected = shard_sequence(attention(q, k, v, is_causal=True), rank=me, world_size=2, layout="zigzag")
+            torch.testing.assert_close(out, expected)
     return sent
 
 
