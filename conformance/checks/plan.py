@@ -340,15 +340,20 @@ def _deepspeed_printed_gpu_gib(fn, **kwargs) -> dict[str, float]:
 
 
 def deepspeed_rows(cases: list[tuple[str, int, int, int, int]]) -> list[Result]:
-    """cases: (label, total params, largest module's params, nodes, GPUs per node)."""
-    from deepspeed.runtime.zero.stage3 import (
-        estimate_zero3_model_states_mem_needs,
-        estimate_zero3_model_states_mem_needs_all_cold,
-    )
-    from deepspeed.runtime.zero.stage_1_and_2 import (
-        estimate_zero2_model_states_mem_needs,
-        estimate_zero2_model_states_mem_needs_all_cold,
-    )
+    """cases: (label, total params, largest module's params, nodes, GPUs per node). DeepSpeed is an optional peer:
+    without it, one row says the comparison was not run."""
+    try:
+        from deepspeed.runtime.zero.stage3 import (
+            estimate_zero3_model_states_mem_needs,
+            estimate_zero3_model_states_mem_needs_all_cold,
+        )
+        from deepspeed.runtime.zero.stage_1_and_2 import (
+            estimate_zero2_model_states_mem_needs,
+            estimate_zero2_model_states_mem_needs_all_cold,
+        )
+    except ImportError as e:
+        return [SPEC.row(None, "per GPU vs DeepSpeed's estimators: not run", peer="deepspeed", device="cpu",
+                         world_size=1, notes=f"peer not run: {e} (pip install deepspeed)")]
 
     rows = []
     for label, psi, largest, nodes, per_node in cases:
