@@ -14,7 +14,8 @@ The backward recomputes nothing across ranks that it can avoid: with the final O
 dQ, dK, dV follow from FA2's backward (Dao 2023, arXiv 2307.08691, Algorithm 2: P = exp(S - LSE), D = rowsum(dO ∘ O)).
 K/V travel the ring again, and each block's dK/dV accumulator travels with it, collecting every rank's contribution,
 and takes one last hop home. A rank keeps its own K/V (saved for backward) and at most two blocks of the ring at a
-time: the one it computes with and the one arriving.
+time: the one it computes with and the one arriving (in backward also two dK/dV accumulators: the one it adds to
+and the one arriving).
 
 Layouts (`layout=`), for a causal mask:
     "contiguous"  rank r holds tokens [r·n, (r+1)·n) (n = N/P). Rank r's queries see the blocks of ranks 0..r only,
@@ -261,7 +262,7 @@ class _RingAttention(torch.autograd.Function):
                 _merge(out[:, :, m.q0:m.q1], lse[:, :, m.q0:m.q1], o_b.to(acc), lse_b)
             if step + 1 < world_size:
                 _wait(works)
-                kv = incoming
+                kv, incoming, works = incoming, None, []  # a finished Work still holds its tensors: drop it
         # (B, H, n, d) over (B, n, H, d) memory, as torch's SDPA kernels return it: the model's
         # transpose(1, 2).reshape(B, n, H*d) is then a view, and the tensor saved here is the one out_proj saves.
         out = out.to(q.dtype).transpose(1, 2).contiguous().transpose(1, 2)  # (B, H, n, d)
@@ -293,14 +294,14 @@ class _RingAttention(torch.autograd.Function):
                 dkv[1][:, :, m.k0:m.k1] += dv_b
             if travelling is not None:
                 _wait(d_works)
-                dkv = [t.add_(mine) for t, mine in zip(travelling, dkv, strict=True)]
+                dkv, travelling, d_works = [t.add_(mine) for t, mine in zip(travelling, dkv, strict=True)], None, []
             if world_size == 1:
                 travelling = dkv
             else:  # on to rank+1, with the block's K/V; after step P-1 this is the hop home
                 travelling, d_works = _ring_exchange(dkv, group, rank, world_size)
             if step + 1 < world_size:
                 _wait(works)
-                kv = incoming
+                kv, incoming, works = incoming, None, []  # a finished Work still holds its tensors: drop it
         _wait(d_works)
         dk, dv = travelling
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None

@@ -6,6 +6,7 @@ rank raises."""
 from __future__ import annotations
 
 import re
+import weakref
 
 import pytest
 import torch
@@ -77,12 +78,41 @@ def _grid_worker():
             out = ring_attention(*local, is_causal=True, process_group=group, layout="zigzag")
             expected = shard_sequence(attention(q, k, v, is_causal=True), rank=me, world_size=2, layout="zigzag")
             torch.testing.assert_close(out, expected)
+    if dist.get_world_size() == 4:
+        sent["most K/V blocks held"] = _most_blocks_held()
     return sent
+
+
+def _most_blocks_held() -> tuple[int, int]:
+    """The most tensors received from the ring alive at once, in forward and in backward (K and V, or dK and dV,
+    are two tensors per block)."""
+    import optimized.context_parallel as cp
+
+    original, live, most = cp._ring_exchange, [], [0]
+
+    def counting(send, group, rank, world_size):
+        recv, works = original(send, group, rank, world_size)
+        live.extend(weakref.ref(t) for t in recv)
+        most[0] = max(most[0], sum(r() is not None for r in live))
+        return recv, works
+
+    cp._ring_exchange = counting
+    try:
+        q, k, v = (torch.randn(1, 2, 8, 4, requires_grad=True) for _ in range(3))  # (B, H, n, d)
+        out = ring_attention(q, k, v, is_causal=True, layout="zigzag")
+        forward, most[0], live[:] = most[0], 0, []
+        out.sum().backward()
+        return forward, most[0]
+    finally:
+        cp._ring_exchange = original
 
 
 @pytest.mark.parametrize("world_size", [2, 3, 4])
 def test_ring_attention_equals_one_process_attention(world_size):
     for results in spawn(_grid_worker, world_size, timeout=TIMEOUT):
+        if world_size == 4:  # the block in hand and the one arriving; backward also the travelling dK/dV
+            forward, backward = results.pop("most K/V blocks held")
+            assert (forward, backward) == (2 * 2, 2 * 2 + 2 * 2)
         for (layout, causal, Hkv), sent in results.items():
             N = (4 if layout == "zigzag" else 3) * world_size
             config = GPTConfig(n_head=6, n_kv_head=Hkv, n_embd=24, block_size=N)
