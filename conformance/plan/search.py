@@ -213,7 +213,7 @@ def _reasons(best: Estimate, fastest: Estimate, estimates: list[Estimate], work:
         out.append("checkpointing recomputes the forward (8Ψ instead of 6Ψ FLOPs per token): needed to fit")
     elif best.recompute == "selective":
         out.append("selective recomputation reruns only the attention core (+2·L·s·h FLOPs per token, Korthikanti "
-                   "et al. 2022): it drops the N x N probabilities, enough to fit")
+                   "et al. 2022): the blocks keep its inputs instead of the N x N probabilities")
     if best.layout.cp > 1:
         out.append(f"context parallel over {best.layout.cp} ranks: each holds s/{best.layout.cp} tokens; ring "
                    f"attention passes K/V around ({_gb(best.communication['cp'] or 0.0)} per GPU per step)")
