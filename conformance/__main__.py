@@ -23,6 +23,8 @@ import sys
 COMMANDS = {
     "plan": "conformance.plan.cli",
     "compare": "conformance.compare",
+    "bench": "conformance.bench",
+    "gpu": "conformance.gpu",
 }
 """Subcommands: `python -m conformance NAME ...` calls `main(argv)` of the module; without one, the suite runs."""
 
