@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -27,8 +28,8 @@ from conformance.claims import Verdict
 from conformance.measure import cuda_peak_bytes, peak_live_bytes, saved_tensor_bytes, time_fn
 from conformance.result import Metric, Result
 from conformance.tolerance import GRADIENT_FACTOR, Equivalence, combine, error_ratio
-from optimized.attention import BACKENDS, flash_attention, unsupported
-from reference.attention import attention
+from optimized.attention import BACKENDS, flash_attention, flash_attention_varlen, unsupported, unsupported_varlen
+from reference.attention import attention, attention_varlen
 
 CHECK = "attention"
 TECHNIQUE = "FlashAttention"
@@ -57,11 +58,17 @@ class Case:
     causal_alignment: str = "top_left"
     padding: bool = False
     """A random (B, M) key padding mask whose first batch row hides every key (queries that see no key)."""
+    window_size: tuple[int, int] = (-1, -1)
+    """Sliding window (left, right), -1 unbounded (flash-attn's convention)."""
+    softcap: float = 0.0
+    """Scores -> softcap · tanh(scores / softcap); 0 = off."""
+    q_scale: float = 1.0
+    """Multiplies q: large scores, where softcap matters."""
 
     def inputs(self, seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
         """q, k, v, d_out in float64 on the CPU, and the key padding mask (or None)."""
         gen = torch.Generator().manual_seed(seed)
-        q = torch.randn(self.B, self.H, self.N, self.d, generator=gen, dtype=torch.float64)
+        q = self.q_scale * torch.randn(self.B, self.H, self.N, self.d, generator=gen, dtype=torch.float64)
         k = torch.randn(self.B, self.Hkv, self.M, self.d, generator=gen, dtype=torch.float64)
         v = torch.randn(self.B, self.Hkv, self.M, self.d, generator=gen, dtype=torch.float64)
         d_out = torch.randn(self.B, self.H, self.N, self.d, generator=gen, dtype=torch.float64)
@@ -72,7 +79,44 @@ class Case:
         return q, k, v, d_out, mask
 
     def options(self, mask: Tensor | None) -> dict:
-        return dict(is_causal=self.is_causal, causal_alignment=self.causal_alignment, key_padding_mask=mask)
+        return dict(is_causal=self.is_causal, causal_alignment=self.causal_alignment, key_padding_mask=mask,
+                    window_size=self.window_size, softcap=self.softcap)
+
+
+@dataclass(frozen=True)
+class VarlenCase:
+    """Packed documents (flash-attn's varlen layout): their lengths, heads and options."""
+
+    name: str
+    lengths_q: tuple[int, ...]
+    """Query length of each document."""
+    lengths_k: tuple[int, ...] | None = None
+    """Key length of each document; None: the query lengths."""
+    H: int = 2
+    Hkv: int = 1
+    d: int = 16
+    is_causal: bool = False
+    window_size: tuple[int, int] = (-1, -1)
+    softcap: float = 0.0
+    q_scale: float = 1.0
+    max_seqlen_extra: int = 0
+    """max_seqlen_q and _k exceed the longest document by this much (flash-attn takes any upper bound)."""
+
+    def inputs(self, seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor, tuple]:
+        """q, k, v, d_out in float64 on the CPU, and (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)."""
+        lengths_k = self.lengths_k if self.lengths_k is not None else self.lengths_q
+        gen = torch.Generator().manual_seed(seed)
+        total_q, total_k = sum(self.lengths_q), sum(lengths_k)
+        q = self.q_scale * torch.randn(total_q, self.H, self.d, generator=gen, dtype=torch.float64)
+        k = torch.randn(total_k, self.Hkv, self.d, generator=gen, dtype=torch.float64)
+        v = torch.randn(total_k, self.Hkv, self.d, generator=gen, dtype=torch.float64)
+        d_out = torch.randn(total_q, self.H, self.d, generator=gen, dtype=torch.float64)
+        cu = [torch.tensor([0, *itertools.accumulate(n)], dtype=torch.int32) for n in (self.lengths_q, lengths_k)]
+        longest = [max(n) + self.max_seqlen_extra for n in (self.lengths_q, lengths_k)]
+        return q, k, v, d_out, (*cu, *longest)
+
+    def options(self) -> dict:
+        return dict(is_causal=self.is_causal, window_size=self.window_size, softcap=self.softcap)
 
 
 CASES = (  # sizes above the blocked backend's 128-row tiles, so the online softmax crosses tiles
@@ -90,12 +134,15 @@ INTERPRETER_CASES = (  # Triton's interpreter runs every program in Python: tiny
 
 
 def _forward_backward(fn: Callable, q: Tensor, k: Tensor, v: Tensor, d_out: Tensor, *, dtype: torch.dtype,
-                      device: torch.device, want_lse: bool, key_padding_mask: Tensor | None,
-                      **options) -> dict[str, Tensor]:
-    """fn's out (and lse) and dq, dk, dv at `dtype` on `device`, returned on the CPU."""
+                      device: torch.device, want_lse: bool, key_padding_mask: Tensor | None = None,
+                      extra_args: tuple = (), **options) -> dict[str, Tensor]:
+    """fn's out (and lse) and dq, dk, dv at `dtype` on `device`, returned on the CPU. Tensors in `extra_args`
+    (cu_seqlens) move to `device`, keeping their dtype."""
     q, k, v = (t.to(device=device, dtype=dtype).requires_grad_() for t in (q, k, v))
-    mask = key_padding_mask.to(device) if key_padding_mask is not None else None
-    result = fn(q, k, v, key_padding_mask=mask, return_lse=want_lse, **options)
+    if key_padding_mask is not None:
+        options["key_padding_mask"] = key_padding_mask.to(device)
+    extra = tuple(a.to(device) if isinstance(a, Tensor) else a for a in extra_args)
+    result = fn(q, k, v, *extra, return_lse=want_lse, **options)
     out, lse = result if want_lse else (result, None)
     dq, dk, dv = torch.autograd.grad(out, (q, k, v), d_out.to(device=device, dtype=dtype))
     values = {"out": out, "dq": dq, "dk": dk, "dv": dv} | ({"lse": lse} if want_lse else {})
@@ -129,10 +176,37 @@ def compare_fn(fn: Callable, case: Case, *, dtype: torch.dtype, device: torch.de
     q, k, v, d_out, mask = case.inputs(seed)
     run = functools.partial(_forward_backward, q=q, k=k, v=v, d_out=d_out, want_lse=want_lse,
                             **case.options(mask))
-    ref = run(attention, dtype=torch.float64, device=torch.device("cpu"))
-    base = run(attention, dtype=dtype, device=device)
+    return _error_rule(run, attention, fn, case.name, dtype=dtype, device=device, want_lse=want_lse)
+
+
+def compare_varlen(backend: str, case: VarlenCase, *, dtype: torch.dtype, device: torch.device,
+                   seed: int = 0) -> Equivalence:
+    """`flash_attention_varlen(backend=...)` at `dtype` vs the float64 `attention_varlen`, by the error rule."""
+    q, k, v, _, args = case.inputs(seed)
+    moved = (*(t.to(device, dtype) for t in (q, k, v)), *(a.to(device) for a in args[:2]), *args[2:])
+    want_lse = unsupported_varlen(backend, *moved, return_lse=True, **case.options()) is None
+    return compare_varlen_fn(functools.partial(flash_attention_varlen, backend=backend), case, dtype=dtype,
+                             device=device, want_lse=want_lse, seed=seed)
+
+
+def compare_varlen_fn(fn: Callable, case: VarlenCase, *, dtype: torch.dtype, device: torch.device,
+                      want_lse: bool = True, seed: int = 0) -> Equivalence:
+    """Any packed attention function `fn` (`attention_varlen`'s signature) held to it in float64 by the error
+    rule."""
+    q, k, v, d_out, args = case.inputs(seed)
+    run = functools.partial(_forward_backward, q=q, k=k, v=v, d_out=d_out, want_lse=want_lse, extra_args=args,
+                            **case.options())
+    return _error_rule(run, attention_varlen, fn, case.name, dtype=dtype, device=device, want_lse=want_lse)
+
+
+def _error_rule(run: Callable, spec: Callable, fn: Callable, name: str, *, dtype: torch.dtype,
+                device: torch.device, want_lse: bool) -> Equivalence:
+    """fn at `dtype` against `spec` in float64, with `spec` at `dtype` as the naive baseline: out (and lse) 2x,
+    dq, dk, dv 3x."""
+    ref = run(spec, dtype=torch.float64, device=torch.device("cpu"))
+    base = run(spec, dtype=dtype, device=device)
     opt = run(fn, dtype=dtype, device=device)
-    label = f"{case.name}, {str(dtype).removeprefix('torch.')}"
+    label = f"{name}, {str(dtype).removeprefix('torch.')}"
     parts = [error_ratio(opt["out"], ref["out"], base["out"], name=f"out, {label}")]
     if want_lse:
         parts.append(_lse_equivalence(opt["lse"], ref["lse"], base["lse"], name=f"lse, {label}", dtype=dtype))

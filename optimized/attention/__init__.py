@@ -9,14 +9,17 @@ arXiv 2307.08691). `flash_attention` is the drop-in for `reference.attention.att
 is asked about on CUDA or requested, so `import optimized.attention` needs neither triton nor flash-attn.
 """
 
-from optimized.attention.blocked import blocked_attention
+from optimized.attention.blocked import blocked_attention, blocked_attention_varlen
 from optimized.attention.dispatch import (
     BACKENDS,
     BackendChoice,
     BackendUnavailable,
     flash_attention,
+    flash_attention_varlen,
     select_backend,
+    select_backend_varlen,
     unsupported,
+    unsupported_varlen,
 )
 
 __all__ = [
@@ -24,7 +27,11 @@ __all__ = [
     "BackendChoice",
     "BackendUnavailable",
     "blocked_attention",
+    "blocked_attention_varlen",
     "flash_attention",
+    "flash_attention_varlen",
     "select_backend",
+    "select_backend_varlen",
     "unsupported",
+    "unsupported_varlen",
 ]

@@ -40,6 +40,8 @@ class Problem:
     """The left edge of a sliding window: query i sees keys j >= i + left_offset; None when unbounded."""
     softcap: float = 0.0
     """Scores S -> softcap · tanh(S / softcap) before masking; 0 = off."""
+    windowed: bool = False
+    """Does a sliding window hide keys that the causal mask alone would not?"""
     documents: Documents | None = None
     """Packed sequences (varlen): B = 1 and the rows of q and of k split into documents; None otherwise."""
 
@@ -63,8 +65,8 @@ class Problem:
         softcap or documents cannot serve it; None when there is nothing beyond."""
         if self.documents is not None:
             return "packed documents (varlen)"
-        if self.left_offset is not None:
-            return "a sliding window (left bound)"
+        if self.windowed:
+            return "sliding window"
         if self.softcap:
             return "softcap"
         return None
@@ -153,13 +155,19 @@ def check_inputs(
         if key_padding_mask.device != q.device:
             raise ValueError(f"key_padding_mask.device must equal q.device={q.device}, got {key_padding_mask.device}")
     left, right = check_window_and_softcap(window_size, softcap)
-    if is_causal:
-        right = 0  # causal: flash-attn's convention, the right edge on the aligned diagonal
     align = 0 if causal_alignment == "top_left" else M - N
-    right_edge = align + right if right >= 0 and align + right < M - 1 else None  # j <= i + edge for i = 0..N-1
-    left_edge = align - left if left >= 0 and N - 1 + align - left > 0 else None  # j >= i + edge for some i > 0
-    return Problem(B, H, Hkv, N, M, d, 1.0 / math.sqrt(d) if scale is None else float(scale), right_edge,
-                   left_edge, float(softcap))
+    edges = _edges(N, M, align, left, 0 if is_causal else right)
+    windowed = edges != _edges(N, M, align, -1, 0 if is_causal else -1)
+    return Problem(B, H, Hkv, N, M, d, 1.0 / math.sqrt(d) if scale is None else float(scale), *edges,
+                   float(softcap), windowed)
+
+
+def _edges(N: int, M: int, align: int, left: int, right: int) -> tuple[int | None, int | None]:
+    """(right edge, left edge): query i sees keys i + left_edge <= j <= i + right_edge; causal is right = 0
+    (flash-attn's convention); an edge that hides no key of any query is None, so equal masks give equal edges."""
+    right_edge = align + right if right >= 0 and align + right < M - 1 else None  # j <= i + edge, some i hides one
+    left_edge = align - left if left >= 0 and N - 1 + align - left > 0 else None  # j >= i + edge, some i hides one
+    return right_edge, left_edge
 
 
 def check_window_and_softcap(window_size, softcap) -> tuple[int, int]:
@@ -230,4 +238,4 @@ def check_varlen_inputs(
         raise ValueError(f"is_causal must be a bool, got {is_causal!r}")
     left, right = window_size
     documents = Documents(starts["q"], starts["k"], left, 0 if is_causal else right)
-    return dataclasses.replace(problem, causal_offset=None, left_offset=None, documents=documents)
+    return dataclasses.replace(problem, causal_offset=None, left_offset=None, windowed=False, documents=documents)
