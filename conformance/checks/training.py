@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from conformance.checks import Context
+from conformance.checks import CheckSpec, Context
 from conformance.claims import equivalence_verdict
 from conformance.launch import spawn
 from conformance.result import Result
@@ -20,6 +20,10 @@ from reference.data import make_batches
 from reference.model import GPT, IGNORE_INDEX, GPTConfig
 from reference.training import train
 
+SPEC = CheckSpec(
+    name="training", technique="fp32 training", reference="reference.training.train",
+    optimized="reference.training.train (second run)", order=10, claims=("data_parallel.equivalence",),
+)
 CONFIG = dict(vocab_size=32, block_size=32, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, seed=0)
 
 
@@ -72,12 +76,9 @@ def run(ctx: Context) -> list[Result]:
         + [bitwise(state_a[k], state_b[k], name=k) for k in state_a],
     )
     rows = [
-        Result(
-            check="training",
-            name="reference loop is reproducible",
-            technique="fp32 training",
-            reference="reference.training.train",
-            optimized="reference.training.train (second run)",
+        SPEC.row(
+            None,
+            "reference loop is reproducible",
             equivalence=repro,
             notes=f"{len(loss_a)} AdamW steps, clipping 1.0, uneven padding; bitwise over the losses and every "
             "parameter",
@@ -91,13 +92,11 @@ def run(ctx: Context) -> list[Result]:
     parts += [bitwise(s[k], state[k], name=f"rank {r} {k}") for r, (_, s) in enumerate(per_rank) for k in state]
     equivalence = combine(f"{ws} ranks vs one process", parts)
     rows.append(
-        Result(
-            check="training",
-            name=f"{ws} ranks, gradients all-reduced by hand",
+        SPEC.row(
+            ctx,
+            f"{ws} ranks, gradients all-reduced by hand",
             technique="data parallel (by hand)",
-            reference="reference.training.train",
             optimized="slice per rank + all_reduce(SUM) of token-weighted gradients",
-            device=ctx.device.type,
             world_size=ws,
             equivalence=equivalence,
             claim="data_parallel.equivalence",
