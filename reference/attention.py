@@ -91,7 +91,8 @@ def attention(
         s = s.masked_fill(~keep, float("-inf"))  # (B, H, N, M)
 
     p = torch.softmax(s, dim=-1)  # (B, H, N, M): the O(N·M) tensor autograd keeps for backward
-    if keep is not None:
+    if _rows_can_be_empty(N, M, is_causal=is_causal, causal_alignment=causal_alignment, window_size=window_size,
+                          key_padding_mask=key_padding_mask):
         # A row of all -inf gives 0/0 = NaN in softmax; the spec says such a row attends to nothing.
         has_key = keep.any(dim=-1, keepdim=True)  # (B or 1, 1, N, 1)
         p = p.masked_fill(~has_key, 0.0)  # (B, H, N, M)
@@ -169,6 +170,18 @@ def visible_keys(
         keep = pad if keep is None else keep & pad  # (B or 1, 1, N, M)
         keep = keep.expand(-1, 1, N, M)  # (B, 1, N, M)
     return keep
+
+
+def _rows_can_be_empty(N: int, M: int, *, is_causal: bool, causal_alignment: str, window_size: tuple[int, int],
+                       key_padding_mask: Tensor | None) -> bool:
+    """Can some query see no key? Decided from the options alone (no look at the data, no device sync), so the
+    common case keeps a single N x M tensor for backward."""
+    offset = 0 if causal_alignment == "top_left" else M - N
+    left, right = window_size
+    right = 0 if is_causal else right
+    first_row_before_keys = right >= 0 and offset + right < 0  # query 0's last key is left of key 0
+    last_row_after_keys = left >= 0 and N - 1 + offset - left > M - 1  # query N-1's first key is right of key M-1
+    return key_padding_mask is not None or M == 0 or first_row_before_keys or last_row_after_keys
 
 
 def check_inputs(

@@ -5,6 +5,9 @@ arXiv 2307.08691). `flash_attention` is the drop-in for `reference.attention.att
     out = flash_attention(q, k, v, is_causal=True)            # backend="auto"
     model = GPT(config, attention=flash_attention)
 
+Packed documents: `flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)`
+(flash-attn's layout). In transformers models: `attn_implementation=register_transformers()`.
+
 `select_backend(q, k, v, **kw)` says which backend "auto" runs and why. Triton is imported only when its backend
 is asked about on CUDA or requested, so `import optimized.attention` needs neither triton nor flash-attn.
 """
@@ -21,6 +24,7 @@ from optimized.attention.dispatch import (
     unsupported,
     unsupported_varlen,
 )
+from optimized.attention.hf import register_transformers
 
 __all__ = [
     "BACKENDS",
@@ -30,6 +34,7 @@ __all__ = [
     "blocked_attention_varlen",
     "flash_attention",
     "flash_attention_varlen",
+    "register_transformers",
     "select_backend",
     "select_backend_varlen",
     "unsupported",
