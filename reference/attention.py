@@ -3,7 +3,8 @@
 For each batch b and query head h, with scale s = 1/sqrt(d) unless given:
 
     S = s · Q Kᵀ                         (N, M)   every query against every key
-    S[i, j] = -inf  where key j is hidden from query i (causal mask, key padding)
+    S = c · tanh(S / c)                  (N, M)   softcap, only when c > 0
+    S[i, j] = -inf  where key j is hidden from query i (causal mask, sliding window, key padding)
     P = softmax(S) along j               (N, M)   P[i, j] = exp(S[i, j] - LSE[i])
     O = P V                              (N, d)
     LSE[i] = log sum_j exp(S[i, j])      (N,)     the log-sum-exp, -inf on a row that sees no key
@@ -22,7 +23,7 @@ Options
   sees keys j <= i + (M - N). With bottom_right and N > M the first N - M queries see no key at all.
 - key_padding_mask: (B, M) bool, True = attend, False = the key is padding.
 - Sliding window (local) attention, window_size = (left, right) as in flash-attn (Longformer: Beltagy et al. 2020,
-  arXiv 2004.05150, Sec. 3.1; Mistral 7B's "sliding window attention"): query i sees keys j with
+  arXiv 2004.05150, Sec. 3.1; Mistral 7B, arXiv 2310.06825, Sec. 2): query i sees keys j with
       i + off - left <= j <= i + off + right,   -1 = no bound on that side,
   where off is the causal alignment's offset (0 top-left, M - N bottom-right; flash-attn always uses M - N).
   Causal masking is the window's right bound at 0 (flash-attn sets right = 0 when causal), so `is_causal` with a
