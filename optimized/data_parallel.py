@@ -59,6 +59,48 @@ def single_device(tensors: Sequence[Tensor], argument: str) -> torch.device:
     return tensors[0].device if tensors else torch.device("cpu")
 
 
+def refuse_meta(module: nn.Module, argument: str) -> None:
+    """A ValueError when a parameter or buffer of `module` is on the meta device (shapes without values)."""
+    for name, t in [*module.named_parameters(), *module.named_buffers()]:
+        if t.is_meta:
+            raise ValueError(
+                f"{argument}: {name!r} is on the meta device (a shape without values); materialise the model first, "
+                f"e.g. {argument}.to_empty(device=...) and initialise its weights, then wrap it"
+            )
+
+
+def check_replicas_agree(module: nn.Module, process_group: dist.ProcessGroup | None, argument: str) -> None:
+    """Raise on every rank, before any collective that moves weights, unless every rank of the group holds a model
+    with the same parameter names, shapes, dtypes and requires_grad (in order), as DDP verifies at wrap. The error
+    names the first difference and the ranks that differ from rank 0. One all_gather_object."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(process_group) == 1:
+        return
+    mine = [(name, tuple(p.shape), str(p.dtype).removeprefix("torch."), p.requires_grad)
+            for name, p in module.named_parameters(remove_duplicate=False)]
+    every: list = [None] * dist.get_world_size(process_group)
+    dist.all_gather_object(every, mine, group=process_group)
+    first = every[0]
+    for rank, theirs in enumerate(every[1:], start=1):
+        if theirs == first:
+            continue
+        differs = [r for r, other in enumerate(every) if other != first]
+        for i, (a, b) in enumerate(zip(first, theirs, strict=False)):
+            if a != b:
+                what = ("name", "shape", "dtype", "requires_grad")
+                field_ = next(k for k, x, y in zip(what, a, b, strict=True) if x != y)
+                raise ValueError(
+                    f"{argument}: the ranks hold different models: parameter {i} is {a[0]!r} {what[1]} {a[1]} "
+                    f"dtype {a[2]} requires_grad {a[3]} on rank 0 but {b[0]!r} {what[1]} {b[1]} dtype {b[2]} "
+                    f"requires_grad {b[3]} on rank {rank} (its {field_} differs); rank(s) {differs} differ from "
+                    f"rank 0"
+                )
+        extra = (first if len(first) > len(theirs) else theirs)[min(len(first), len(theirs))][0]
+        raise ValueError(
+            f"{argument}: the ranks hold different models: rank 0 has {len(first)} parameters, rank {rank} has "
+            f"{len(theirs)} (first extra: {extra!r}); rank(s) {differs} differ from rank 0"
+        )
+
+
 @torch.no_grad()
 def broadcast_state(tensors: Sequence[Tensor], process_group: dist.ProcessGroup | None) -> None:
     """Overwrite `tensors` with the values of the group's rank 0: one coalesced broadcast per dtype."""
@@ -150,7 +192,9 @@ class DataParallel(nn.Module):
     all-reduce per step counts the ranks that used each parameter: a parameter no rank used keeps `.grad` None (as
     in one process), one used by some ranks gets the mean with zeros from the others (its true gradient).
     Gradients are copied into the buckets and back (the layout of DDP with gradient_as_bucket_view=False): one extra
-    copy of the gradients in memory.
+    copy of the gradients in memory. With `broadcast_buffers=True` (the default, as in DDP) every forward first
+    overwrites the module's buffers (running statistics, ...) with rank 0's. At wrap the ranks' parameter names,
+    shapes and dtypes are compared (one all_gather_object) and a model on the meta device is refused.
     """
 
     def __init__(
@@ -160,10 +204,13 @@ class DataParallel(nn.Module):
         bucket_cap_mb: float = 25.0,
         *,
         find_unused_parameters: bool = False,
+        broadcast_buffers: bool = True,
     ) -> None:
         super().__init__()
         if not isinstance(module, nn.Module):
             raise ValueError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+        if not isinstance(broadcast_buffers, bool):
+            raise ValueError(f"broadcast_buffers must be True or False, got {broadcast_buffers!r}")
         if isinstance(bucket_cap_mb, bool) or not isinstance(bucket_cap_mb, (int, float)) or not (
             bucket_cap_mb > 0 and math.isfinite(bucket_cap_mb)
         ):
@@ -171,6 +218,7 @@ class DataParallel(nn.Module):
         if not isinstance(find_unused_parameters, bool):
             raise ValueError(f"find_unused_parameters must be True or False, got {find_unused_parameters!r}")
         self.rank, self.world_size = group_rank_and_size(process_group)
+        refuse_meta(module, "module")
         named = _unique_parameters(module)
         if not named:
             raise ValueError("module has no parameter that requires grad: nothing to synchronise")
@@ -179,11 +227,13 @@ class DataParallel(nn.Module):
         for name, p in named:
             if p.layout != torch.strided:
                 raise ValueError(f"module: parameter {name!r} has layout {p.layout}; only dense (strided) is supported")
+        check_replicas_agree(module, process_group, "module")
 
         self.module = module
         self.process_group = process_group
         self.bucket_cap_mb = float(bucket_cap_mb)
         self.find_unused_parameters = find_unused_parameters
+        self.broadcast_buffers = broadcast_buffers
         broadcast_state(state, process_group)
 
         # Reverse registration order: the last layers' gradients are produced first in backward.
@@ -223,6 +273,10 @@ class DataParallel(nn.Module):
         # As in DDP, whether the coming backward synchronises is decided by the forward that built its graph.
         if torch.is_grad_enabled():
             self._sync_next_backward = self._require_sync
+        if self.broadcast_buffers:
+            buffers = list(self.module.buffers())
+            if buffers:  # as DDP(broadcast_buffers=True): every forward starts from rank 0's buffers
+                broadcast_state(buffers, self.process_group)
         return self.module(*args, **kwargs)
 
     @contextmanager

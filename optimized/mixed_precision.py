@@ -21,8 +21,8 @@ Memory per parameter with Adam (bytes, "ZeRO accounting" counts params + grads +
     fp32 training                        4 + 4 + 8 = 16
     autocast over fp32 weights           4 + 4 + 8 = 16, plus 2 per matmul weight for its half copy while a
                                                           forward's graph is alive
-    MasterWeightOptimizer (this file)    2 + 2 + (4 master + 8 Adam) = 16 resident; during step() the fp32
-                                                          gradient copies add 4 (freed before step() returns)
+    MasterWeightOptimizer (this file)    2 + 2 + (4 master + 8 Adam) = 16 resident; from the end of backward to
+                                                          the end of step() the fp32 gradient copies add 4
 Model state is not halved by any of them: only the activations saved for backward are (conformance measures it).
 """
 
@@ -31,19 +31,19 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from optimized.accumulation import Batch, LossFn, accumulate_gradients, batch_device, gpt_loss
 from optimized.clipping import clip_grad_norm_, global_grad_norm
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 IGNORE_INDEX = -100  # the targets convention of torch.nn.functional.cross_entropy
 
-Batch = tuple[Tensor, Tensor]
 
 
 # ---- validation shared by both styles ------------------------------------------------------------------------------
@@ -130,15 +130,19 @@ class AmpHistory:
 
 
 def _micro_batches(batch: Batch, accumulation_steps: int) -> list[Batch]:
-    idx, targets = batch
+    """`batch` ((idx, targets) or a dict of tensors) cut into equal row chunks."""
     if not isinstance(accumulation_steps, int) or accumulation_steps < 1:
         raise ValueError(f"accumulation_steps must be an integer >= 1, got {accumulation_steps!r}")
-    if idx.size(0) % accumulation_steps:
+    mapping = isinstance(batch, Mapping)
+    tensors = list(batch.values()) if mapping else list(batch)
+    rows = tensors[0].size(0)
+    if rows % accumulation_steps:
         raise ValueError(
-            f"batch size {idx.size(0)} must be divisible by accumulation_steps={accumulation_steps} "
+            f"batch size {rows} must be divisible by accumulation_steps={accumulation_steps} "
             f"(micro-batches of equal rows)"
         )
-    return list(zip(idx.chunk(accumulation_steps), targets.chunk(accumulation_steps), strict=True))
+    pieces = zip(*(t.chunk(accumulation_steps) for t in tensors), strict=True)
+    return [dict(zip(batch.keys(), p, strict=True)) if mapping else tuple(p) for p in pieces]
 
 
 def amp_step(
@@ -150,16 +154,18 @@ def amp_step(
     scaler: torch.amp.GradScaler | None = None,
     max_grad_norm: float | None = None,
     accumulation_steps: int = 1,
+    loss_fn: LossFn = gpt_loss,
 ) -> StepResult:
     """One optimizer step with forward + loss under torch.autocast(dtype); dtype=torch.float32 turns autocast off.
 
-    `model(idx, targets, reduction="sum")` must return (logits, summed token loss), the contract of the tiny GPT
-    (reference.model.GPT). Micro-batches are token-weighted: each backward runs on its summed loss divided by the
-    scored tokens of the whole batch, so accumulation gives the gradient of the batch's token mean.
+    loss_fn(model, micro_batch) -> (summed token loss, scored tokens), run under autocast: `gpt_loss` (default, the
+    tiny GPT's `model(idx, targets, reduction="sum")`) or `optimized.accumulation.causal_lm_loss` for any model
+    returning logits or a transformers ModelOutput (batch (idx, targets) or a dict with "labels"). Micro-batches are
+    token-weighted (optimized.accumulation.accumulate_gradients): each backward runs on its summed loss divided by
+    the scored tokens of the whole batch, so accumulation gives the gradient of the batch's token mean.
     fp16 needs `scaler` (a torch.amp.GradScaler); bf16 and fp32 refuse one. The gradients are unscaled before the
     optional clipping, so `max_grad_norm` caps the true gradient norm."""
-    idx, _ = batch
-    device_type = idx.device.type
+    device_type = batch_device(batch).type
     if dtype != torch.float32:
         check_autocast(device_type, dtype)
     _check_scaler(dtype, scaler)
@@ -168,14 +174,14 @@ def amp_step(
     micro_batches = _micro_batches(batch, accumulation_steps)
 
     optimizer.zero_grad(set_to_none=True)
-    n_tokens = max(sum(int((t != IGNORE_INDEX).sum()) for _, t in micro_batches), 1)
-    total = torch.zeros((), device=idx.device)
-    for micro_idx, micro_targets in micro_batches:
+
+    def autocast_loss(model: nn.Module, micro_batch: Batch):
         with torch.autocast(device_type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext():
-            _, loss_sum = model(micro_idx, micro_targets, reduction="sum")
-        loss = loss_sum / n_tokens
-        (scaler.scale(loss) if scaler is not None else loss).backward()
-        total = total + loss_sum.detach().float()
+            loss_sum, count = loss_fn(model, micro_batch)
+        return loss_sum, count
+
+    mean = accumulate_gradients(model, micro_batches, loss_fn=autocast_loss,
+                                scale_loss=scaler.scale if scaler is not None else None)
 
     scale = scaler.get_scale() if scaler is not None else None
     if scaler is not None:
@@ -193,7 +199,7 @@ def amp_step(
     else:
         optimizer.step()
         skipped = False
-    return StepResult(float(total / n_tokens), float(norm), scale, skipped)
+    return StepResult(float(mean), float(norm), scale, skipped)
 
 
 def amp_train(
@@ -207,6 +213,7 @@ def amp_train(
     lr_lambda: Callable[[int], float] | None = None,
     max_grad_norm: float | None = None,
     accumulation_steps: int = 1,
+    loss_fn: LossFn = gpt_loss,
 ) -> AmpHistory:
     """`amp_step` for `steps` steps, cycling through `batches`; `lr_lambda(step)` multiplies each group's initial LR.
 
@@ -223,12 +230,80 @@ def amp_train(
                 group["lr"] = base * lr_lambda(step)
         history.lr.append(float(optimizer.param_groups[0]["lr"]))
         result = amp_step(model, optimizer, batches[step % len(batches)], dtype=dtype, scaler=scaler,
-                          max_grad_norm=max_grad_norm, accumulation_steps=accumulation_steps)
+                          max_grad_norm=max_grad_norm, accumulation_steps=accumulation_steps, loss_fn=loss_fn)
         history.loss.append(result.loss)
         history.grad_norm.append(result.grad_norm)
         history.scale.append(result.scale)
         history.skipped.append(result.skipped)
     return history
+
+
+# ---- the loss scale and the overflow check: one piece for MasterWeightOptimizer and optimized.zero -------------------
+
+
+def unscale_and_check_(grads: list[Tensor], inv_scale: Tensor, found_inf: Tensor) -> Tensor:
+    """g *= inv_scale for every gradient, and found_inf (float32, 0-d) += 1 if any element is inf/NaN.
+
+    The kernel GradScaler.unscale_ uses (one pass per device); inv_scale = 1 only checks."""
+    for device, device_grads in _by_device(grads).items():
+        device_found = found_inf.to(device)
+        torch._amp_foreach_non_finite_check_and_unscale_(device_grads, device_found, inv_scale.to(device))
+        if device_found is not found_inf:
+            found_inf += device_found.to(found_inf.device)
+    return found_inf
+
+
+class LossScale:
+    """The loss scale S of Micikevicius et al. 2018 (arXiv 1710.03740, Sec. 3.2) with GradScaler's update rule.
+
+    loss_scale: "dynamic" (back off by `backoff_factor` on an overflow step, grow by `growth_factor` after
+    `growth_interval` clean steps in a row), a fixed float S, or None (S = 1)."""
+
+    def __init__(self, loss_scale: str | float | None, *, init_scale: float, growth_factor: float,
+                 backoff_factor: float, growth_interval: int, device: torch.device) -> None:
+        if isinstance(loss_scale, str):
+            if loss_scale != "dynamic":
+                raise ValueError(f"loss_scale must be 'dynamic', a float > 0 or None, got {loss_scale!r}")
+        elif loss_scale is not None and (isinstance(loss_scale, bool) or not isinstance(loss_scale, (int, float))
+                                         or not (math.isfinite(loss_scale) and loss_scale > 0)):
+            raise ValueError(f"loss_scale must be 'dynamic', a finite float > 0 or None, got {loss_scale!r}")
+        self.dynamic = loss_scale == "dynamic"
+        if self.dynamic:
+            if not (math.isfinite(init_scale) and init_scale > 0):
+                raise ValueError(f"init_scale must be a finite number > 0, got {init_scale!r}")
+            if not growth_factor > 1.0:
+                raise ValueError(f"growth_factor must be > 1.0, got {growth_factor!r}")
+            if not 0.0 < backoff_factor < 1.0:
+                raise ValueError(f"backoff_factor must be in (0, 1), got {backoff_factor!r}")
+            if not isinstance(growth_interval, int) or growth_interval < 1:
+                raise ValueError(f"growth_interval must be an integer >= 1, got {growth_interval!r}")
+        self.growth_factor, self.backoff_factor, self.growth_interval = growth_factor, backoff_factor, growth_interval
+        start = init_scale if self.dynamic else (1.0 if loss_scale is None else float(loss_scale))
+        self.scale = torch.full((), start, dtype=torch.float32, device=device)
+        """S, a 0-d float32 tensor."""
+        self.growth_tracker = torch.zeros((), dtype=torch.int32, device=device)
+        """Consecutive clean steps since S last changed."""
+
+    def scale_loss(self, loss: Tensor) -> Tensor:
+        """loss * S: call backward on this."""
+        return loss * self.scale.to(loss.device)
+
+    def inv_scale(self) -> Tensor:
+        """1 / S, computed in float64 as GradScaler does."""
+        return self.scale.double().reciprocal().float()
+
+    def update(self, found_inf: Tensor) -> None:
+        """Move S by the GradScaler rule after a step whose gradients had (found_inf > 0) or had no inf/NaN."""
+        if self.dynamic:
+            torch._amp_update_scale_(self.scale, self.growth_tracker, found_inf.to(self.scale.device),
+                                     self.growth_factor, self.backoff_factor, self.growth_interval)
+
+    def state_dict(self) -> dict[str, float | int]:
+        return {"scale": float(self.scale), "growth_tracker": int(self.growth_tracker)}
+
+    def load_state_dict(self, state: dict[str, float | int]) -> None:
+        self.scale.fill_(state["scale"])
+        self.growth_tracker.fill_(state["growth_tracker"])
 
 
 # ---- style 2: half-precision weights, fp32 master copy in the optimizer --------------------------------------------
@@ -284,34 +359,23 @@ class MasterWeightOptimizer(torch.optim.Optimizer):
             raise TypeError(f"optimizer_class must be a torch.optim.Optimizer subclass, got {optimizer_class!r}")
         if dtype is not None and dtype not in (*HALF_DTYPES, torch.float32):
             raise ValueError(f"dtype must be torch.float16, torch.bfloat16, torch.float32 or None, got {dtype}")
-        if isinstance(loss_scale, str):
-            if loss_scale != "dynamic":
-                raise ValueError(f"loss_scale must be 'dynamic', a float > 0 or None, got {loss_scale!r}")
-        elif loss_scale is not None and not (math.isfinite(loss_scale) and loss_scale > 0):
-            raise ValueError(f"loss_scale must be 'dynamic', a finite float > 0 or None, got {loss_scale!r}")
-        if loss_scale == "dynamic":
-            if not (math.isfinite(init_scale) and init_scale > 0):
-                raise ValueError(f"init_scale must be a finite number > 0, got {init_scale!r}")
-            if not growth_factor > 1.0:
-                raise ValueError(f"growth_factor must be > 1.0, got {growth_factor!r}")
-            if not 0.0 < backoff_factor < 1.0:
-                raise ValueError(f"backoff_factor must be in (0, 1), got {backoff_factor!r}")
-            if not isinstance(growth_interval, int) or growth_interval < 1:
-                raise ValueError(f"growth_interval must be an integer >= 1, got {growth_interval!r}")
         if max_grad_norm is not None and (not max_grad_norm > 0 or math.isnan(max_grad_norm)):
             raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm}")
         self.dtype = dtype
         self.max_grad_norm = max_grad_norm
-        self.dynamic = loss_scale == "dynamic"
-        self.growth_factor, self.backoff_factor, self.growth_interval = growth_factor, backoff_factor, growth_interval
         self.model_params: list[list[Tensor]] = []
         """The model's parameters, group by group, aligned with `param_groups` (which hold the masters)."""
 
-        groups = [self._master_group(g) for g in _as_groups(params)]
-        device = self.model_params[0][0].device
-        start = init_scale if self.dynamic else (1.0 if loss_scale is None else float(loss_scale))
-        self._scale = torch.full((), start, dtype=torch.float32, device=device)
-        self._growth_tracker = torch.zeros((), dtype=torch.int32, device=device)
+        given = _as_groups(params)
+        first = next((p for g in given for p in g["params"]), None)
+        self.scaler = LossScale(loss_scale, init_scale=init_scale, growth_factor=growth_factor,
+                                backoff_factor=backoff_factor, growth_interval=growth_interval,
+                                device=first.device if first is not None else torch.device("cpu"))
+        """S and its update rule (shared with optimized.zero.ZeroOptimizer)."""
+        self._copied: dict[int, tuple[int, int]] = {}  # id(master) -> (id, version) of the model grad it copies
+        self._hooks: list[Any] = []
+        self._backward_queued = False
+        groups = [self._master_group(g) for g in given]
         self.optimizer = optimizer_class(groups, **optimizer_kwargs)
         """The fp32 optimizer over the masters."""
         self._registering = True  # Optimizer.__init__ calls add_param_group for groups that are already built
@@ -339,7 +403,37 @@ class MasterWeightOptimizer(torch.optim.Optimizer):
                 )
         self.model_params.append(params)
         masters = [p.detach().to(torch.float32, copy=True).requires_grad_(True) for p in params]
+        for p in params:
+            if p.requires_grad:
+                self._hooks.append(p.register_post_accumulate_grad_hook(self._on_grad_ready))
         return {**group, "params": masters}
+
+    def _on_grad_ready(self, _: Tensor) -> None:
+        if not self._backward_queued:
+            self._backward_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+
+    def _end_of_backward(self) -> None:
+        """Give the masters their fp32 gradients as soon as backward ends, so that torch.amp.GradScaler.unscale_
+        (which reads `param_groups`, i.e. the masters) finds, unscales and checks them."""
+        self._backward_queued = False
+        self._master_grads()
+
+    @torch.no_grad()
+    def _master_grads(self) -> list[tuple[Tensor, Tensor]]:
+        """(model param, master) for every parameter with a gradient; the master's fp32 .grad copied from the
+        model's unless it already holds this gradient (an fp32 model's gradient is used in place, no copy)."""
+        pairs = []
+        for params, group in zip(self.model_params, self.param_groups, strict=True):
+            for p, m in zip(params, group["params"], strict=True):
+                if p.grad is None:
+                    continue
+                pairs.append((p, m))
+                stamp = (id(p.grad), p.grad._version)
+                if m.grad is None or self._copied.get(id(m)) != stamp:
+                    m.grad = p.grad.detach().to(torch.float32)
+                    self._copied[id(m)] = (id(p.grad), p.grad._version)
+        return pairs
 
     def add_param_group(self, param_group: dict) -> None:
         """Add a group of MODEL parameters: their fp32 masters join the inner optimizer."""
@@ -353,16 +447,16 @@ class MasterWeightOptimizer(torch.optim.Optimizer):
     @property
     def loss_scale(self) -> float:
         """The current S."""
-        return float(self._scale)
+        return float(self.scaler.scale)
 
     @property
     def growth_tracker(self) -> int:
         """Consecutive clean steps since S last changed (dynamic scaling)."""
-        return int(self._growth_tracker)
+        return int(self.scaler.growth_tracker)
 
     def scale_loss(self, loss: Tensor) -> Tensor:
         """loss * S: call backward on this."""
-        return loss * self._scale.to(loss.device)
+        return self.scaler.scale_loss(loss)
 
     # ---- the step ---------------------------------------------------------------------------------------------------
 
@@ -386,22 +480,13 @@ class MasterWeightOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        pairs = [(p, m) for params, group in zip(self.model_params, self.param_groups, strict=True)
-                 for p, m in zip(params, group["params"], strict=True) if p.grad is not None]
+        pairs = self._master_grads()
         if not pairs:
             raise RuntimeError("step() found no gradient on any parameter: call scale_loss(loss).backward() first")
-        # 1. Gradients to fp32 (an fp32 model's gradient is used in place, no copy).
-        for p, m in pairs:
-            m.grad = p.grad.detach().to(torch.float32)
         grads = [m.grad for _, m in pairs]
-        # 2. Unscale and check in one pass: the kernel GradScaler uses (found_inf set to 1 on any inf/NaN).
-        found_inf = torch.zeros((), dtype=torch.float32, device=self._scale.device)
-        inv_scale = self._scale.double().reciprocal().float()
-        for device, device_grads in _by_device(grads).items():
-            device_found = found_inf.to(device)
-            torch._amp_foreach_non_finite_check_and_unscale_(device_grads, device_found, inv_scale.to(device))
-            if device_found is not found_inf:
-                found_inf += device_found.to(found_inf.device)
+        # 1-2. fp32 gradients, unscaled and checked in one pass (the kernel GradScaler uses).
+        found_inf = torch.zeros((), dtype=torch.float32, device=self.scaler.scale.device)
+        unscale_and_check_(grads, self.scaler.inv_scale(), found_inf)
         # 3. Optional clipping of the true gradients (its norm is inf/NaN on an overflow step: harmless, skipped).
         if self.max_grad_norm is not None:
             self.last_grad_norm = clip_grad_norm_([m for _, m in pairs], self.max_grad_norm)
@@ -414,11 +499,10 @@ class MasterWeightOptimizer(torch.optim.Optimizer):
             for group in _by_device_dtype(pairs).values():
                 torch._foreach_copy_([p for p, _ in group], [m for _, m in group])
         # 5. Move S by the GradScaler rule, and free the fp32 gradient copies.
-        if self.dynamic:
-            torch._amp_update_scale_(self._scale, self._growth_tracker, found_inf, self.growth_factor,
-                                     self.backoff_factor, self.growth_interval)
+        self.scaler.update(found_inf)
         for _, m in pairs:
             m.grad = None
+        self._copied.clear()
         return loss
 
     # ---- checkpoints ------------------------------------------------------------------------------------------------
@@ -432,8 +516,7 @@ class MasterWeightOptimizer(torch.optim.Optimizer):
         return {
             "optimizer": self.optimizer.state_dict(),
             "master_params": [m.detach().clone() for m in self.master_params()],
-            "scale": self.loss_scale,
-            "growth_tracker": self.growth_tracker,
+            **self.scaler.state_dict(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -451,8 +534,7 @@ class MasterWeightOptimizer(torch.optim.Optimizer):
                 m.copy_(s)
             for p, m in zip([p for ps in self.model_params for p in ps], masters, strict=True):
                 p.copy_(m)
-        self._scale.fill_(state_dict["scale"])
-        self._growth_tracker.fill_(state_dict["growth_tracker"])
+        self.scaler.load_state_dict(state_dict)
 
 
 def _by_device(tensors: list[Tensor]) -> dict[torch.device, list[Tensor]]:

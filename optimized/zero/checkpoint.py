@@ -7,8 +7,18 @@ A checkpoint is a directory:
     shard-00000-of-00004.pt    rank 0's ZeroOptimizer.state_dict(): its master slices, the optimizer state of
     shard-00001-of-00004.pt    those slices, the hyperparameters, and (rank 0 only) the replicated tensors
     ...                        (frozen parameters, buffers)
-Files are written to a temporary name and renamed (atomic on POSIX), the manifest last, after every shard is on
-disk; they are read with torch.load(weights_only=True) after their checksum is verified.
+Saving commits across ranks, so a crash or a killed rank never leaves a mixture or destroys the last checkpoint:
+    1. every rank writes its shard into a staging directory beside the target (`.NAME.staging-TOKEN`), fsynced;
+    2. all ranks agree that every shard is written (one all_gather_object of [error or file entry]);
+    3. rank 0 writes the manifest (the commit record) into the staging directory and publishes it with one
+       rename onto NAME (a previous checkpoint at NAME is first renamed aside and removed only after), then
+       points `latest` in the parent directory at NAME (write to a temporary file, rename);
+    4. all ranks agree again: save_checkpoint returns on every rank only once the checkpoint is published.
+Until step 3's rename the previous checkpoint at NAME is untouched. Loading validates everything (manifest, the
+shards this rank needs, checksums, shapes, compatibility) without changing any state, then all ranks agree: either
+every rank loads the same checkpoint (same manifest digest) or every rank raises. Manifest entries are plain file
+names inside the checkpoint directory. Files are read with torch.load(weights_only=True) after their checksum
+is verified.
 
 The flat layout does not depend on the world size (only the padding and the slice boundaries do), so loading at
 another world size M is re-slicing: rank r of M needs the elements [r·S_M, r·S_M + o_r) of each flat buffer and
@@ -22,6 +32,8 @@ import hashlib
 import io
 import json
 import os
+import shutil
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +43,21 @@ from torch import Tensor
 from optimized.zero.partition import FlatLayout
 
 MANIFEST = "manifest.json"
+LATEST = "latest"
 FORMAT = "pretrain-spec ZeRO checkpoint"
+SECTIONS = ("zero", "layouts", "group_params", "state_dict_keys", "replicated", "files")
 
 
 def shard_file(rank: int, world_size: int) -> str:
     return f"shard-{rank:05d}-of-{world_size:05d}.pt"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -47,37 +69,95 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(opt, path: str | os.PathLike) -> None:
-    """Every rank writes its shard; rank 0 then writes the manifest with every shard's checksum."""
+def save_checkpoint(opt, path: str | os.PathLike) -> Path:
+    """Write the checkpoint directory `path` (see the module docstring); every rank must call it. Returns path."""
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    group = opt.group
+    token = group.all_gather_object(uuid.uuid4().hex[:12])[0]  # rank 0's: one staging directory for all
+    staging = path.parent / f".{path.name}.staging-{token}"
     state = opt.state_dict()
     if opt.rank != 0:
         state["replicated"] = {}  # the same on every rank: saved once, by rank 0
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    data = buffer.getvalue()
     name = shard_file(opt.rank, opt.world_size)
-    _atomic_write(path / name, data)
-    entries = opt.all_gather_object({"rank": opt.rank, "file": name, "sha256": hashlib.sha256(data).hexdigest(),
-                                     "bytes": len(data)})
-    if opt.rank == 0:
-        meta = {k: v for k, v in state["zero"].items() if k != "rank"}
-        manifest = {
-            "format": FORMAT,
-            "zero": meta,
-            "layouts": state["layouts"],
-            "group_params": state["group_params"],
-            "state_dict_keys": state["state_dict_keys"],
-            "replicated": sorted(state["replicated"]),
-            "files": entries,
-        }
-        _atomic_write(path / MANIFEST, json.dumps(manifest, indent=1).encode())
-    opt.barrier()  # nobody returns (and, say, loads) before the manifest exists
+    entry, error = None, None
+    try:
+        staging.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        data = buffer.getvalue()
+        _atomic_write(staging / name, data)
+        entry = {"rank": opt.rank, "file": name, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    except OSError as e:
+        error = f"could not write its shard {staging / name}: {e}"
+    outcomes = group.all_gather_object((error, entry))
+    failed = [(r, e) for r, (e, _) in enumerate(outcomes) if e is not None]
+    publish_error = None
+    if not failed and opt.rank == 0:
+        try:
+            _publish(path, staging, token, state, [e for _, e in outcomes])
+        except OSError as e:
+            publish_error = f"could not publish {path}: {e}"
+    elif failed and opt.rank == 0:
+        shutil.rmtree(staging, ignore_errors=True)
+    if failed:
+        rank, message = failed[0]
+        raise RuntimeError(f"save_checkpoint({str(path)!r}) failed on rank {rank}: {message}; the previous "
+                           f"checkpoint (if any) is untouched")
+    group.agree(publish_error)  # nobody returns (and, say, loads) before the checkpoint is published
+    return path
+
+
+def _publish(path: Path, staging: Path, token: str, state: dict, entries: list[dict]) -> None:
+    """Rank 0, after every shard is written: the manifest, then one rename onto path, then `latest`."""
+    meta = {k: v for k, v in state["zero"].items() if k != "rank"}
+    manifest = {
+        "format": FORMAT,
+        "zero": meta,
+        "layouts": state["layouts"],
+        "group_params": state["group_params"],
+        "state_dict_keys": state["state_dict_keys"],
+        "replicated": sorted(state["replicated"]),
+        "files": entries,
+    }
+    _atomic_write(staging / MANIFEST, json.dumps(manifest, indent=1).encode())
+    _fsync_dir(staging)
+    previous = path.parent / f".{path.name}.previous-{token}"
+    if path.exists():
+        os.rename(path, previous)  # kept until the new one is in place (load falls back to it in between)
+    os.rename(staging, path)
+    _fsync_dir(path.parent)
+    _atomic_write(path.parent / LATEST, path.name.encode())
+    shutil.rmtree(previous, ignore_errors=True)
+    for stale in path.parent.glob(f".{path.name}.staging-*"):  # left by saves that failed before publishing
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def resolve(path: str | os.PathLike) -> Path:
+    """The checkpoint directory `path` names: itself when it holds a manifest; the one its `latest` file points
+    at; or, when path is missing because a save was interrupted between its two renames, the previous one."""
+    path = Path(path)
+    if (path / MANIFEST).exists():
+        return path
+    if (path / LATEST).is_file():
+        name = (path / LATEST).read_text().strip()
+        _check_plain_name(name, path / LATEST)
+        return path / name
+    if not path.exists():
+        aside = sorted(path.parent.glob(f".{path.name}.previous-*"))
+        if aside and (aside[-1] / MANIFEST).exists():
+            return aside[-1]
+    return path
+
+
+def _check_plain_name(name: Any, source: Path) -> None:
+    if not isinstance(name, str) or not name or name in (".", "..") or Path(name).name != name or "\\" in name:
+        raise ValueError(f"{source}: entry {name!r} must be a plain file name inside the checkpoint directory")
 
 
 def read_manifest(path: str | os.PathLike) -> dict:
-    file = Path(path) / MANIFEST
+    """The manifest of the checkpoint `path` names (see resolve), validated: every section present, world_size
+    an integer >= 1, one shard entry per rank with a plain file name, a SHA-256 and a size."""
+    file = resolve(path) / MANIFEST
     try:
         manifest = json.loads(file.read_text())
     except FileNotFoundError:
@@ -86,6 +166,29 @@ def read_manifest(path: str | os.PathLike) -> dict:
         raise ValueError(f"{file}: not a valid manifest ({e})") from e
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ValueError(f"{file}: not a {FORMAT} manifest")
+    missing = [k for k in SECTIONS if k not in manifest]
+    if missing:
+        raise ValueError(f"{file}: manifest has no {missing[0]!r} section (it needs {list(SECTIONS)})")
+    zero = manifest["zero"]
+    n = zero.get("world_size") if isinstance(zero, dict) else None
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"{file}: zero.world_size must be an integer >= 1, got {n!r}")
+    files = manifest["files"]
+    if not isinstance(files, list) or not all(isinstance(e, dict) for e in files):
+        raise ValueError(f"{file}: 'files' must be a list of shard entries, got {files!r}")
+    for e in files:
+        for key in ("rank", "file", "sha256", "bytes"):
+            if key not in e:
+                raise ValueError(f"{file}: shard entry {e!r} has no {key!r}")
+        _check_plain_name(e["file"], file)
+    ranks = sorted(e["rank"] for e in files if isinstance(e["rank"], int))
+    if ranks != list(range(n)):
+        lost = sorted(set(range(n)) - set(ranks))
+        raise ValueError(f"{file}: world_size is {n} but the shard entries are for ranks {ranks}"
+                         + (f" (rank {lost[0]} has no shard)" if lost else " (duplicates or out of range)"))
+    if not isinstance(manifest["layouts"], list) or not all(
+            isinstance(ld, dict) and {"group", "dtype", "params"} <= ld.keys() for ld in manifest["layouts"]):
+        raise ValueError(f"{file}: 'layouts' must be a list of {{group, dtype, params}}")
     return manifest
 
 
@@ -101,7 +204,7 @@ def _layouts(manifest: dict) -> list[FlatLayout]:
 def read_shard(path: str | os.PathLike, manifest: dict, rank: int) -> dict:
     """Rank `rank`'s shard, after its size and SHA-256 match the manifest and its slices match the layout."""
     entry = next(e for e in manifest["files"] if e["rank"] == rank)
-    file = Path(path) / entry["file"]
+    file = resolve(path) / entry["file"]
     layouts = _layouts(manifest)
     holds = sorted({name for lay in layouts for name in lay.params_in(*lay.owned_range(rank))})
     try:
@@ -142,15 +245,42 @@ def _reslice(shards: dict[int, dict], old: FlatLayout, lo: int, hi: int, get) ->
 
 
 def load_checkpoint(opt, path: str | os.PathLike) -> None:
-    """Load into `opt` (any world size): check the manifest against the optimizer, read the old shards that hold
-    this rank's new slices, re-slice, and load_state_dict."""
-    manifest = read_manifest(path)
-    source = str(Path(path) / MANIFEST)
+    """Load into `opt` (any world size); every rank must call it. Each rank validates the manifest against the
+    optimizer, reads and verifies the old shards that hold its new slices and re-slices them, changing nothing;
+    then the ranks agree (same checkpoint, no error anywhere) and only then load. Otherwise every rank raises:
+    the failing rank its own error, the others a RuntimeError naming it."""
+    prepared, error, digest = None, None, None
+    try:
+        prepared, digest = _prepare_load(opt, path)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, EOFError) as e:
+        error = e
+    outcomes = opt.group.all_gather_object((None if error is None else f"{type(error).__name__}: {error}", digest))
+    failed = [(r, message) for r, (message, _) in enumerate(outcomes) if message is not None]
+    if failed:
+        if error is not None:
+            raise error
+        rank, message = failed[0]
+        raise RuntimeError(f"load_checkpoint({str(path)!r}) failed on rank {rank} of {opt.world_size}, so no rank "
+                           f"loaded it: {message}")
+    digests = {d for _, d in outcomes}
+    if len(digests) != 1:
+        raise RuntimeError(f"load_checkpoint({str(path)!r}): the ranks read different manifests (the checkpoint "
+                           f"changed while loading, or `latest` moved); no rank loaded it")
+    opt.load_state_dict(prepared)
+
+
+def _prepare_load(opt, path: str | os.PathLike) -> tuple[dict, str]:
+    """This rank's state_dict re-sliced from the checkpoint, validated as load_state_dict will need it, and the
+    digest of the manifest it came from. No state changes."""
+    directory = resolve(path)
+    manifest = read_manifest(directory)
+    digest = hashlib.sha256((directory / MANIFEST).read_bytes()).hexdigest()
+    source = str(directory / MANIFEST)
     opt.check_compatible(manifest["zero"], manifest["layouts"], manifest["replicated"], source)
     old_layouts = _layouts(manifest)
     ranges = [lay.owned_range(opt.rank) for lay in opt.layouts()]
     needed = {0} | {q for old, (lo, hi) in zip(old_layouts, ranges, strict=True) for q, _, _ in old.pieces(lo, hi)}
-    shards = {q: read_shard(path, manifest, q) for q in sorted(needed)}
+    shards = {q: read_shard(directory, manifest, q) for q in sorted(needed)}
     masters, states = [], []
     for i, (old, (lo, hi)) in enumerate(zip(old_layouts, ranges, strict=True)):
         masters.append(_reslice(shards, old, lo, hi, lambda s, i=i: s["masters"][i]))
@@ -162,7 +292,7 @@ def load_checkpoint(opt, path: str | os.PathLike) -> None:
                 state[key] = value
         states.append(state)
     first = shards[0]
-    opt.load_state_dict({
+    prepared = {
         "zero": {**manifest["zero"], "world_size": opt.world_size, "rank": opt.rank},
         "layouts": manifest["layouts"],
         "group_params": manifest["group_params"],
@@ -171,7 +301,11 @@ def load_checkpoint(opt, path: str | os.PathLike) -> None:
         "state": states,
         "param_groups": first["param_groups"],
         "replicated": first["replicated"],
-    })
+    }
+    if "loss_scale" in first:
+        prepared["loss_scale"] = first["loss_scale"]
+    opt.check_state_dict(prepared)
+    return prepared, digest
 
 
 def consolidate(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict]:

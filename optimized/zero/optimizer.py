@@ -4,25 +4,38 @@ arXiv 1910.02054; ZeRO-Offload, Ren et al. 2021, arXiv 2101.06840).
     opt = ZeroOptimizer(model, torch.optim.AdamW, stage=2, lr=1e-3, weight_decay=0.1)
     for idx, targets in loader:                 # this rank's slice of every batch
         _, loss = model(idx, targets)           # the local mean: gradients are averaged over ranks, as DDP does
-        loss.backward()
+        loss.backward()                         # when it returns, this rank's slice holds the averaged gradient
         opt.clip_grad_norm_(1.0)                # the norm of the whole averaged gradient
-        opt.step()                              # consumes the gradients (as DeepSpeed's engine.step does)
+        opt.step()                              # skipped on every rank if any gradient is inf/NaN
+        opt.zero_grad()                         # (step() also consumes the gradients, as DeepSpeed's engine.step)
 
 Every rank runs the same model on its own data. The trainable parameters of each (parameter group, dtype) form one
 flat buffer, padded to a multiple of the world size Nd; rank r owns the r-th slice (partition.py). Each stage
 shards one more model state:
     stage 1  optimizer state (and the fp32 master slice when `param_dtype` is half) for the owned slice only.
-             Gradients stay whole on every rank; at step time each owner's slice is reduced to its owner,
-             the owner updates it and the updated slices are all-gathered: reduce-scatter Ψ + all-gather Ψ.
+             Gradients accumulate whole on every rank; at the end of backward each owner's slice is reduced to
+             its owner, the owner updates it at step and the updated slices are all-gathered: Ψ reduced + Ψ
+             gathered per step.
     stage 2  the gradients too: as backward produces them, gradients are copied into buckets of `bucket_cap_mb`,
              each full bucket is reduced to the owners of its elements and freed; a rank keeps only its slice.
     stage 3  the parameters too: a rank stores only its slice. A module's parameters are gathered (broadcast
-             from their owners) just before its forward and again just before its backward, and freed (storage
-             resized to 0) right after: 2Ψ gathered + Ψ reduced per step.
+             from their owners) just before its forward and again just before its backward, and released right
+             after: 2Ψ gathered + Ψ reduced per step (gather.py).
     offload  the master slice, the optimizer state and the step move to the CPU; reduced gradient slices are
              copied there, updated slices copied back.
+The coordinator below holds one gradient-reduction strategy (reduction.py: whole buffer for stage 1, buckets for
+2-3) and, for stage 3, the parameter-gathering strategy, both chosen once at construction.
+
 Mixed precision (`param_dtype=torch.bfloat16` or `torch.float16`): the model computes in half precision, the
 optimizer updates an fp32 master copy of the owned slice (the paper's 2 + 2 + 12 bytes per parameter).
+Non-finite gradients: at the end of every backward one all-reduce carries [any inf/NaN in my slice, sum of my
+squared gradients]; if any rank saw an inf/NaN, step() is skipped on every rank (parameters, masters and optimizer
+state untouched; `last_step_skipped`, `skipped_steps`) and clip_grad_norm_ reuses the same reduction. fp16 needs
+loss scaling: `loss_scale="dynamic"` (the GradScaler rule, shared with MasterWeightOptimizer; backward on
+`opt.scale_loss(loss)`), or torch.amp.GradScaler(scaler.scale(loss).backward(), scaler.unscale_(opt),
+scaler.step(opt), scaler.update()): the masters' gradients are ready when backward returns, and a rank whose own
+slice is finite while another rank's is not marks its slice non-finite, so every rank's GradScaler skips and
+backs off together.
 """
 
 from __future__ import annotations
@@ -30,8 +43,6 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 import torch
@@ -40,56 +51,16 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
 from optimized.clipping import clip_grads_with_norm_, global_grad_norm
-from optimized.zero.partition import FlatLayout, Slot
+from optimized.data_parallel import check_replicas_agree, refuse_meta
+from optimized.mixed_precision import LossScale, unscale_and_check_
+from optimized.zero import checkpoint
+from optimized.zero.comm import Group
+from optimized.zero.gather import Gathering
+from optimized.zero.partition import FlatBuffers, FlatLayout, Slot, build_layouts, parse_groups
+from optimized.zero.reduction import Buckets, ShardedGrad, WholeBuffer, sharded_grad
 
 FORMAT_VERSION = 1
 HALF_DTYPES = (torch.float16, torch.bfloat16)
-
-
-@dataclass
-class _Flat:
-    """The runtime buffers of one FlatLayout on this rank."""
-
-    layout: FlatLayout
-    params: list[nn.Parameter]
-    """The model's parameters, in slot order."""
-    buffer: Tensor
-    """Parameter values in the compute dtype: the whole padded flat buffer (stages 1-2) or this rank's slice (3)."""
-    grads: Tensor | None
-    """Gradients in the compute dtype: the whole padded buffer (stage 1), this rank's slice (stages 2-3), or None
-    (stages 2-3 with offload, where reduced slices go straight to `host_grad`)."""
-    master: Tensor
-    """What the inner optimizer updates: the owned real elements, fp32 when the compute dtype is half."""
-    master_is_view: bool
-    """The master is a view of `buffer` (no separate copy: same dtype, no offload)."""
-    host_grad: Tensor | None = None
-    """Offload: the fp32 gradient of the owned elements, in CPU memory."""
-
-
-@dataclass
-class _Bucket:
-    """A contiguous range [lo, hi) of one flat buffer whose gradients are reduced together (stages 2-3)."""
-
-    flat: int
-    lo: int
-    hi: int
-    params: list[nn.Parameter]
-    buffer: Tensor | None = None
-    ready: set[int] = field(default_factory=set)
-
-
-@dataclass
-class _Unit:
-    """Stage 3: parameters of one module, contiguous in one flat buffer, sharing one storage that is filled just
-    before the module runs and resized to 0 bytes right after (a parameter is a view of `full`)."""
-
-    flat: int
-    lo: int
-    hi: int
-    params: list[nn.Parameter]
-    full: Tensor
-    gathered: bool = False
-    ready: set[int] = field(default_factory=set)
 
 
 def _probe_elementwise(optimizer_class: type, optimizer_kwargs: dict) -> None:
@@ -136,8 +107,9 @@ def _probe_elementwise(optimizer_class: type, optimizer_kwargs: dict) -> None:
 class ZeroOptimizer(torch.optim.Optimizer):
     """ZeRO-1/2/3 (+ offload) around any elementwise torch.optim optimizer; see the module docstring.
 
-    model: the same nn.Module on every rank (its trainable parameters are synchronised from rank 0). The
-        optimizer takes them over: stages 1-2 re-point every parameter into a flat buffer, stage 3 frees them.
+    model: the same nn.Module on every rank (names, shapes and dtypes are checked across ranks; trainable
+        parameters are synchronised from rank 0). The optimizer takes them over: stages 1-2 re-point every
+        parameter into a flat buffer, stage 3 releases them.
     optimizer_class, **optimizer_kwargs: the optimizer that updates each rank's slice, e.g. torch.optim.AdamW, lr=.
     stage: 1, 2 or 3. process_group: the data-parallel group (default: the default group; without an initialised
         process group the optimizer runs as a single rank).
@@ -146,10 +118,14 @@ class ZeroOptimizer(torch.optim.Optimizer):
         fp32 master slices). bucket_cap_mb: MiB per gradient bucket (stages 2-3).
     param_groups: optional list of dicts {"params": [parameters of model], **options} (e.g. no weight decay on
         biases), each trainable parameter in exactly one; default: one group of all trainable parameters.
+    loss_scale, init_scale, growth_factor, backoff_factor, growth_interval: the loss scale (see
+        optimized.mixed_precision.LossScale): None (S = 1, the default), a fixed float, or "dynamic".
 
     A trainable parameter that gets no gradient in a step counts as a zero gradient (as in DeepSpeed), and every
-    rank must compute gradients for the same parameters. Stage 3 needs each parameter to be used only inside the
-    forward of the module(s) that register it. Frozen parameters (requires_grad=False) stay whole on every rank.
+    rank must compute gradients for the same parameters. After backward a parameter's .grad is a ShardedGrad
+    stand-in (its use raises): the gradient lives sharded in the optimizer. Stage 3: a parameter used outside its
+    own module's forward is gathered with the module that uses it (detected on first use, or declared with
+    register_external_parameter). Frozen parameters (requires_grad=False) stay whole on every rank.
     """
 
     def __init__(
@@ -163,6 +139,11 @@ class ZeroOptimizer(torch.optim.Optimizer):
         param_dtype: torch.dtype | None = None,
         bucket_cap_mb: float = 25.0,
         param_groups: list[dict] | None = None,
+        loss_scale: str | float | None = None,
+        init_scale: float = 2.0**16,
+        growth_factor: float = 2.0,
+        backoff_factor: float = 0.5,
+        growth_interval: int = 2000,
         **optimizer_kwargs: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -182,7 +163,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
             )
         if not (isinstance(bucket_cap_mb, (int, float)) and bucket_cap_mb > 0 and math.isfinite(bucket_cap_mb)):
             raise ValueError(f"bucket_cap_mb must be a finite number > 0, got {bucket_cap_mb!r}")
-        groups = _parse_groups(model, param_groups)
+        refuse_meta(model, "model")
+        groups = parse_groups(model, param_groups)
         devices = {p.device for _, named in groups for _, p in named}
         if len(devices) != 1:
             raise ValueError(f"all trainable parameters must be on one device, found {sorted(map(str, devices))}")
@@ -191,18 +173,28 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 if not p.is_floating_point():
                     raise ValueError(f"parameter {names[0]!r} has dtype {p.dtype}; ZeroOptimizer needs floating point")
         _probe_elementwise(optimizer_class, optimizer_kwargs)
+        group = Group.resolve(process_group)
+        device = devices.pop()
+        scaler = LossScale(loss_scale, init_scale=init_scale, growth_factor=growth_factor,
+                           backoff_factor=backoff_factor, growth_interval=growth_interval, device=device)
+        check_replicas_agree(model, group.process_group if group.distributed else None, "model")
 
         self.stage = stage
         self.offload = offload
         self.param_dtype = param_dtype
         self.module = model
-        self.device = devices.pop()
-        self._distributed = dist.is_available() and dist.is_initialized()
-        if process_group is not None and not self._distributed:
-            raise ValueError("process_group was given but torch.distributed is not initialised")
-        self.process_group = process_group if process_group is not None or not self._distributed else dist.group.WORLD
-        self.world_size = dist.get_world_size(self.process_group) if self._distributed else 1
-        self.rank = dist.get_rank(self.process_group) if self._distributed else 0
+        self.device = device
+        self.group = group
+        """This rank and the data-parallel group (comm.Group), shared with checkpoint.py."""
+        self.process_group = group.process_group
+        self.world_size = group.world_size
+        self.rank = group.rank
+        self.scaler = scaler
+        """The loss scale S (LossScale): S = 1 unless loss_scale was given."""
+        self.last_step_skipped: bool | None = None
+        """Whether the last step() was skipped because a gradient was inf/NaN on some rank."""
+        self.skipped_steps = 0
+        """Steps skipped so far."""
         self._bucket_bytes = int(bucket_cap_mb * 2**20)
         self._optimizer_name = f"{optimizer_class.__module__}.{optimizer_class.__qualname__}"
         self._group_options = [options for options, _ in groups]
@@ -212,29 +204,32 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._frozen = dict(frozen)
         with torch.no_grad():
             for _, p in frozen:
-                self._broadcast(p.data, 0)
+                group.broadcast(p.data, 0)
                 if param_dtype is not None and p.is_floating_point():
                     p.data = p.data.to(param_dtype)
-            self._flats = [self._build_flat(layout, params) for layout, params in _layouts(groups, param_dtype,
-                                                                                         self.world_size)]
-        self._where: dict[int, tuple[_Flat, Slot]] = {
+            self._flats = [self._build_flat(layout, params)
+                           for layout, params in build_layouts(groups, param_dtype, self.world_size)]
+        self._where: dict[int, tuple[FlatBuffers, Slot]] = {
             id(p): (flat, slot) for flat in self._flats for p, slot in zip(flat.params, flat.layout.slots, strict=True)
         }
-        self._grads_ready = False
-        self._backward_queued = False
+        names = {id(p): names[0] for _, named in groups for names, p in named}
+        if stage == 1:
+            self._reduction = WholeBuffer(self._flats, self._where, group, offload)
+        else:
+            self._reduction = Buckets(self._flats, self._where, group, offload, self._bucket_bytes, device)
+        self._gathering = Gathering(model, self._flats, self._where, group, device, names) if stage == 3 else None
         self._hooks: list[Any] = []
-        self._buckets: list[_Bucket] = []
-        self._bucket_of: dict[int, _Bucket] = {}
-        if stage >= 2:
-            self._build_buckets()
-            for flat in self._flats:
-                for p in flat.params:
-                    self._hooks.append(p.register_post_accumulate_grad_hook(self._on_grad_ready))
-        self._units: list[_Unit] = []
-        self._unit_of: dict[int, _Unit] = {}
-        self._pinned = False
-        if stage == 3:
-            self._build_units(model)
+        for flat in self._flats:
+            for p in flat.params:
+                self._hooks.append(p.register_hook(partial_clear(p)))
+                self._hooks.append(p.register_post_accumulate_grad_hook(self._on_grad_ready))
+        self._backward_queued = False
+        self._require_sync = True
+        self._syncing = True
+        self._reduced = False
+        self._found_inf = False
+        self._unscaled = False
+        self._norm_cache: tuple[Tensor, list[int]] | None = None  # (2-norm, versions of the master grads)
 
         inner_groups = []
         for g, options in enumerate(self._group_options):
@@ -282,37 +277,34 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     # --- construction ------------------------------------------------------------------------------------------
 
-    def _build_flat(self, layout: FlatLayout, params: list[nn.Parameter]) -> _Flat:
+    def _build_flat(self, layout: FlatLayout, params: list[nn.Parameter]) -> FlatBuffers:
         """Copy the parameters into a padded flat buffer, keep what this rank stores, re-point the parameters."""
         start, owned = layout.shard_start(self.rank), layout.owned_numel(self.rank)
         source_dtype = torch.float32 if self.param_dtype is not None else layout.dtype
         full = torch.zeros(layout.padded_numel, dtype=source_dtype, device=self.device)
         for p, slot in zip(params, layout.slots, strict=True):
             full[slot.offset : slot.end].copy_(p.detach().reshape(-1))
-        self._broadcast(full, 0)  # every rank starts from rank 0's values, as DDP does
+        self.group.broadcast(full, 0)  # every rank starts from rank 0's values, as DDP does
         compute = full.to(layout.dtype)  # the same tensor when no cast is needed
         if self.stage < 3:
             buffer = compute
             for p, slot in zip(params, layout.slots, strict=True):
                 p.data = buffer[slot.offset : slot.end].view(slot.shape)
         else:
-            buffer = compute[start : start + layout.shard_numel].clone()  # the parameters get storage in _Unit
+            buffer = compute[start : start + layout.shard_numel].clone()  # the parameters get storage in gather.py
         own = buffer[start : start + owned] if self.stage < 3 else buffer[:owned]
         master_is_view = self.param_dtype is None and not self.offload
         if master_is_view:
             master = own
         else:
-            master = full[start : start + owned].to(self._host_device(), copy=True)
-            master = self._maybe_pin(master)
+            master = self._maybe_pin(full[start : start + owned].to(self._host_device(), copy=True))
         grads = None
         if self.stage == 1:
             grads = torch.zeros(layout.padded_numel, dtype=layout.dtype, device=self.device)
-            for p, slot in zip(params, layout.slots, strict=True):
-                p.grad = grads[slot.offset : slot.end].view(slot.shape)
         elif not self.offload:
             grads = torch.zeros(layout.shard_numel, dtype=layout.dtype, device=self.device)
         host_grad = self._maybe_pin(torch.zeros_like(master)) if self.offload else None
-        return _Flat(layout, params, buffer, grads, master, master_is_view, host_grad)
+        return FlatBuffers(layout, params, buffer, grads, master, master_is_view, host_grad)
 
     def _host_device(self) -> torch.device:
         return torch.device("cpu") if self.offload else self.device
@@ -322,252 +314,181 @@ class ZeroOptimizer(torch.optim.Optimizer):
             return t.pin_memory()
         return t
 
-    def _build_buckets(self) -> None:
-        """Buckets in reverse model order (roughly the order backward produces gradients), one flat at a time."""
-        for i, flat in enumerate(self._flats):
-            cap = max(1, self._bucket_bytes // flat.buffer.element_size())
-            current: list[tuple[nn.Parameter, Slot]] = []
-            for p, slot in reversed(list(zip(flat.params, flat.layout.slots, strict=True))):
-                if current and current[0][1].end - slot.offset > cap:
-                    self._add_bucket(i, current)
-                    current = []
-                current.append((p, slot))
-            if current:
-                self._add_bucket(i, current)
-
-    def _add_bucket(self, flat: int, members: list[tuple[nn.Parameter, Slot]]) -> None:
-        bucket = _Bucket(flat, members[-1][1].offset, members[0][1].end, [p for p, _ in members])
-        self._buckets.append(bucket)
-        for p, _ in members:
-            self._bucket_of[id(p)] = bucket
-
-    def _build_units(self, model: nn.Module) -> None:
-        """Stage 3: one _Unit per module (per contiguous run of its own parameters), and the hooks that gather a
-        module's units before its forward and backward and free them after."""
-        flat_index = {id(flat): i for i, flat in enumerate(self._flats)}
-        for module in model.modules():
-            own = [p for p in module._parameters.values() if p is not None and id(p) in self._where]
-            new = sorted((p for p in own if id(p) not in self._unit_of), key=lambda p: (
-                flat_index[id(self._where[id(p)][0])], self._where[id(p)][1].offset))
-            run: list[nn.Parameter] = []
-            for p in new:
-                if run and (self._where[id(run[-1])][0] is not self._where[id(p)][0]
-                            or self._where[id(run[-1])][1].end != self._where[id(p)][1].offset):
-                    self._add_unit(run, flat_index)
-                    run = []
-                run.append(p)
-            if run:
-                self._add_unit(run, flat_index)
-            units = list({id(self._unit_of[id(p)]): self._unit_of[id(p)] for p in own}.values())
-            if units:
-                self._hooks.append(module.register_forward_pre_hook(partial(self._before_forward, units)))
-                self._hooks.append(module.register_forward_hook(partial(self._after_forward, units)))
-
-    def _add_unit(self, params: list[nn.Parameter], flat_index: dict[int, int]) -> None:
-        flat, first = self._where[id(params[0])]
-        lo, hi = first.offset, self._where[id(params[-1])][1].end
-        full = torch.empty(hi - lo, dtype=flat.layout.dtype, device=self.device)
-        for p in params:
-            slot = self._where[id(p)][1]
-            p.data = full[slot.offset - lo : slot.end - lo].view(slot.shape)
-        full.untyped_storage().resize_(0)
-        unit = _Unit(flat_index[id(flat)], lo, hi, params, full)
-        self._units.append(unit)
-        for p in params:
-            self._unit_of[id(p)] = unit
-
-    # --- collectives ---------------------------------------------------------------------------------------------
-
-    def _global_rank(self, group_rank: int) -> int:
-        return dist.get_global_rank(self.process_group, group_rank)
-
-    def _broadcast(self, tensor: Tensor, src: int) -> None:
-        if self._distributed and self.world_size > 1:
-            dist.broadcast(tensor, src=self._global_rank(src), group=self.process_group)
-
-    def _reduce(self, tensor: Tensor, dst: int) -> None:
-        if self._distributed and self.world_size > 1:
-            dist.reduce(tensor, dst=self._global_rank(dst), group=self.process_group)
-
-    def _all_gather_flat(self, flat: _Flat) -> None:
-        """Every rank's updated slice to every rank: all-gather into the flat buffer, in place."""
-        if not (self._distributed and self.world_size > 1):
-            return
-        s, start = flat.layout.shard_numel, flat.layout.shard_start(self.rank)
-        mine = flat.buffer[start : start + s]
-        if hasattr(dist, "all_gather_single"):
-            dist.all_gather_single(flat.buffer, mine, group=self.process_group)
-        else:  # torch < 2.10
-            dist.all_gather_into_tensor(flat.buffer, mine, group=self.process_group)
-
-    # --- stage 3: gather before use, free after ------------------------------------------------------------------
-
-    def _gather(self, units: Iterable[_Unit]) -> None:
-        """Give each unit its storage back and fill it: each owner of a piece of [lo, hi) broadcasts it."""
-        for unit in units:
-            if unit.gathered:
-                continue
-            layout = self._flats[unit.flat].layout
-            buffer = self._flats[unit.flat].buffer
-            unit.full.untyped_storage().resize_((unit.hi - unit.lo) * unit.full.element_size())
-            for r, a, b in layout.pieces(unit.lo, unit.hi):
-                piece = unit.full[a - unit.lo : b - unit.lo]
-                if r == self.rank:
-                    piece.copy_(buffer[a - layout.shard_start(r) : b - layout.shard_start(r)])
-                self._broadcast(piece, r)
-            unit.gathered = True
-
-    def _release(self, units: Iterable[_Unit]) -> None:
-        if self._pinned:
-            return
-        for unit in units:
-            if unit.gathered:
-                unit.full.untyped_storage().resize_(0)  # autograd's saved views share it: they are freed too
-                unit.gathered = False
-
-    def _before_forward(self, units: list[_Unit], module: nn.Module, args: Any) -> None:
-        self._gather(units)
-
-    def _after_forward(self, units: list[_Unit], module: nn.Module, args: Any, output: Any) -> None:
-        self._release(units)
-        if torch.is_grad_enabled():
-            for t in tree_flatten(output)[0]:
-                if isinstance(t, Tensor) and t.requires_grad:
-                    t.register_hook(partial(self._before_backward, units))
-
-    def _before_backward(self, units: list[_Unit], grad: Tensor) -> None:
-        self._gather(units)
+    # --- stage 3 ---------------------------------------------------------------------------------------------------
 
     @contextmanager
     def gathered_parameters(self) -> Iterator[None]:
         """Stage 3: every parameter whole inside the block (e.g. to read model.state_dict()); no-op otherwise.
 
-        Read-only: changes made inside are lost when the parameters are freed at the end."""
-        if self.stage < 3 or self._pinned:
+        Every rank must enter it (it gathers). Read-only: changes made inside are lost when the block ends; tensors
+        read inside (state_dict() values) stay valid after it."""
+        if self._gathering is None or self._gathering.pinned:
             yield
             return
-        self._gather(self._units)
-        self._pinned = True
+        self._gathering.gather(self._gathering.units)
+        self._gathering.pinned = True
         try:
             yield
         finally:
-            self._pinned = False
-            self._release(self._units)
+            self._gathering.pinned = False
+            self._gathering.release_keeping_reads(self._gathering.units)
+
+    def register_external_parameter(self, module: nn.Module, parameter: nn.Parameter) -> None:
+        """Stage 3: gather `parameter` whenever `module` runs (for a parameter `module`'s forward reads although
+        another module registers it; DeepSpeed's deepspeed.zero.register_external_parameter). Such uses are also
+        detected on first use; this declares them up front. A no-op below stage 3."""
+        if not isinstance(module, nn.Module):
+            raise ValueError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+        if id(parameter) not in self._where:
+            raise ValueError("parameter is not a trainable parameter managed by this ZeroOptimizer")
+        if self._gathering is not None:
+            self._gathering.register_external_parameter(module, parameter)
 
     # --- gradients -----------------------------------------------------------------------------------------------
 
+    @contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Stage 1: backwards inside only accumulate local gradients; the first backward after the block (or
+        step()) reduces their sum. Stages 2-3 keep no unreduced gradient, so they refuse it."""
+        if self.stage != 1:
+            raise RuntimeError(f"no_sync() is for stage 1; stage {self.stage} reduces each gradient bucket during "
+                               f"backward and keeps only this rank's slice (as DeepSpeed does)")
+        previous = self._require_sync
+        self._require_sync = False
+        try:
+            yield
+        finally:
+            self._require_sync = previous
+
     def _on_grad_ready(self, p: nn.Parameter) -> None:
-        """Stages 2-3, called by autograd once p.grad holds this backward's gradient: bucket it, free it."""
+        """Called by autograd once p.grad holds this backward's gradient: hand it to the reduction, free it."""
         if not self._backward_queued:
             self._backward_queued = True
+            self._syncing = self._require_sync
+            if self._reduced:  # a further backward before step(): its gradients add to the reduced ones
+                self._reduced = False
+                self._norm_cache = None
             torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
-        bucket = self._bucket_of[id(p)]
-        flat, slot = self._where[id(p)]
-        if bucket.buffer is None:
-            bucket.buffer = torch.zeros(bucket.hi - bucket.lo, dtype=flat.layout.dtype, device=self.device)
-        bucket.buffer[slot.offset - bucket.lo : slot.end - bucket.lo].add_(p.grad.reshape(-1))
+        self._reduction.add(p, p.grad)
         p.grad = None
-        bucket.ready.add(id(p))
-        if self.stage == 3:
-            unit = self._unit_of[id(p)]
-            unit.ready.add(id(p))
-            if len(unit.ready) == len(unit.params):  # every parameter of the unit has its gradient: free it
-                self._release([unit])
-                unit.ready.clear()
-        if len(bucket.ready) == len(bucket.params):
-            self._reduce_bucket(bucket)
+        if self._gathering is not None:
+            self._gathering.on_grad_ready(p)
 
     def _end_of_backward(self) -> None:
-        """Reduce the buckets some of whose parameters got no gradient; free what stage 3 still holds."""
-        for bucket in self._buckets:
-            if bucket.buffer is not None:
-                self._reduce_bucket(bucket)
-        for unit in self._units:
-            unit.ready.clear()
-        self._release(self._units)
         self._backward_queued = False
-
-    def _reduce_bucket(self, bucket: _Bucket) -> None:
-        """Sum the bucket over ranks, piece by piece to each piece's owner, which averages it into its slice."""
-        flat = self._flats[bucket.flat]
-        layout = flat.layout
-        for r, a, b in layout.pieces(bucket.lo, bucket.hi):
-            piece = bucket.buffer[a - bucket.lo : b - bucket.lo]
-            self._reduce(piece, r)
-            if r == self.rank:
-                start = layout.shard_start(r)
-                target = flat.host_grad if self.offload else flat.grads
-                target[a - start : b - start].add_(piece.div_(self.world_size).to(target.device, target.dtype))
-        bucket.buffer = None
-        bucket.ready.clear()
-
-    def _adopt_param_grads(self, flat: _Flat) -> None:
-        """Stage 1: make every p.grad a view of the flat gradient buffer again (after model.zero_grad(), say)."""
-        for p, slot in zip(flat.params, flat.layout.slots, strict=True):
-            view = flat.grads[slot.offset : slot.end].view(slot.shape)
-            if p.grad is None:
-                view.zero_()
-            elif p.grad.data_ptr() != view.data_ptr():
-                view.copy_(p.grad)
-            else:
-                continue
-            p.grad = view
-
-    def _prepare_grads(self) -> None:
-        """Once per step: finish the reduction and give every master slice its averaged gradient."""
-        if self._grads_ready:
-            return
+        if self._gathering is not None:
+            self._gathering.finish_backward()
+        if self._syncing:
+            self._reduction.finish()
+            self._after_reduction()
         for flat in self._flats:
-            layout = flat.layout
-            start, owned = layout.shard_start(self.rank), layout.owned_numel(self.rank)
-            if self.stage == 1:
-                self._adopt_param_grads(flat)
-                for r in range(self.world_size):
-                    lo, hi = layout.owned_range(r)
-                    if hi > lo:
-                        self._reduce(flat.grads[lo:hi], r)
-                own = flat.grads[start : start + owned]
-                own.div_(self.world_size)
-                if self.offload:
-                    flat.host_grad.copy_(own)
-            else:
-                own = flat.grads[:owned] if flat.grads is not None else None
-            if self.offload:
-                flat.master.grad = flat.host_grad
-            elif own.dtype == flat.master.dtype:
-                flat.master.grad = own
-            else:
-                flat.master.grad = own.to(flat.master.dtype)
-        self._grads_ready = True
+            for p in flat.params:
+                p.grad = sharded_grad(p)
+
+    def _ensure_reduced(self) -> None:
+        """step() or clip_grad_norm_ without a synchronised backward since the last step (no backward at all, or
+        only no_sync ones): reduce what there is (zeros count as gradients, as in DeepSpeed)."""
+        if not self._reduced:
+            self._reduction.finish()
+            self._after_reduction()
+
+    @torch.no_grad()
+    def _after_reduction(self) -> None:
+        """Give every master slice its averaged gradient, then one all-reduce of [inf/NaN seen, sum of squares]."""
+        for flat in self._flats:
+            own = self._reduction.owned(flat)
+            flat.master.grad = own if own.dtype == flat.master.dtype and own.device == flat.master.device else (
+                own.to(flat.master.device, flat.master.dtype))
+        grads = self._master_grads()
+        found = torch.zeros((), dtype=torch.float32, device=self._host_device())
+        unscale_and_check_(grads, torch.ones((), device=found.device), found)
+        squares = self._local_power_sum(grads, 2.0)
+        packed = torch.stack([found.to(squares.device), squares.float()])  # (2,)
+        packed = self._all_reduce(packed, dist.ReduceOp.SUM)
+        self._found_inf = bool(packed[0] > 0)
+        if self._found_inf and not found:
+            # GradScaler decides from each rank's own gradients: make this rank's slice say what the group saw,
+            # so that every rank skips the step and backs off its scale together.
+            for g in grads:
+                if g.numel():
+                    g.view(-1)[0] = math.nan
+                    break
+        self._norm_cache = (packed[1].sqrt(), self._versions(grads))
+        self._reduced = True
+        self._unscaled = False
 
     def _master_grads(self) -> list[Tensor]:
         return [flat.master.grad for flat in self._flats]
+
+    @staticmethod
+    def _versions(grads: list[Tensor]) -> list[int]:
+        return [g._version for g in grads]
+
+    def _local_power_sum(self, grads: list[Tensor], norm_type: float) -> Tensor:
+        """sum |g|^p over this rank's slices (max |g| for p = inf), float32."""
+        nonempty = [g for g in grads if g.numel()]
+        if not nonempty:
+            return torch.zeros((), dtype=torch.float32, device=self._host_device())
+        norms = torch.stack([n.float() for n in torch._foreach_norm(nonempty, norm_type)])
+        return norms.max() if norm_type == math.inf else norms.pow(norm_type).sum()
+
+    def _all_reduce(self, t: Tensor, op: dist.ReduceOp.RedOpType) -> Tensor:
+        """All-reduce a few numbers, on the device the backend needs (NCCL: the GPU, offloaded values included)."""
+        if not self.group.active:
+            return t
+        comm = self.device if self.group.backend == "nccl" else t.device
+        moved = t.to(comm)
+        self.group.all_reduce(moved, op)
+        return moved.to(t.device)
+
+    def _unscale(self) -> None:
+        """Divide the masters' gradients by the loss scale S, once per step (nothing to do when S = 1)."""
+        if self._unscaled:
+            return
+        self._unscaled = True
+        if self.scaler.dynamic or float(self.scaler.scale) != 1.0:
+            grads = self._master_grads()
+            in_sync = self._norm_cache is not None and self._norm_cache[1] == self._versions(grads)
+            inv = self.scaler.inv_scale()
+            unscale_and_check_(grads, inv.to(self._host_device()),
+                               torch.zeros((), dtype=torch.float32, device=self._host_device()))
+            if in_sync:
+                self._norm_cache = (self._norm_cache[0] * inv.to(self._norm_cache[0].device), self._versions(grads))
 
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False) -> Tensor:
         """Scale the averaged gradients so that their global norm is at most max_norm; return the norm before.
 
         Each rank holds the gradient of its own slice, so the norm is that of optimized.clipping.global_grad_norm
-        over the slices: sum_ranks sum_slice |g|^p, all-reduced, then the p-th root (max for p = inf)."""
+        over the slices: sum_ranks sum_slice |g|^p, all-reduced, then the p-th root (max for p = inf). The 2-norm
+        comes from the all-reduce that checked for inf/NaN at the end of backward when the gradients are unchanged
+        since (no other collective)."""
+        if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float, Tensor)):
+            raise ValueError(f"max_norm must be a number > 0, got {max_norm!r}")
+        if isinstance(norm_type, bool) or not isinstance(norm_type, (int, float)):
+            raise ValueError(f"norm_type must be a number >= 1 or inf, got {norm_type!r}")
         max_norm, norm_type = float(max_norm), float(norm_type)
         if not max_norm > 0 or math.isnan(max_norm):
             raise ValueError(f"max_norm must be > 0, got {max_norm}")
         if not (norm_type >= 1.0 or norm_type == math.inf):
             raise ValueError(f"norm_type must be >= 1 or inf, got {norm_type}")
-        self._prepare_grads()
+        self._ensure_reduced()
+        self._unscale()
         grads = self._master_grads()
-        total = self._global_norm(grads, norm_type)
+        if norm_type == 2.0 and self._norm_cache is not None and self._norm_cache[1] == self._versions(grads):
+            total = self._norm_cache[0]
+        else:
+            total = self._global_norm(grads, norm_type)
         if error_if_nonfinite and not torch.isfinite(total):
             raise RuntimeError(f"the total norm of order {norm_type} of the gradients is non-finite ({float(total)})")
         clip_grads_with_norm_(grads, max_norm, total)
         return total
 
     def _global_norm(self, grads: list[Tensor], norm_type: float) -> Tensor:
-        pg = self.process_group if self._distributed else None
-        comm_device = self.device if self._distributed and dist.get_backend(pg) == "nccl" else None
-        if comm_device is not None and grads and grads[0].device != comm_device:
+        pg = self.process_group if self.group.distributed else None
+        if self.group.backend == "nccl" and grads and grads[0].device != self.device:
             # Offloaded gradients live on the CPU but NCCL reduces on the GPU. ||g||_p is the p-norm of the
             # per-slice norms, so moving those few numbers is enough.
-            grads = [torch.stack(torch._foreach_norm(grads, norm_type)).to(comm_device)]
+            grads = [torch.stack(torch._foreach_norm(grads, norm_type)).to(self.device)]
         return global_grad_norm(grads, norm_type=norm_type, process_group=pg)
 
     # --- step ----------------------------------------------------------------------------------------------------
@@ -576,31 +497,45 @@ class ZeroOptimizer(torch.optim.Optimizer):
     def step(self, closure=None):
         """Update this rank's slices with the averaged gradients, then make the new values visible to the model.
 
+        Skipped on every rank (nothing changes but the loss scale) when any rank's gradients hold an inf/NaN.
         Consumes the gradients: they are zeroed for the next step (as DeepSpeed's engine.step does)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._prepare_grads()
-        self.optimizer.step()
-        self._publish()
+        self._ensure_reduced()
+        self._unscale()
+        found = self._found_inf
+        self.last_step_skipped = found
+        if found:
+            self.skipped_steps += 1
+        else:
+            self.optimizer.step()
+            self._publish()
+        self.scaler.update(torch.tensor(float(found), device=self.scaler.scale.device))
         self.zero_grad()
         return loss
 
+    def scale_loss(self, loss: Tensor) -> Tensor:
+        """loss * S (the loss scale): call backward on this when loss_scale was given."""
+        return self.scaler.scale_loss(loss)
+
+    @property
+    def loss_scale(self) -> float:
+        """The current loss scale S."""
+        return float(self.scaler.scale)
+
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Zero the gradient buffers (which persist: `set_to_none` only affects stage 2-3 model .grad, always None)."""
+        """Zero the gradient buffers (which persist) and the model's .grad (always None: the gradient is sharded)."""
+        self._reduction.zero()
         for flat in self._flats:
-            if flat.grads is not None:
-                flat.grads.zero_()
-            if flat.host_grad is not None:
-                flat.host_grad.zero_()
             flat.master.grad = None
-            for p, slot in zip(flat.params, flat.layout.slots, strict=True):
-                p.grad = flat.grads[slot.offset : slot.end].view(slot.shape) if self.stage == 1 else None
-        for bucket in self._buckets:
-            bucket.buffer = None
-            bucket.ready.clear()
-        self._grads_ready = False
+            for p in flat.params:
+                p.grad = None
+        self._reduced = False
+        self._found_inf = False
+        self._unscaled = False
+        self._norm_cache = None
 
     # --- state ---------------------------------------------------------------------------------------------------
 
@@ -631,6 +566,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
             "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in inner["param_groups"]],
             "state_dict_keys": list(self.module.state_dict(keep_vars=True)),
             "replicated": {name: t.detach().clone() for name, t in self._replicated().items()},
+            "loss_scale": self.scaler.state_dict(),
         }
 
     def check_compatible(self, meta: dict, layouts: list[dict], replicated: Iterable[str], source: str) -> None:
@@ -672,7 +608,33 @@ class ZeroOptimizer(torch.optim.Optimizer):
         return {k: v for k, v in self.module.state_dict(keep_vars=True).items() if id(v) not in self._where}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load this rank's shard written by state_dict() at the same world size; see load_checkpoint to reshard."""
+        """Load this rank's shard written by state_dict() at the same world size; see load_checkpoint to reshard.
+
+        Everything is checked (check_state_dict) before anything changes."""
+        self.check_state_dict(state_dict)
+        inner_groups = self.optimizer.state_dict()["param_groups"]
+        with torch.no_grad():
+            for flat, master in zip(self._flats, state_dict["masters"], strict=True):
+                flat.master.copy_(master)
+            replicated = self._replicated()
+            for name, value in state_dict["replicated"].items():
+                if name in replicated:
+                    replicated[name].copy_(value)
+        self.optimizer.load_state_dict({
+            "state": {i: s for i, s in enumerate(state_dict["state"]) if s},
+            "param_groups": [{**saved, "params": ours["params"]}
+                             for saved, ours in zip(state_dict["param_groups"], inner_groups, strict=True)],
+        })
+        if "loss_scale" in state_dict:
+            self.scaler.load_state_dict(state_dict["loss_scale"])
+        self._publish()
+        self.zero_grad()
+
+    def check_state_dict(self, state_dict: dict) -> None:
+        """Raise ValueError naming what in `state_dict` does not fit this optimizer (load_state_dict's checks)."""
+        for key in ("zero", "layouts", "replicated", "masters", "state", "param_groups"):
+            if key not in state_dict:
+                raise ValueError(f"state_dict has no {key!r} entry (not a ZeroOptimizer.state_dict()?)")
         meta = state_dict["zero"]
         self.check_compatible(meta, state_dict["layouts"], state_dict["replicated"], "state_dict")
         if (meta["world_size"], meta["rank"]) != (self.world_size, self.rank):
@@ -685,25 +647,25 @@ class ZeroOptimizer(torch.optim.Optimizer):
             if tuple(master.shape) != (owned,):
                 raise ValueError(f"state_dict: master slice of {flat.layout.slots[0].name!r}... has shape "
                                  f"{tuple(master.shape)}, expected ({owned},)")
+        if len(state_dict["masters"]) != len(self._flats) or len(state_dict["state"]) != len(self._flats):
+            raise ValueError(f"state_dict: {len(state_dict['masters'])} master slices and {len(state_dict['state'])} "
+                             f"state entries, this optimizer has {len(self._flats)} flat buffers")
+        for flat, state in zip(self._flats, state_dict["state"], strict=True):
+            owned = flat.layout.owned_numel(self.rank)
+            for k, v in state.items():
+                if isinstance(v, Tensor) and v.dim() == 1 and tuple(v.shape) != (owned,):
+                    raise ValueError(f"state_dict: optimizer state {k!r} of the flat buffer starting at "
+                                     f"{flat.layout.slots[0].name!r} has shape {tuple(v.shape)}, expected ({owned},)")
+        replicated = self._replicated()
+        for name, value in state_dict["replicated"].items():
+            if name in replicated and tuple(value.shape) != tuple(replicated[name].shape):
+                raise ValueError(f"state_dict: {name!r} has shape {tuple(value.shape)}, the model's has "
+                                 f"{tuple(replicated[name].shape)}")
         inner_groups = self.optimizer.state_dict()["param_groups"]
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(inner_groups):
             raise ValueError(f"state_dict: {len(saved_groups)} parameter groups, this optimizer has "
                              f"{len(inner_groups)}")
-        with torch.no_grad():
-            for flat, master in zip(self._flats, state_dict["masters"], strict=True):
-                flat.master.copy_(master)
-            replicated = self._replicated()
-            for name, value in state_dict["replicated"].items():
-                if name in replicated:
-                    replicated[name].copy_(value)
-        self.optimizer.load_state_dict({
-            "state": {i: s for i, s in enumerate(state_dict["state"]) if s},
-            "param_groups": [{**saved, "params": ours["params"]}
-                             for saved, ours in zip(saved_groups, inner_groups, strict=True)],
-        })
-        self._publish()
-        self.zero_grad()
 
     @torch.no_grad()
     def _publish(self) -> None:
@@ -714,7 +676,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 own = flat.buffer[start : start + owned] if self.stage < 3 else flat.buffer[:owned]
                 own.copy_(flat.master)
             if self.stage < 3:
-                self._all_gather_flat(flat)
+                s, start = flat.layout.shard_numel, flat.layout.shard_start(self.rank)
+                self.group.all_gather_into(flat.buffer, flat.buffer[start : start + s])
 
     def model_state_tensors(self) -> dict[str, list[Tensor]]:
         """Every tensor of model state this rank holds, by kind, for memory accounting (unique storages count).
@@ -723,7 +686,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
         out: dict[str, list[Tensor]] = {k: [] for k in ("params", "grads", "optimizer", "host_grads",
                                                         "host_optimizer")}
         out["params"] += [flat.buffer for flat in self._flats] + list(self._frozen.values())
-        out["params"] += [p for flat in self._flats for p in flat.params]  # stage 3: 0 bytes unless gathered
+        if self._gathering is not None:  # stage 3: 0 bytes unless gathered
+            out["params"] += [unit.full for unit in self._gathering.units]
         out["grads"] += [flat.grads for flat in self._flats if flat.grads is not None]
         state = [v for s in self.optimizer.state.values() for v in tree_flatten(s)[0] if isinstance(v, Tensor)]
         masters = [flat.master for flat in self._flats if not flat.master_is_view]
@@ -736,87 +700,37 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     # --- checkpoints (checkpoint.py) -----------------------------------------------------------------------------
 
-    def save_checkpoint(self, path) -> None:
-        """Write this rank's shard and (rank 0) the manifest into directory `path`; every rank must call it."""
-        from optimized.zero.checkpoint import save_checkpoint
-
-        save_checkpoint(self, path)
+    def save_checkpoint(self, path):
+        """Write the checkpoint directory `path` and point `latest` beside it at it, committed across ranks (the
+        previous checkpoint at `path` stays intact until every shard is written); every rank must call it."""
+        return checkpoint.save_checkpoint(self, path)
 
     def load_checkpoint(self, path) -> None:
-        """Load a checkpoint written at any world size, re-partitioned for this one; every rank must call it."""
-        from optimized.zero.checkpoint import load_checkpoint
+        """Load a checkpoint written at any world size, re-partitioned for this one; every rank must call it.
 
-        load_checkpoint(self, path)
+        `path`: a checkpoint directory, or the directory holding `latest`. Every rank loads it or every rank
+        raises (checkpoint.py)."""
+        checkpoint.load_checkpoint(self, path)
 
     def barrier(self) -> None:
-        if self._distributed and self.world_size > 1:
-            dist.barrier(group=self.process_group)
+        self.group.barrier()
 
     def all_gather_object(self, obj: Any) -> list[Any]:
-        if not (self._distributed and self.world_size > 1):
-            return [obj]
-        out: list[Any] = [None] * self.world_size
-        dist.all_gather_object(out, obj, group=self.process_group)
-        return out
+        return self.group.all_gather_object(obj)
+
+
+def partial_clear(p: nn.Parameter):
+    """A hook that runs before autograd accumulates p's gradient: drop the ShardedGrad stand-in first."""
+
+    def clear(grad: Tensor) -> Tensor:
+        if isinstance(p.grad, ShardedGrad):
+            p.grad = None
+        return grad
+
+    return clear
 
 
 def _clone_state(state: dict) -> dict:
     return {k: v.detach().clone() if isinstance(v, Tensor) else v for k, v in state.items()}
 
 
-def _parse_groups(model: nn.Module, param_groups: list[dict] | None) -> list[tuple[dict, list]]:
-    """[(options, [(names, parameter)])]: the trainable parameters by group, deduplicated (tied weights once, with
-    all their names), in model order within each group."""
-    names_of: dict[int, list[str]] = {}
-    order: list[nn.Parameter] = []
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if id(p) not in names_of:
-            names_of[id(p)] = []
-            order.append(p)
-        names_of[id(p)].append(name)
-    trainable = [p for p in order if p.requires_grad]
-    if not trainable:
-        raise ValueError("model has no trainable parameters (requires_grad=True)")
-    if param_groups is None:
-        return [({}, [(tuple(names_of[id(p)]), p) for p in trainable])]
-    if not isinstance(param_groups, (list, tuple)) or not param_groups:
-        raise ValueError(f"param_groups must be a non-empty list of dicts with a 'params' key, got {param_groups!r}")
-    position = {id(p): i for i, p in enumerate(order)}
-    seen: dict[int, int] = {}
-    out = []
-    for g, group in enumerate(param_groups):
-        if not isinstance(group, dict) or "params" not in group:
-            raise ValueError(f"param_groups[{g}] must be a dict with a 'params' key, got {group!r}")
-        params = group["params"]
-        params = [params] if isinstance(params, Tensor) else list(params)
-        for p in params:
-            if id(p) not in position:
-                raise ValueError(f"param_groups[{g}] holds a tensor that is not a parameter of model")
-            if not p.requires_grad:
-                raise ValueError(f"param_groups[{g}] holds the frozen parameter {names_of[id(p)][0]!r}")
-            if id(p) in seen:
-                raise ValueError(f"parameter {names_of[id(p)][0]!r} is in param_groups[{seen[id(p)]}] and "
-                                 f"param_groups[{g}]; each parameter must be in exactly one group")
-            seen[id(p)] = g
-        params.sort(key=lambda p: position[id(p)])
-        options = {k: v for k, v in group.items() if k != "params"}
-        out.append((options, [(tuple(names_of[id(p)]), p) for p in params]))
-    missing = [names_of[id(p)][0] for p in trainable if id(p) not in seen]
-    if missing:
-        raise ValueError(f"trainable parameter {missing[0]!r} is in no group of param_groups "
-                         f"({len(missing)} missing); freeze it (requires_grad=False) or add it to a group")
-    return out
-
-
-def _layouts(groups: list[tuple[dict, list]], param_dtype: torch.dtype | None,
-             world_size: int) -> list[tuple[FlatLayout, list[nn.Parameter]]]:
-    """One FlatLayout per (group, compute dtype), in group order, dtypes in order of first appearance."""
-    out = []
-    for g, (_, named) in enumerate(groups):
-        by_dtype: dict[torch.dtype, list] = {}
-        for names, p in named:
-            by_dtype.setdefault(param_dtype or p.dtype, []).append((names, p))
-        for dtype, members in by_dtype.items():
-            layout = FlatLayout.build(g, dtype, [(names, tuple(p.shape)) for names, p in members], world_size)
-            out.append((layout, [p for _, p in members]))
-    return out

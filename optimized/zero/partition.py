@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor, nn
 
 
 @dataclass(frozen=True)
@@ -110,3 +111,81 @@ class FlatLayout:
     def params_in(self, lo: int, hi: int) -> list[str]:
         """Names of the parameters that overlap [lo, hi) (for error messages)."""
         return [s.name for s in self.slots if s.offset < hi and s.end > lo]
+
+
+@dataclass
+class FlatBuffers:
+    """The runtime tensors of one FlatLayout on this rank."""
+
+    layout: FlatLayout
+    params: list[nn.Parameter]
+    """The model's parameters, in slot order."""
+    buffer: Tensor
+    """Parameter values in the compute dtype: the whole padded flat buffer (stages 1-2) or this rank's slice (3)."""
+    grads: Tensor | None
+    """Gradients in the compute dtype: the whole padded buffer (stage 1, local until reduced), this rank's slice
+    (stages 2-3), or None (stages 2-3 with offload, where reduced slices go straight to `host_grad`)."""
+    master: Tensor
+    """What the inner optimizer updates: the owned real elements, fp32 when the compute dtype is half."""
+    master_is_view: bool
+    """The master is a view of `buffer` (no separate copy: same dtype, no offload)."""
+    host_grad: Tensor | None = None
+    """Offload: the fp32 averaged gradient of the owned elements, in CPU memory."""
+
+
+def parse_groups(model: nn.Module, param_groups: list[dict] | None) -> list[tuple[dict, list]]:
+    """[(options, [(names, parameter)])]: the trainable parameters by group, deduplicated (tied weights once, with
+    all their names), in model order within each group."""
+    names_of: dict[int, list[str]] = {}
+    order: list[nn.Parameter] = []
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) not in names_of:
+            names_of[id(p)] = []
+            order.append(p)
+        names_of[id(p)].append(name)
+    trainable = [p for p in order if p.requires_grad]
+    if not trainable:
+        raise ValueError("model has no trainable parameters (requires_grad=True)")
+    if param_groups is None:
+        return [({}, [(tuple(names_of[id(p)]), p) for p in trainable])]
+    if not isinstance(param_groups, (list, tuple)) or not param_groups:
+        raise ValueError(f"param_groups must be a non-empty list of dicts with a 'params' key, got {param_groups!r}")
+    position = {id(p): i for i, p in enumerate(order)}
+    seen: dict[int, int] = {}
+    out = []
+    for g, group in enumerate(param_groups):
+        if not isinstance(group, dict) or "params" not in group:
+            raise ValueError(f"param_groups[{g}] must be a dict with a 'params' key, got {group!r}")
+        params = group["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)
+        for p in params:
+            if id(p) not in position:
+                raise ValueError(f"param_groups[{g}] holds a tensor that is not a parameter of model")
+            if not p.requires_grad:
+                raise ValueError(f"param_groups[{g}] holds the frozen parameter {names_of[id(p)][0]!r}")
+            if id(p) in seen:
+                raise ValueError(f"parameter {names_of[id(p)][0]!r} is in param_groups[{seen[id(p)]}] and "
+                                 f"param_groups[{g}]; each parameter must be in exactly one group")
+            seen[id(p)] = g
+        params.sort(key=lambda p: position[id(p)])
+        options = {k: v for k, v in group.items() if k != "params"}
+        out.append((options, [(tuple(names_of[id(p)]), p) for p in params]))
+    missing = [names_of[id(p)][0] for p in trainable if id(p) not in seen]
+    if missing:
+        raise ValueError(f"trainable parameter {missing[0]!r} is in no group of param_groups "
+                         f"({len(missing)} missing); freeze it (requires_grad=False) or add it to a group")
+    return out
+
+
+def build_layouts(groups: list[tuple[dict, list]], param_dtype: torch.dtype | None,
+                  world_size: int) -> list[tuple[FlatLayout, list[nn.Parameter]]]:
+    """One FlatLayout per (group, compute dtype), in group order, dtypes in order of first appearance."""
+    out = []
+    for g, (_, named) in enumerate(groups):
+        by_dtype: dict[torch.dtype, list] = {}
+        for names, p in named:
+            by_dtype.setdefault(param_dtype or p.dtype, []).append((names, p))
+        for dtype, members in by_dtype.items():
+            layout = FlatLayout.build(g, dtype, [(names, tuple(p.shape)) for names, p in members], world_size)
+            out.append((layout, [p for _, p in members]))
+    return out
