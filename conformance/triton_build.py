@@ -245,7 +245,7 @@ def report_row(out_dir, *, full: bool, workers: int | None = None):
     with open(path, "w") as f:
         f.write(table(builds) + "\n")
     numbers = summary(builds)
-    scope = "every variant" if full else "causal + padded, aligned strides"
+    scope = "every variant" if full else "causal + padded"
     metrics = [Metric(name, value, "bytes" if "bytes" in name else "count") for name, value in numbers.items()]
     metrics.append(Metric("build time, wall clock", seconds, "s"))
     return Result(
