@@ -245,9 +245,6 @@ def _unsupported(name: str, q: Tensor, p: Problem, *, auto: bool = False, key_pa
             return "the triton package is not installed"
         if auto and q.device.type != "cuda":
             return f"needs CUDA tensors, got device {q.device} (Triton's interpreter is for tests, never 'auto')"
-        beyond = p.masked_beyond_causal
-        if beyond is not None:
-            return f"our Triton kernel has no {beyond} yet"
         from optimized.attention import triton as triton_backend
 
         return triton_backend.unsupported(q, p)
@@ -430,10 +427,10 @@ def _run_sdpa(q, k, v, p: Problem, **_):
                                           enable_gqa=p.Hkv != p.H)  # (B, H, N, d)
 
 
-def _run_triton(q, k, v, p: Problem, *, window_size, softcap, **kwargs):
+def _run_triton(q, k, v, p: Problem, **kwargs):
     from optimized.attention.triton import triton_attention
 
-    return triton_attention(q, k, v, **kwargs)  # windows and softcap were refused above
+    return triton_attention(q, k, v, **kwargs)
 
 
 def _run_blocked(q, k, v, p: Problem, *, key_padding_mask, return_lse, **_):
