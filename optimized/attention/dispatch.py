@@ -13,8 +13,9 @@ Backends, in the order "auto" tries them:
                 all have one length (then they are a batch). On CPU "auto" skips it for float16/bfloat16: there its
                 kernels fail the error rule this project holds every backend to (see `CPU_HALF_SDPA`).
     triton      our Triton kernels (optimized/attention/triton.py): everything the reference does on CUDA, fp16 /
-                bf16 / fp32, d <= 256. Also runs on CPU tensors under Triton's interpreter, which "auto" never
-                picks (it is a debugging tool, far slower than "blocked").
+                bf16 / fp32, d <= 256, windows and softcap included; packed documents only when they all have one
+                length (a batch). Also runs on CPU tensors under Triton's interpreter, which "auto" never picks (it
+                is a debugging tool, far slower than "blocked").
     blocked     our FlashAttention-2 in PyTorch (optimized/attention/blocked.py): everything, on any device.
 
 "auto" takes the first backend that can serve the inputs; `select_backend` names it and says why the ones before it
