@@ -30,6 +30,7 @@ first imported: `triton.jit` reads it when it decorates a kernel), in which case
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,9 +67,10 @@ def _fwd_kernel(
     svb, svh, svn, svd,
     sob, soh, son, sod,
     spb, spm,
-    H, N, M, HEAD_DIM, GROUP, qk_scale, causal_offset, window_offset, cap2,
-    IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_PAD: tl.constexpr,
-    EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    H, N, M, HEAD_DIM, GROUP, qk_scale, causal_offset,
+    IS_CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, EVEN_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    window_offset, cap2, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,  # by keyword: `_MASK_KERNELS`
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -171,9 +173,10 @@ def _bwd_dkdv_kernel(
     spb, spm,
     sdkb, sdkh, sdkn, sdkd,
     sdvb, sdvh, sdvn, sdvd,
-    H, HKV, N, M, HEAD_DIM, GROUP, qk_scale, sm_scale, causal_offset, window_offset, cap2,
-    IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_PAD: tl.constexpr,
-    EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    H, HKV, N, M, HEAD_DIM, GROUP, qk_scale, sm_scale, causal_offset,
+    IS_CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, EVEN_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    window_offset, cap2, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bhk = tl.program_id(1)
@@ -252,9 +255,10 @@ def _bwd_dq_kernel(
     sdb, sdh, sdn, sdd,
     spb, spm,
     sdqb, sdqh, sdqn, sdqd,
-    H, N, M, HEAD_DIM, GROUP, qk_scale, sm_scale, causal_offset, window_offset, cap2,
-    IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_PAD: tl.constexpr,
-    EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    H, N, M, HEAD_DIM, GROUP, qk_scale, sm_scale, causal_offset,
+    IS_CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, EVEN_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    window_offset, cap2, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -444,35 +448,40 @@ def _pad_args(pad: Tensor | None, lse: Tensor) -> tuple:
     return (pad, *pad.stride()) if pad is not None else (lse, 0, 0)
 
 
-def _masks(p: Problem) -> tuple[int, int, float]:
-    """causal_offset, window_offset (the right and left edges: i + window_offset <= j <= i + causal_offset) and
-    the softcap in base-2 units (0 when off)."""
-    return p.causal_offset or 0, p.left_offset or 0, p.softcap * _LOG2E
+def _with_masks(launch, p: Problem):
+    """A launch (or list of launches) with the sliding window's left edge (keys j >= i + window_offset) and the
+    softcap in base-2 units, passed by keyword to the kernels that compute scores (`_MASK_KERNELS`)."""
+    if isinstance(launch, list):
+        return [_with_masks(x, p) for x in launch]
+    if launch.kernel not in _MASK_KERNELS:
+        return launch
+    masks = dict(window_offset=p.left_offset or 0, cap2=p.softcap * _LOG2E, HAS_WINDOW=p.left_offset is not None,
+                 SOFTCAP=p.softcap > 0)
+    return dataclasses.replace(launch, meta=launch.meta | masks)
 
 
-def _mask_flags(p: Problem) -> dict:
-    return dict(IS_CAUSAL=p.causal_offset is not None, HAS_WINDOW=p.left_offset is not None,
-                SOFTCAP=p.softcap > 0)
+_MASK_KERNELS = (_fwd_kernel, _bwd_dkdv_kernel, _bwd_dq_kernel)
 
 
 def _fwd_launch(q, k, v, out, lse, pad, p: Problem, cfg: Config) -> Launch:
     t = cfg.fwd
     pad_ptr, *pad_strides = _pad_args(pad, lse)
-    return Launch(
+    return _with_masks(Launch(
         _fwd_kernel, (triton.cdiv(p.N, t.block_m), p.B * p.H),
         (q, k, v, out, lse, pad_ptr, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *pad_strides,
-         p.H, p.N, p.M, p.d, p.group, p.scale * _LOG2E, *_masks(p)),
-        dict(**_mask_flags(p), HAS_PAD=pad is not None, EVEN_D=p.d == cfg.block_d,
+         p.H, p.N, p.M, p.d, p.group, p.scale * _LOG2E, p.causal_offset or 0),
+        dict(IS_CAUSAL=p.causal_offset is not None, HAS_PAD=pad is not None, EVEN_D=p.d == cfg.block_d,
              BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=cfg.block_d, **_opts(t)),
-    )
+    ), p)
 
 
 def _bwd_launches(q, k, v, out, d_out, lse, delta, pad, dq, dk, dv, p: Problem, cfg: Config) -> list[Launch]:
     pad_ptr, *pad_strides = _pad_args(pad, lse)
-    flags = dict(**_mask_flags(p), HAS_PAD=pad is not None, EVEN_D=p.d == cfg.block_d, BLOCK_D=cfg.block_d)
-    scales = (p.scale * _LOG2E, p.scale, *_masks(p))
+    flags = dict(IS_CAUSAL=p.causal_offset is not None, HAS_PAD=pad is not None, EVEN_D=p.d == cfg.block_d,
+                 BLOCK_D=cfg.block_d)
+    scales = (p.scale * _LOG2E, p.scale, p.causal_offset or 0)
     pre, dkdv, dqt = cfg.preprocess, cfg.dkdv, cfg.dq
-    return [
+    return _with_masks([
         Launch(_bwd_preprocess, (triton.cdiv(p.N, pre.block_m), p.B * p.H),
                (out, d_out, delta, *out.stride(), *d_out.stride(), p.H, p.N, p.d),
                dict(EVEN_D=p.d == cfg.block_d, BLOCK_M=pre.block_m, BLOCK_D=cfg.block_d, **_opts(pre))),
@@ -486,7 +495,7 @@ def _bwd_launches(q, k, v, out, d_out, lse, delta, pad, dq, dk, dv, p: Problem, 
                 *q.stride(), *k.stride(), *v.stride(), *d_out.stride(), *pad_strides, *dq.stride(),
                 p.H, p.N, p.M, p.d, p.group, *scales),
                dict(BLOCK_M=dqt.block_m, BLOCK_N=dqt.block_n, **flags, **_opts(dqt))),
-    ]
+    ], p)
 
 
 def launches(p: Problem, dtype: torch.dtype, has_pad: bool, capability: tuple[int, int]) -> list[Launch]:
