@@ -86,7 +86,7 @@ class WholeBuffer:
             flat.grads[start + owned :].zero_()
             flat.grads[start : start + owned].div_(n)
             if self.offload:  # the host slice accumulates averages; the device buffer starts again from zero
-                flat.host_grad.add_(flat.grads[start : start + owned].to(flat.host_grad.dtype))
+                flat.host_grad.add_(flat.grads[start : start + owned].to(flat.host_grad.device, flat.host_grad.dtype))
                 flat.grads.zero_()
         self._divided = not self.offload
 
