@@ -48,7 +48,7 @@ def make_batch(
     _integer("batch_size", batch_size, 1)
     _integer("seq_len", seq_len, 2, "be an integer >= 2 (content, SEP, answer)")
     _integer("vocab_size", vocab_size, FIRST_CONTENT + 1,
-             f"exceed {FIRST_CONTENT}, an integer (PAD and SEP are reserved)")
+             f"be an integer >= {FIRST_CONTENT + 1} (ids 0..{FIRST_CONTENT - 1} are PAD and SEP)")
     if not isinstance(generator, torch.Generator) or generator.device.type != "cpu":
         raise ValueError(f"generator must be a CPU torch.Generator, got {generator!r}")
     if not isinstance(task, str) or task not in TASKS:
