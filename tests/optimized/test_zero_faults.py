@@ -291,6 +291,38 @@ def test_released_zero3_parameters_raise_a_clear_error():
     assert GPT(GPTConfig(**CFG)).load_state_dict(state, strict=True)  # a real, loadable state dict
 
 
+class _External(nn.Module):
+    """A parameter-free parent whose forward reads its child's weight without calling the child."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.child = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.child.weight, self.child.bias)
+
+
+def test_a_parameter_used_outside_its_module_needs_registration_and_then_trains():
+    x = torch.randn(5, 4)
+    reference = _External()
+    reference(x).square().sum().backward()
+    model = _External()
+    opt = ZeroOptimizer(model, torch.optim.SGD, stage=3, lr=0.1)
+    with pytest.raises(ReleasedParameterError, match=r"'child.weight' .*register_external_parameter"):
+        model(x)
+    opt.register_external_parameter(model, model.child.weight)
+    opt.register_external_parameter(model, model.child.bias)
+    model(x).square().sum().backward()
+    opt.step()
+    with torch.no_grad():
+        for p in reference.parameters():
+            p -= 0.1 * p.grad
+    with opt.gathered_parameters():
+        for a, b in zip(model.parameters(), reference.parameters(), strict=True):
+            torch.testing.assert_close(a, b)
+
+
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_torch_clip_grad_norm_on_sharded_gradients_raises(stage):
     model = _model()
