@@ -11,10 +11,10 @@ Exit status: 0 when every equivalence holds, 1 when any fails or a check crashes
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
-import traceback
 from pathlib import Path
 
 import torch
@@ -96,22 +96,23 @@ def _run_checks(args: argparse.Namespace, console: Console, show: bool) -> list[
         task = progress.add_task("conformance", total=len(args.selected))
         for name in args.selected:
             progress.update(task, description=f"check {name}")
-            try:
-                results.extend(checks.load(name)(ctx))
-            except Exception:  # noqa: BLE001 - a crashing check becomes a failing row; the others still run
-                results.append(Result(check=name, name="check crashed", technique=name, reference="-",
-                                      optimized="-", device=args.device.type, world_size=args.world_size,
-                                      error=traceback.format_exc()))
+            results.extend(checks.run(name, ctx))  # a crashing check is one failing row; the others still run
             progress.advance(task)
     return results
 
 
+COMMANDS = {
+    "plan": "conformance.plan.cli",
+    "bench": "conformance.bench",
+    "gpu": "conformance.gpu",
+}
+"""Subcommands: `python -m conformance NAME ...` calls `main(argv)` of the module; without one, the suite runs."""
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["plan"]:
-        from conformance.plan import main as plan_main
-
-        return plan_main(argv[1:])
+    if argv[:1] and argv[0] in COMMANDS:
+        return importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
     args = _parse(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING)
     rank0 = not under_torchrun() or int(os.environ["RANK"]) == 0

@@ -1,4 +1,5 @@
-"""The conformance report: a table in the terminal, report.json and report.md in one folder beside the checks' PNGs."""
+"""The conformance report: a table in the terminal, and report.json, report.md and the PNG of every figure the checks
+returned (conformance.figure) in one folder. This is the one place that draws."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from conformance.claims import CLAIMS
+from conformance.figure import Figure, Panel
 from conformance.result import Metric, Result
 
 
@@ -125,15 +127,100 @@ def write_markdown(results: list[Result], env: dict, path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def figures(results: list[Result]) -> list[Figure]:
+    """Every figure of the rows, once each (rows may share one), in row order."""
+    out: dict[str, Figure] = {}
+    for r in results:
+        for f in r.figures:
+            if out.setdefault(f.name, f) is not f:
+                raise ValueError(f"two different figures are named {f.name!r} ({r.check}/{r.name})")
+    return list(out.values())
+
+
+_SHADES = ["#4c78a8", "#9ecae9", "#2a4a6e"], ["#f58518", "#ffbf79", "#a35410"], ["#54a24b", "#88d27a", "#2f6b2a"]
+
+
+def _draw_timeline(ax, panel: Panel, plt) -> None:
+    """A Gantt chart: one row per rank, each group (forward, backward, ...) in its colours, one shade per chunk."""
+    groups = list(dict.fromkeys(b.group for b in panel.timeline))
+    span = max((b.end for b in panel.timeline), default=0.0)
+    for b in panel.timeline:
+        color = _SHADES[groups.index(b.group) % len(_SHADES)][b.shade % 3]
+        ax.barh(b.row, b.end - b.start, left=b.start, height=0.8, color=color, edgecolor="black", linewidth=0.4)
+        if span > 0 and (b.end - b.start) / span > 0.015:
+            ax.text((b.start + b.end) / 2, b.row, b.label, ha="center", va="center", fontsize=7,
+                    color="white" if b.shade % 3 != 1 else "black")
+    ax.set_yticks(range(len(panel.row_labels)), panel.row_labels)
+    ax.invert_yaxis()
+    ax.set_xlim(0, span if span > 0 else 1)
+    if panel.legend and groups:
+        handles = [plt.Rectangle((0, 0), 1, 1, color=_SHADES[i % len(_SHADES)][0]) for i in range(len(groups))]
+        ax.legend(handles, groups, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7)
+
+
+def _draw_panel(ax, panel: Panel, plt) -> None:
+    if panel.timeline:
+        _draw_timeline(ax, panel, plt)
+    for s in panel.series:
+        style = dict(color=s.color, alpha=s.alpha, label=s.label)
+        if s.kind == "bars":
+            ax.bar(s.x, s.y, width=s.width, **style)
+        elif s.kind == "points":
+            ax.plot(s.x, s.y, marker=s.marker or "o", linestyle="", **style)
+        else:
+            ax.plot(s.x, s.y, marker=s.marker, linestyle=s.linestyle, linewidth=s.linewidth, **style)
+    for axis, scale in (("x", panel.xscale), ("y", panel.yscale)):
+        if scale != "linear":
+            getattr(ax, f"set_{axis}scale")("log", base=2 if scale == "log2" else 10)
+    if panel.xticks is not None:
+        ax.set_xticks([p for p, _ in panel.xticks], [label for _, label in panel.xticks],
+                      rotation=panel.xtick_rotation, ha="right" if panel.xtick_rotation else "center")
+    for x in panel.vlines:
+        ax.axvline(x, color="grey", linestyle=":", linewidth=0.8)
+    ax.set_title(panel.title)
+    ax.set_xlabel(panel.xlabel)
+    ax.set_ylabel(panel.ylabel)
+    if panel.grid:
+        ax.grid(True, which="both", alpha=0.3)
+    if panel.legend and panel.series and any(s.label for s in panel.series):
+        ax.legend(fontsize=7)
+
+
+def draw(figure: Figure, path: Path) -> Path:
+    """Draw `figure` as a PNG at `path` (matplotlib, Agg backend, imported here: only drawing needs it)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(figure.panels)
+    size = figure.size or (5.5 * n if n > 1 else 6.0, 4.2)
+    fig, axes = plt.subplots(1, n, figsize=size, squeeze=False, sharey=figure.sharey)
+    try:
+        for ax, panel in zip(axes[0], figure.panels, strict=True):
+            _draw_panel(ax, panel, plt)
+        if figure.title:
+            fig.suptitle(figure.title, fontsize=10)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+    finally:
+        plt.close(fig)
+    return path
+
+
 def write_report(results: list[Result], env: dict, out_dir: Path) -> tuple[Path, Path]:
-    """Write report.json and report.md into out_dir; return their paths."""
+    """Write report.json, report.md and every figure's PNG into out_dir; return the paths of the first two."""
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out_dir / "report.json", out_dir / "report.md"
+    drawn = figures(results)
+    for f in drawn:
+        draw(f, out_dir / f.filename)
     payload = {
         "environment": env,
         "results": [r.to_dict() for r in results],
         "claims": {k: c.to_dict() for k, c in CLAIMS.items()},
         "failed": [f"{r.check}/{r.name}" for r in results if r.failed],
+        "figures": {f.name: f.to_dict() for f in drawn},
     }
     json_path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     write_markdown(results, env, md_path)

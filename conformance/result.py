@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from conformance.claims import Verdict, claim
+from conformance.figure import Figure
 from conformance.tolerance import Equivalence
 
 
@@ -47,8 +48,8 @@ class Result:
     """Id of the claim in conformance.claims.CLAIMS that this row answers."""
     verdict: Verdict | None = None
     notes: str = ""
-    plots: list[str] = field(default_factory=list)
-    """Paths of PNG files written for this row (relative to the report folder)."""
+    figures: list[Figure] = field(default_factory=list)
+    """Plots of this row, as data; the report draws each once into the report folder (`Figure.filename`)."""
     error: str | None = None
     """Set when the check itself crashed; such a row fails the run."""
 
@@ -59,10 +60,18 @@ class Result:
             raise ValueError(f"{self.check}/{self.name}: a verdict needs the claim it answers")
 
     @property
+    def plots(self) -> list[str]:
+        """File names of this row's figures in the report folder."""
+        return [f.filename for f in self.figures]
+
+    @property
     def failed(self) -> bool:
         return self.error is not None or (self.equivalence is not None and not self.equivalence.passed)
 
     def to_dict(self) -> dict:
+        """The row for report.json; figures by file name (their data is in the report's "figures")."""
         d = asdict(self)
+        del d["figures"]
+        d["plots"] = self.plots
         d["verdict"] = self.verdict.value if self.verdict else None
         return d

@@ -24,6 +24,12 @@ One iteration
                                                                 S <- S' only if S' is finite;  n <- 0
                          every optimizer back to READY
 
+Scale 0 (torch's decision, followed here): about 150 backoffs in a row (persistent overflow, e.g. a NaN in the
+loss) take S through fp32's subnormals to 0, and nothing brings it back: 0 * growth_factor is 0. Then 1/S = inf,
+scaled gradients are 0 (or NaN), unscaled ones NaN, and found_inf only sees the NaN that was there before the
+division: a step whose scaled gradients were finite is taken with NaN gradients. A training loop should watch
+get_scale() and stop when it reaches 0; the scaler itself keeps going exactly as GradScaler does.
+
 The update rule is torch's `_amp_update_scale_` kernel (aten/src/ATen/native/cpu/AmpGradScalerKernels.cpp): each
 product is formed in float64 and rounded once to fp32, so S * 0.3 gives the fp32 nearest the exact product. The
 tracker resets to 0 both on an overflow and on a growth (also when a growth is refused because S' would be inf).
@@ -116,7 +122,9 @@ class DynamicLossScaler:
         if stage is Stage.STEPPED:
             raise RuntimeError("unscale_() is being called after step().")
         grads = self._grads(optimizer)
-        inv_scale = torch.tensor(_fp32(1.0 / self._scale), dtype=torch.float32)  # 1/S in fp64, rounded once
+        # 1/S in fp64, rounded once; S = 0 (reached after persistent overflow) gives 1/S = inf, as torch's
+        # reciprocal does: zero gradients become NaN and pass the check above, so that step is taken (see docstring).
+        inv_scale = torch.tensor(_fp32(1.0 / self._scale) if self._scale != 0 else math.inf, dtype=torch.float32)
         found_inf = None if not grads else False
         with torch.no_grad():
             for g in grads:

@@ -1,16 +1,19 @@
 """Choosing a parallel strategy, as formulas: what a layout keeps alive, communicates, idles and computes.
 
 The memory of model states is `reference.memory`; this file adds what a planner needs beside it, each formula built
-on `reference.memory` where one applies, so no formula exists twice (conformance/plan.py is the planner):
+on `reference.memory` where one applies, so no formula exists twice (conformance/plan/ is the planner):
     activation_bytes_per_rank         a rank's live activations: layers x micro-batches in flight, checkpointing
     pipeline_stage_parameters         parameters of the most loaded pipeline stage (whole blocks + embeddings)
     in_flight_microbatches            micro-batches whose activations the first pipeline stage holds at its peak
     pipeline_bubble_fraction          (p - 1) / (m + p - 1), GPipe and 1F1B
     zero_communication_elements       ZeRO's 2Ψ / 3Ψ per step with m accumulated micro-batches
+    data_parallel_communication_bytes  those elements in bytes, as a ring of Nd ranks sends them
     tensor_parallel_communication_bytes   Megatron's 2 + 2 all-reduces per layer per micro-batch
     pipeline_communication_bytes      activations forward, their gradients backward, per micro-batch
     offload_transfer_bytes            ZeRO-Offload's PCIe traffic per step
     training_flops                    6Ψ per token plus attention (Kaplan et al. 2020)
+    offload_step_seconds              ZeRO-Offload's CPU optimizer step, bounded by host-memory bandwidth
+    step_seconds                      compute / (1 - bubble) + communication + offload's CPU step (no overlap)
     largest_module_parameters         DeepSpeed's largest_layer_params for reference.model.GPT
 """
 
@@ -126,6 +129,18 @@ def zero_communication_elements(num_params: float, stage: int, accumulation_step
     return one + (accumulation_steps - 1) * extra_per_microbatch
 
 
+def data_parallel_communication_bytes(
+    num_params: float, stage: int, world_size: int, *, accumulation_steps: int = 1, element_bytes: int = 4
+) -> float:
+    """Bytes a data-parallel rank sends per step: `zero_communication_elements` x element_bytes x (Nd-1)/Nd.
+
+    A ring reduce-scatter or all-gather of n elements over Nd ranks sends (Nd-1)/Nd·n per rank (an all-reduce is
+    one of each: 2(Nd-1)/Nd·n); one rank sends nothing."""
+    _positive(world_size=world_size, element_bytes=element_bytes)
+    ring = (world_size - 1) / world_size
+    return zero_communication_elements(num_params, stage, accumulation_steps) * element_bytes * ring
+
+
 def _ring_all_reduce_factor(group_size: int) -> float:
     return 2 * (group_size - 1) / group_size
 
@@ -192,6 +207,33 @@ def training_flops(
         raise ValueError(f"num_params and tokens must be >= 0, got {num_params} and {tokens}")
     passes = 8 if recompute else 6
     return passes * (num_params + n_layer * seq_len * n_embd) * tokens
+
+
+def offload_step_seconds(streamed_bytes: float, *, ranks_per_node: int, host_memory_bandwidth: float) -> float:
+    """Seconds of ZeRO-Offload's CPU optimizer step (Ren et al. 2021, arXiv 2101.06840, Sec. 4.1), bounded by the
+    node's host memory: the step streams each rank's `streamed_bytes` (its gradient slice read, master weights and
+    moments read and written) and the `ranks_per_node` ranks of a node share its bandwidth (bytes/s)."""
+    _positive(ranks_per_node=ranks_per_node)
+    if not (streamed_bytes >= 0 and host_memory_bandwidth > 0):
+        raise ValueError(f"streamed_bytes must be >= 0 and host_memory_bandwidth > 0, got {streamed_bytes} and "
+                         f"{host_memory_bandwidth}")
+    return streamed_bytes * ranks_per_node / host_memory_bandwidth
+
+
+def step_seconds(
+    flops: float, *, gpus: int, flops_per_second: float, bubble: float = 0.0, communication_s: float = 0.0,
+    offload_step_s: float = 0.0,
+) -> tuple[float, float]:
+    """(compute seconds, step seconds) of one training step: the FLOPs spread evenly over `gpus` at the achieved
+    `flops_per_second` each, stretched by the pipeline's idle fraction, plus communication and offload's CPU step
+    with no overlap. An upper bound, good for ranking layouts rather than predicting a clock:
+        compute = flops / (gpus · flops_per_second)        step = compute / (1 - bubble) + comm + offload"""
+    _positive(gpus=gpus)
+    if not (flops >= 0 and flops_per_second > 0 and 0 <= bubble < 1 and communication_s >= 0 and offload_step_s >= 0):
+        raise ValueError(f"need flops >= 0, flops_per_second > 0, 0 <= bubble < 1, times >= 0; got {flops}, "
+                         f"{flops_per_second}, {bubble}, {communication_s}, {offload_step_s}")
+    compute = flops / gpus / flops_per_second
+    return compute, compute / (1 - bubble) + communication_s + offload_step_s
 
 
 def largest_module_parameters(config: GPTConfig) -> int:

@@ -24,7 +24,7 @@ def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device (none visible)")
     skip_multi = pytest.mark.skip(reason=f"needs >= 2 CUDA devices ({n_gpus} visible)")
     for item in items:
-        if "multigpu" in item.keywords and n_gpus < 2:
+        if item.get_closest_marker("multigpu") and n_gpus < 2:
             item.add_marker(skip_multi)
-        elif "gpu" in item.keywords and n_gpus < 1:
+        elif item.get_closest_marker("gpu") and n_gpus < 1:
             item.add_marker(skip_gpu)

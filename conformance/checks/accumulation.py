@@ -16,7 +16,7 @@ import contextlib
 import torch
 import torch.distributed as dist
 
-from conformance.checks import Context
+from conformance.checks import CheckSpec, Context
 from conformance.launch import spawn
 from conformance.result import Result
 from conformance.tolerance import allclose, bitwise, combine
@@ -25,6 +25,11 @@ from reference.data import make_batches
 from reference.model import GPT, IGNORE_INDEX, GPTConfig
 from reference.training import accumulate_gradients as reference_accumulate
 
+SPEC = CheckSpec(
+    name="accumulation", technique="gradient accumulation",
+    reference="one forward/backward of the whole batch (token mean)",
+    optimized="optimized.accumulation.accumulate_gradients", order=70,
+)
 CONFIG = dict(vocab_size=32, block_size=32, n_layer=2, n_head=4, n_embd=32, seed=0)
 ROWS = 12
 
@@ -120,10 +125,8 @@ def run(ctx: Context) -> list[Result]:
                     / torch.linalg.vector_norm(torch.cat([b.flatten() for b in g_big])))
     rel_ours = float(torch.linalg.vector_norm(torch.cat([(a - b).flatten() for a, b in zip(g_acc, g_big, strict=True)]))
                      / torch.linalg.vector_norm(torch.cat([b.flatten() for b in g_big])))
-    rows = [Result(
-        check="accumulation", name="token-weighted micro-batches vs one batch", technique="gradient accumulation",
-        reference="one forward/backward of the whole batch (token mean)",
-        optimized="optimized.accumulation.accumulate_gradients", device=device.type, equivalence=eq,
+    rows = [SPEC.row(
+        ctx, "token-weighted micro-batches vs one batch", device=device.type, equivalence=eq,
         notes=f"micro-batches of {sizes} rows holding {counts} scored tokens; relative gradient error "
               f"{rel_ours:.2g} (token-weighted) vs {rel_bug:.2g} for the mean of micro-batch means")]
 
@@ -134,9 +137,8 @@ def run(ctx: Context) -> list[Result]:
     parts = [bitwise(opt_loss.cpu(), spec_loss.cpu(), name="loss")]
     parts += [bitwise(a, b, name=f"grad {i}") for i, (a, b) in enumerate(zip(_grads(opt_model), _grads(spec_model),
                                                                              strict=True))]
-    rows.append(Result(
-        check="accumulation", name="vs reference.training.accumulate_gradients", technique="gradient accumulation",
-        reference="reference.training.accumulate_gradients", optimized="optimized.accumulation.accumulate_gradients",
+    rows.append(SPEC.row(
+        ctx, "vs reference.training.accumulate_gradients", reference="reference.training.accumulate_gradients",
         device=device.type, equivalence=combine("3 equal micro-batches", parts),
         notes="the same arithmetic (summed loss / token count of the whole batch), so bitwise"))
 
@@ -146,9 +148,8 @@ def run(ctx: Context) -> list[Result]:
     for r, (loss_r, grads_r, *_) in enumerate(per_rank):
         parts += [allclose(loss_r, loss_big, name=f"rank {r} loss", rtol=1e-6, atol=0.0),
                   _close(f"rank {r} gradients", grads_r, g_big)]
-    rows.append(Result(
-        check="accumulation", name=f"{ws} ranks, no_sync + token count all-reduced", technique="gradient accumulation",
-        reference="one forward/backward of the whole batch (token mean)",
+    rows.append(SPEC.row(
+        ctx, f"{ws} ranks, no_sync + token count all-reduced",
         optimized="optimized.accumulation.accumulate_gradients(no_sync=..., process_group=...)",
         device=device.type, world_size=ws, equivalence=combine(f"{ws} ranks vs one batch", parts),
         notes=f"scored tokens per rank {[r[2] for r in per_rank]}; micro-batches run outside no_sync (rank 0): "

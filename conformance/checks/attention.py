@@ -22,17 +22,20 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from conformance.checks import Context
+from conformance.checks import CheckSpec, Context
 from conformance.claims import Verdict
+from conformance.figure import Figure, Panel, Series
 from conformance.measure import cuda_peak_bytes, peak_live_bytes, saved_tensor_bytes, time_fn
 from conformance.result import Metric, Result
 from conformance.tolerance import GRADIENT_FACTOR, Equivalence, combine, error_ratio
 from optimized.attention import BACKENDS, flash_attention, unsupported
 from reference.attention import attention
 
-CHECK = "attention"
-TECHNIQUE = "FlashAttention"
-REFERENCE = "reference.attention.attention"
+SPEC = CheckSpec(
+    name="attention", technique="FlashAttention", reference="reference.attention.attention",
+    optimized="optimized.attention.flash_attention", order=20, peers=("torch SDPA", "flash-attn"),
+    claims=("flash.memory", "flash.memory_seed", "flash.speed"),
+)
 PEERS = {"sdpa": "torch SDPA", "flash_attn": "flash-attn"}
 CLAIM_SLACK = 0.1
 """A measured memory ratio within 10% of the paper's (read off its Fig. 3) counts as reaching it."""
@@ -155,9 +158,8 @@ def _equivalence_rows(ctx: Context) -> list[Result]:
     rows = []
     for backend in BACKENDS:
         cases = INTERPRETER_CASES if backend == "triton" and ctx.device.type == "cpu" else CASES
-        row = functools.partial(Result, check=CHECK, technique=TECHNIQUE, reference=REFERENCE,
-                                optimized=f"optimized.attention.flash_attention(backend={backend!r})",
-                                peer=PEERS.get(backend), device=ctx.device.type)
+        row = functools.partial(SPEC.row, ctx, optimized=f"optimized.attention.flash_attention(backend={backend!r})",
+                                peer=PEERS.get(backend))
         backend_rows, reasons = [], []
         for dtype in _dtypes(backend, ctx.device):
             parts, skipped = [], []
@@ -265,7 +267,7 @@ def _measure_memory(ctx: Context, w: Workload, impls: dict[str, Callable], lengt
     return memory
 
 
-def _memory_rows(ctx: Context, w: Workload, memory: dict, plot: str) -> list[Result]:
+def _memory_rows(ctx: Context, w: Workload, memory: dict, figure: Figure) -> list[Result]:
     lengths = sorted(memory["naive"])
     naive = memory["naive"]
     claimed = {2048: "10x @2K", 4096: "20x @4K"}
@@ -283,20 +285,18 @@ def _memory_rows(ctx: Context, w: Workload, memory: dict, plot: str) -> list[Res
         metrics += [Metric(f"saved, naive, N={lengths[-1]}", naive[lengths[-1]][0], "bytes"),
                     Metric(f"saved, {name}, N={lengths[-1]}", memory[name][lengths[-1]][0], "bytes")]
         verdict, why = _memory_verdict(memory, name, claimed)
-        rows.append(Result(
-            check=CHECK, name=f"memory: naive vs {name}", technique=TECHNIQUE, reference=REFERENCE,
-            optimized=f"flash_attention(backend={name!r})", peer=PEERS.get(name), device=ctx.device.type,
-            memory=metrics, claim="flash.memory" if verdict else None, verdict=verdict, plots=[plot],
+        rows.append(SPEC.row(
+            ctx, f"memory: naive vs {name}", optimized=f"flash_attention(backend={name!r})", peer=PEERS.get(name),
+            memory=metrics, claim="flash.memory" if verdict else None, verdict=verdict, figures=[figure],
             notes=f"{w.describe()}. {accounting}. {why}",
         ))
     ours = "blocked"
     seed_metrics = [Metric(f"saved, naive / {ours}, N={n}", naive[n][0] / memory[ours][n][0], "x", "7.6x")
                     for n in lengths]
     ratios = ", ".join(f"{m.measured:.3g}x at N={n}" for m, n in zip(seed_metrics, lengths, strict=True))
-    rows.append(Result(
-        check=CHECK, name="the seed's '7.6x memory'", technique=TECHNIQUE, reference=REFERENCE,
-        optimized=f"flash_attention(backend={ours!r})", device=ctx.device.type, memory=seed_metrics,
-        claim="flash.memory_seed", verdict=Verdict.DOES_NOT_HOLD, plots=[plot],
+    rows.append(SPEC.row(
+        ctx, "the seed's '7.6x memory'", optimized=f"flash_attention(backend={ours!r})", memory=seed_metrics,
+        claim="flash.memory_seed", verdict=Verdict.DOES_NOT_HOLD, figures=[figure],
         notes="7.6x is the attention SPEED-UP the FlashAttention paper (arXiv 2205.14135) reports on GPT-2, not a "
         f"memory figure. The memory saving is no constant factor: it grows linearly with N ({ratios}; "
         f"{w.describe()}), because naive attention holds O(N²) and FlashAttention O(N) bytes.",
@@ -347,38 +347,29 @@ def _speed_row(ctx: Context, w: Workload, impls: dict[str, Callable], n: int) ->
     else:
         verdict = Verdict.HOLDS if ratio >= 2.0 else Verdict.DOES_NOT_HOLD
         why = f"{best} is {ratio:.3g}x the naive speed"
-    return Result(
-        check=CHECK, name=f"speed: naive vs fast backends, N={n}", technique=TECHNIQUE, reference=REFERENCE,
+    return SPEC.row(
+        ctx, f"speed: naive vs fast backends, N={n}",
         optimized=", ".join(f"flash_attention(backend={name!r})" for name in times if name != "naive"),
-        device=ctx.device.type, speed=metrics, claim="flash.speed", verdict=verdict,
+        speed=metrics, claim="flash.speed", verdict=verdict,
         notes=f"{w.describe(n)}; median of {reps} after {warmup} warm-up; FLOPs per FA2 (4·N·M·d·H forward, half "
         f"when causal, backward 2.5x forward); {why}",
     )
 
 
-def _plot(memory: dict, w: Workload, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, index, title in ((axes[0], 0, "saved for backward (inputs included)"),
-                             (axes[1], 1, "peak live bytes, forward + backward")):
+def _figure(memory: dict, w: Workload) -> Figure:
+    """Saved-for-backward and peak bytes against N, one line per implementation (log-log)."""
+    panels = []
+    for index, title in ((0, "saved for backward (inputs included)"), (1, "peak live bytes, forward + backward")):
+        series = []
         for (name, by_n), marker, style in zip(memory.items(), "osD^v", ("-", "--", ":", "-.", "-"), strict=False):
             lengths = sorted(by_n)
-            ax.loglog(lengths, [by_n[n][index] / 2**20 for n in lengths], marker=marker, linestyle=style,
-                      label=name, base=2)  # lines that coincide stay visible through their markers and dashes
-        ax.set_xticks(lengths, [f"{n // 1024}K" if n >= 1024 else str(n) for n in lengths])
-        ax.set_xlabel("sequence length N (= M)")
-        ax.set_ylabel("MiB")
-        ax.set_title(title)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
-    fig.suptitle(f"attention memory vs sequence length ({w.describe()})", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+            # lines that coincide stay visible through their markers and dashes
+            series.append(Series(lengths, [by_n[n][index] / 2**20 for n in lengths], label=name, marker=marker,
+                                 linestyle=style))
+        panels.append(Panel(series=series, xscale="log2", yscale="log2", title=title, xlabel="sequence length N (= M)",
+                            ylabel="MiB", grid=True,
+                            xticks=[(n, f"{n // 1024}K" if n >= 1024 else str(n)) for n in lengths]))
+    return Figure("attention_memory", panels, title=f"attention memory vs sequence length ({w.describe()})")
 
 
 def run(ctx: Context) -> list[Result]:
@@ -387,10 +378,7 @@ def run(ctx: Context) -> list[Result]:
     impls = _implementations(ctx.device, w)
     lengths = _lengths(ctx.device, ctx.quick)
     memory = _measure_memory(ctx, w, impls, lengths)
-    plot = "attention_memory.png"
-    ctx.out_dir.mkdir(parents=True, exist_ok=True)
-    _plot(memory, w, ctx.out_dir / plot)
-    rows += _memory_rows(ctx, w, memory, plot)
+    rows += _memory_rows(ctx, w, memory, _figure(memory, w))
     speed_n = lengths[-2] if ctx.device.type == "cpu" and ctx.quick else lengths[-1]
     rows.append(_speed_row(ctx, w, impls, speed_n))
     return rows

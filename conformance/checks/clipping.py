@@ -18,7 +18,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from conformance.checks import Context
+from conformance.checks import CheckSpec, Context
 from conformance.launch import spawn
 from conformance.measure import CollectiveCounter
 from conformance.result import Result
@@ -28,6 +28,10 @@ from reference.clipping import clip_grad_norm
 from reference.data import make_batches
 from reference.model import GPT, GPTConfig
 
+SPEC = CheckSpec(
+    name="clipping", technique="gradient clipping", reference="reference.clipping.clip_grad_norm",
+    optimized="optimized.clipping.clip_grad_norm_", order=60, peers=("torch.nn.utils.clip_grad_norm_",),
+)
 CONFIG = dict(vocab_size=32, block_size=32, n_layer=2, n_head=4, n_embd=32, seed=0)
 NORMS = (1.0, 2.0, math.inf)
 MAX_NORM = 0.5  # below the tiny GPT's gradient norm (~4), so clipping scales every gradient
@@ -68,9 +72,8 @@ def _single_process_rows(device: torch.device) -> list[Result]:
                 *[allclose(p.grad, q.grad, name=f"grad {i}") for i, (p, q) in enumerate(zip(params, spec,
                                                                                               strict=True))],
             ])
-            rows.append(Result(
-                check="clipping", name=f"p={norm_type:g}, {label}", technique="gradient clipping",
-                reference="reference.clipping.clip_grad_norm", optimized=optimized, peer=peer, device=device.type,
+            rows.append(SPEC.row(
+                None, f"p={norm_type:g}, {label}", optimized=optimized, peer=peer, device=device.type,
                 equivalence=eq,
                 notes=f"tiny GPT gradients ({len(grads)} tensors), norm {float(t_spec):.4g} clipped to half"))
     return rows
@@ -86,9 +89,8 @@ def _fp16_row(device: torch.device) -> Result:
     zeroed = all(float(p.grad.abs().max()) == 0.0 for p in theirs)
     eq = allclose(t_mine.double().cpu(), exact.cpu(), name="fp16 gradients: total norm vs float64", rtol=1e-6,
                   atol=0.0)
-    return Result(
-        check="clipping", name="fp16 gradients, norm > 65504", technique="gradient clipping",
-        reference="float64 norm of the fp16 gradients", optimized="optimized.clipping.clip_grad_norm_",
+    return SPEC.row(
+        None, "fp16 gradients, norm > 65504", reference="float64 norm of the fp16 gradients",
         peer="torch.nn.utils.clip_grad_norm_", device=device.type, equivalence=eq,
         notes=f"true norm {float(exact):.6g}; optimized {float(t_mine):.6g} ({t_mine.dtype}); torch "
               f"{float(t_theirs):.6g} ({t_theirs.dtype}){', its clipping zeroed every gradient' if zeroed else ''}")
@@ -120,10 +122,10 @@ def _sharded_rows(ctx: Context) -> list[Result]:
         spec = clip_grad_norm(_params_with(grads), MAX_NORM, norm_type)
         parts = [allclose(r[repr(norm_type)][0], spec, name=f"rank {i} global norm") for i, r in enumerate(per_rank)]
         calls, payload = per_rank[0][repr(norm_type)][1:]
-        rows.append(Result(
-            check="clipping", name=f"p={norm_type:g}, sharded over {world} ranks + replicated",
-            technique="gradient clipping", reference="reference.clipping.clip_grad_norm (whole gradient)",
-            optimized="optimized.clipping.global_grad_norm", device=ctx.device.type, world_size=world,
+        rows.append(SPEC.row(
+            ctx, f"p={norm_type:g}, sharded over {world} ranks + replicated",
+            reference="reference.clipping.clip_grad_norm (whole gradient)",
+            optimized="optimized.clipping.global_grad_norm", world_size=world,
             equivalence=combine(f"p={norm_type:g}: sharded norm vs single-process norm", parts),
             notes=f"weights sharded (torch.chunk, uneven), {sum(g.dim() < 2 for g in grads)} bias/LayerNorm "
                   f"gradients replicated and counted once; {calls} all-reduce call(s), {payload} bytes per rank"))
@@ -132,10 +134,10 @@ def _sharded_rows(ctx: Context) -> list[Result]:
     spec_shards = [p.grad.flatten().chunk(world) for p in spec_params if p.grad.dim() >= 2]
     parts = [allclose(c, spec_shards[j][i] if i < len(spec_shards[j]) else c, name=f"rank {i} shard {j}")
              for i, r in enumerate(per_rank) for j, c in enumerate(r["clipped"][1])]
-    rows.append(Result(
-        check="clipping", name=f"clip_sharded_grad_norm_ over {world} ranks", technique="gradient clipping",
+    rows.append(SPEC.row(
+        ctx, f"clip_sharded_grad_norm_ over {world} ranks",
         reference="reference.clipping.clip_grad_norm (whole gradient)",
-        optimized="optimized.clipping.clip_sharded_grad_norm_", device=ctx.device.type, world_size=world,
+        optimized="optimized.clipping.clip_sharded_grad_norm_", world_size=world,
         equivalence=combine("clipped shards vs clipped whole gradient", parts),
         notes="every rank's clipped shard equals its slice of the single-process clipped gradient"))
     return rows

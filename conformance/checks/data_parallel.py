@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from conformance.checks import Context
+from conformance.checks import CheckSpec, Context
 from conformance.claims import Verdict, equivalence_verdict
 from conformance.launch import spawn
 from conformance.measure import CollectiveCounter, time_fn
@@ -36,7 +36,11 @@ from reference.data import make_batches
 from reference.model import GPT, IGNORE_INDEX, GPTConfig
 from reference.training import train_step
 
-CHECK = "data_parallel"
+SPEC = CheckSpec(
+    name="data_parallel", technique="data parallel", reference="reference.training.train_step",
+    optimized="optimized.data_parallel.DataParallel", order=90,
+    peers=("torch.nn.parallel.DistributedDataParallel",), claims=("data_parallel.equivalence",),
+)
 LR, WD = 1e-2, 0.1
 
 
@@ -200,7 +204,7 @@ def run(ctx: Context) -> list[Result]:
     first = per_rank[0]
     n_params = GPT(GPTConfig(**sizes["config"])).num_parameters()
     steps = sizes["steps"]
-    common = dict(check=CHECK, technique="data parallel", device=ctx.device.type, world_size=ws)
+    common = dict(world_size=ws)
     rows = []
 
     # 1. vs one process, and the bytes on the wire.
@@ -212,9 +216,8 @@ def run(ctx: Context) -> list[Result]:
                  + series_close(first["trajectory"]["loss"], ref_losses, name="own AdamW loss", rtol=TRAJECTORY_RTOL)
                  + in_sync)
     formula = 2 * (ws - 1) / ws * 4 * n_params
-    rows.append(Result(
-        name=f"bucketed all-reduce vs one process, {ws} ranks", reference="reference.training.train_step",
-        optimized="optimized.data_parallel.DataParallel", equivalence=eq,
+    rows.append(SPEC.row(
+        ctx, f"bucketed all-reduce vs one process, {ws} ranks", equivalence=eq,
         metrics=[Metric("all-reduce bytes sent per rank per step (ring)", first["bucketed"]["ring_bytes"], "bytes",
                        claimed=f"2(N-1)/N x 4Ψ = {formula:.0f} (Ψ = {n_params})"),
                  Metric("all-reduces per step (buckets)", first["bucketed"]["all_reduces"], "count")],
@@ -236,8 +239,8 @@ def run(ctx: Context) -> list[Result]:
     verdict = equivalence_verdict(eq.passed, world_size=ws)
     if verdict is Verdict.HOLDS and not rank_means_equal:
         verdict = Verdict.HOLDS_UNDER_CONDITIONS
-    rows.append(Result(
-        name=f"uneven tokens per rank, {ws} ranks", reference="reference.training.train_step (token mean)",
+    rows.append(SPEC.row(
+        ctx, f"uneven tokens per rank, {ws} ranks", reference="reference.training.train_step (token mean)",
         optimized="DataParallel with each rank's loss sum x N / (scored tokens of the whole batch)", equivalence=eq,
         metrics=[Metric("first step: relative loss gap, mean of rank means vs token mean", loss_gap, "fraction"),
                  Metric("first step: largest gradient gap / largest gradient entry", grad_gap, "fraction")],
@@ -255,8 +258,8 @@ def run(ctx: Context) -> list[Result]:
     ])
     times = first["times"]
     off_gpu = ctx.device.type != "cuda"
-    rows.append(Result(
-        name=f"vs torch DDP, {ws} ranks", reference="torch.nn.parallel.DistributedDataParallel",
+    rows.append(SPEC.row(
+        ctx, f"vs torch DDP, {ws} ranks", reference="torch.nn.parallel.DistributedDataParallel",
         optimized="optimized.data_parallel.DataParallel / NaiveDataParallel",
         peer="torch.nn.parallel.DistributedDataParallel", equivalence=eq,
         speed=[Metric("step time DataParallel / DDP", times["bucketed"] / times["ddp"], "x"),

@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-import traceback
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from conformance.checks import Context
+from conformance.checks import CheckSpec, Context
 from conformance.claims import Verdict
+from conformance.figure import Figure, Panel, Series
 from conformance.measure import PeakLiveBytes, cuda_peak_bytes, model_state_bytes, saved_tensor_bytes, time_fn
 from conformance.result import Metric, Result
 from conformance.tolerance import GRADIENT_FACTOR, Equivalence, allclose, combine, error_ratio
@@ -38,8 +37,11 @@ from reference.data import make_batches
 from reference.model import GPT, GPTConfig
 from reference.training import train
 
-CHECK = "mixed_precision"
-TECHNIQUE = "mixed precision"
+SPEC = CheckSpec(
+    name="mixed_precision", technique="mixed precision", reference="reference.training.train (fp32)",
+    optimized="optimized.mixed_precision", order=30, peers=("torch.amp.GradScaler",),
+    claims=("mixed_precision.memory", "mixed_precision.speed"),
+)
 LR = 3e-3
 UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 SHORT = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -72,19 +74,6 @@ def _batches(s: Sizes, device: torch.device, n: int = 3):
 
 def _model(s: Sizes, device: torch.device, dtype: torch.dtype = torch.float32) -> GPT:
     return GPT(s.config).to(device=device, dtype=dtype)
-
-
-def _row(name: str, optimized: str, ctx: Context, **kwargs) -> Result:
-    return Result(check=CHECK, name=name, technique=TECHNIQUE, reference="reference.training.train (fp32)",
-                  optimized=optimized, peer=kwargs.pop("peer", None), device=ctx.device.type, **kwargs)
-
-
-def _guarded(section: str, ctx: Context, fn: Callable[[Context], list[Result]]) -> list[Result]:
-    """One section's crash becomes one failing row; the other sections still report."""
-    try:
-        return fn(ctx)
-    except Exception:  # noqa: BLE001
-        return [_row(f"{section}: crashed", "-", ctx, error=traceback.format_exc())]
 
 
 # ---- 1. equivalence -------------------------------------------------------------------------------------------------
@@ -157,9 +146,9 @@ def _equivalence(ctx: Context) -> list[Result]:
         if dtype == torch.bfloat16:
             parts.append(final_params(list(model.parameters()), dtype))
         skipped = sum(history.skipped)
-        rows.append(_row(
-            f"autocast {SHORT[dtype]}{' + GradScaler' if scaler else ''} vs fp32 training",
-            f"optimized.mixed_precision.amp_train(dtype={SHORT[dtype]})", ctx,
+        rows.append(SPEC.row(
+            ctx, f"autocast {SHORT[dtype]}{' + GradScaler' if scaler else ''} vs fp32 training",
+            optimized=f"optimized.mixed_precision.amp_train(dtype={SHORT[dtype]})",
             peer="torch.amp.GradScaler" if scaler else None,
             equivalence=combine(f"autocast {SHORT[dtype]}", parts),
             notes=notes + f" Skipped steps: {skipped}; final loss {history.loss[-1]:.4f} vs fp32 {ref32[-1]:.4f}."))
@@ -169,9 +158,9 @@ def _equivalence(ctx: Context) -> list[Result]:
         parts = [trajectory(losses, dtype)]
         if dtype == torch.bfloat16:
             parts.append(final_params(masters, dtype))
-        rows.append(_row(
-            f"{SHORT[dtype]} weights + fp32 master copy vs fp32 training",
-            f"optimized.mixed_precision.MasterWeightOptimizer(AdamW, dtype={SHORT[dtype]})", ctx,
+        rows.append(SPEC.row(
+            ctx, f"{SHORT[dtype]} weights + fp32 master copy vs fp32 training",
+            optimized=f"optimized.mixed_precision.MasterWeightOptimizer(AdamW, dtype={SHORT[dtype]})",
             equivalence=combine(f"master weights {SHORT[dtype]}", parts),
             notes=notes + f" Dynamic loss scale from 2^16; skipped steps: {sum(skipped)}; final loss "
             f"{losses[-1]:.4f} vs fp32 {ref32[-1]:.4f}."))
@@ -347,19 +336,15 @@ def _memory(ctx: Context) -> list[Result]:
         + ("torch.cuda.max_memory_allocated" if device.type == "cuda" else "conformance.measure.PeakLiveBytes")
         + f"; model state: conformance.measure.model_state_bytes. Shapes: {shape['tiny']}; {shape['wide']}."
     )
-    plots = _memory_plot(ctx, s, device) if not ctx.quick else []
-    return [_row("memory: activations and model state", "optimized.mixed_precision (autocast, master weights)",
-                 ctx, memory=metrics, claim="mixed_precision.memory", verdict=verdict, notes=notes, plots=plots)]
+    figures = [_memory_figure(s, device)] if not ctx.quick else []
+    return [SPEC.row(ctx, "memory: activations and model state",
+                     optimized="optimized.mixed_precision (autocast, master weights)", memory=metrics,
+                     claim="mixed_precision.memory", verdict=verdict, notes=notes, figures=figures)]
 
 
-def _memory_plot(ctx: Context, s: Sizes, device: torch.device) -> list[str]:
+def _memory_figure(s: Sizes, device: torch.device) -> Figure:
     """Saved-for-backward bytes vs sequence length: fp32, autocast bf16 (fp16 saves the same bytes), and the model
     computing in bf16 (the master-weight style), beside half of fp32."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     lengths = [8, 16, 32, 63]
     series = {"fp32": [], "autocast bf16 (fp32 weights)": [], "bf16 model (fp32 master copy)": []}
     for t in lengths:
@@ -371,19 +356,12 @@ def _memory_plot(ctx: Context, s: Sizes, device: torch.device) -> list[str]:
             _saved_breakdown(_model(sz, device), idx, targets, torch.bfloat16)["total"] / mib)
         series["bf16 model (fp32 master copy)"].append(
             _saved_breakdown(_model(sz, device, torch.bfloat16), idx, targets, None)["total"] / mib)
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for label, ys in series.items():
-        ax.plot(lengths, ys, marker="o", label=label)
-    ax.plot(lengths, [y / 2 for y in series["fp32"]], linestyle="--", color="gray", label="50% of fp32 (the claim)")
-    ax.set_xlabel("sequence length")
-    ax.set_ylabel("saved for backward (MiB)")
-    ax.set_title(f"tiny GPT, batch {s.batch_size}, {device.type}")
-    ax.legend()
-    fig.tight_layout()
-    name = "mixed_precision_saved_bytes.png"
-    fig.savefig(ctx.out_dir / name, dpi=120)
-    plt.close(fig)
-    return [name]
+    lines = [Series(lengths, ys, label=label, marker="o") for label, ys in series.items()]
+    lines.append(Series(lengths, [y / 2 for y in series["fp32"]], label="50% of fp32 (the claim)", linestyle="--",
+                        color="gray"))
+    return Figure("mixed_precision_saved_bytes", [Panel(
+        series=lines, xlabel="sequence length", ylabel="saved for backward (MiB)",
+        title=f"tiny GPT, batch {s.batch_size}, {device.type}")], size=(5, 3.5))
 
 
 # ---- 3. speed -------------------------------------------------------------------------------------------------------
@@ -444,10 +422,10 @@ def _speed(ctx: Context) -> list[Result]:
         notes = (f"{torch.cuda.get_device_name(device)}: best {best:.2f}x against true fp32 (TF32 off), "
                  f"{tf32_best:.2f}x against fp32 with TF32 matmuls (torch.backends.cuda.matmul.allow_tf32 was "
                  f"{tf32_before} before the check). {where}.")
-    return [_row("speed: fp32 vs autocast step time", "optimized.mixed_precision.amp_step", ctx, speed=metrics,
-                 claim="mixed_precision.speed", verdict=verdict, notes=notes)]
+    return [SPEC.row(ctx, "speed: fp32 vs autocast step time", optimized="optimized.mixed_precision.amp_step",
+                     speed=metrics, claim="mixed_precision.speed", verdict=verdict, notes=notes)]
 
 
 def run(ctx: Context) -> list[Result]:
-    return (_guarded("equivalence", ctx, _equivalence) + _guarded("memory", ctx, _memory)
-            + _guarded("speed", ctx, _speed))
+    return (SPEC.guarded(ctx, "equivalence", _equivalence) + SPEC.guarded(ctx, "memory", _memory)
+            + SPEC.guarded(ctx, "speed", _speed))

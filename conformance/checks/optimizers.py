@@ -14,7 +14,7 @@ import statistics
 
 import torch
 
-from conformance.checks import Context
+from conformance.checks import CheckSpec, Context
 from conformance.measure import time_fn
 from conformance.result import Metric, Result
 from conformance.tolerance import allclose, bitwise, combine
@@ -23,6 +23,10 @@ from reference import optimizers as ref
 from reference.data import make_batches
 from reference.model import GPT, GPTConfig
 
+SPEC = CheckSpec(
+    name="optimizers", technique="optimizers", reference="reference.optimizers",
+    optimized="optimized.optimizers.build_optimizer", order=40, peers=("torch.optim",),
+)
 CONFIG = dict(vocab_size=32, block_size=32, n_layer=2, n_head=4, n_embd=32, seed=0)
 QUICK_CONFIG = dict(vocab_size=32, block_size=32, n_layer=1, n_head=2, n_embd=16, seed=0)
 SETTINGS = {
@@ -31,7 +35,7 @@ SETTINGS = {
     "adamw": dict(lr=3e-3, weight_decay=0.1),
     "lion": dict(lr=3e-4, weight_decay=0.1),
 }
-SPEC = {"sgd": ref.SGD, "adam": ref.Adam, "adamw": ref.AdamW, "lion": ref.Lion}
+REFERENCE_OPTIMIZERS = {"sgd": ref.SGD, "adam": ref.Adam, "adamw": ref.AdamW, "lion": ref.Lion}
 TORCH = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 
 
@@ -64,7 +68,7 @@ def run(ctx: Context) -> list[Result]:
     steps, config = (3, QUICK_CONFIG) if ctx.quick else (30, CONFIG)
     rows = []
     for name in SETTINGS:
-        spec = _train(lambda m, n=name: SPEC[n](_groups(m, n), **_kwargs(n)), device, steps, config)
+        spec = _train(lambda m, n=name: REFERENCE_OPTIMIZERS[n](_groups(m, n), **_kwargs(n)), device, steps, config)
         impls = []
         if name in TORCH:
             impls.append(("torch.optim for-loop", f"torch.optim.{TORCH[name].__name__}(foreach=False)", bitwise,
@@ -82,11 +86,9 @@ def run(ctx: Context) -> list[Result]:
             state = _train(make, device, steps, config)
             eq = _compare(f"{name}: {label} vs reference, {steps} steps", rule, state, spec)
             is_peer = optimized.startswith("torch")
-            rows.append(Result(
-                check="optimizers", name=f"{name}: {label}", technique="optimizers",
-                reference=f"reference.optimizers.{SPEC[name].__name__}",
-                optimized=optimized, peer="torch.optim" if is_peer else None,
-                device=device.type, equivalence=eq,
+            rows.append(SPEC.row(
+                ctx, f"{name}: {label}", reference=f"reference.optimizers.{REFERENCE_OPTIMIZERS[name].__name__}",
+                optimized=optimized, peer="torch.optim" if is_peer else None, equivalence=eq,
                 notes=f"tiny GPT, {steps} steps, {SETTINGS[name]}; every parameter after the run"))
         rows[-1].speed.append(_step_speed(name, device, quick=ctx.quick))
     return rows
@@ -100,7 +102,7 @@ def _step_speed(name: str, device: torch.device, quick: bool) -> Metric:
     model = GPT(GPTConfig(vocab_size=256, block_size=64, n_layer=n_layer, n_head=4, n_embd=width)).to(device)
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-3
-    loop = SPEC[name](_groups(model, name), **_kwargs(name))
+    loop = REFERENCE_OPTIMIZERS[name](_groups(model, name), **_kwargs(name))
     fast = build_optimizer(model, name, **SETTINGS[name])
     t_loop, t_fast = [], []
     for _ in range(rounds):

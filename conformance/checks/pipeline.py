@@ -28,8 +28,9 @@ import statistics
 import torch
 import torch.distributed as dist
 
-from conformance.checks import Context
+from conformance.checks import CheckSpec, Context
 from conformance.claims import Verdict
+from conformance.figure import Bar, Figure, Panel
 from conformance.launch import spawn, under_torchrun
 from conformance.measure import PeakLiveBytes, saved_tensor_bytes
 from conformance.result import Metric, Result
@@ -40,7 +41,6 @@ from optimized.pipeline import (
     gpipe,
     interleaved_one_f_one_b,
     one_f_one_b,
-    plot_timeline,
     simulate,
     split,
 )
@@ -48,9 +48,12 @@ from reference.data import make_batches
 from reference.model import GPT, GPTConfig
 from reference.training import accumulate_gradients, train
 
-TECHNIQUE = "pipeline parallel"
 OPTIMIZED = "optimized.pipeline.PipelineExecutor"
-REFERENCE = "reference.training (one process, whole batch)"
+SPEC = CheckSpec(
+    name="pipeline", technique="pipeline parallel", reference="reference.training (one process, whole batch)",
+    optimized=OPTIMIZED, order=110, peers=("torch.distributed.pipelining",),
+    claims=("pipeline.bubble", "pipeline.memory"),
+)
 BUBBLE_TOLERANCE = 0.05
 """Measured bubble within this (absolute fraction) of the formula counts as the formula holding on the real run."""
 
@@ -155,10 +158,9 @@ def _equivalence_row(ctx, name, p, sizes, per_rank, ref_loss, ref_grads) -> Resu
              "stage, gradients exchanged between them")
     if ctx.device.type != "cpu":
         notes += "; ranks ran on CPU with gloo (the executor's tagged messages are not NCCL-ordered)"
-    return Result(check="pipeline", name=f"{schedule.name}: loss and gradients", technique=TECHNIQUE,
-                  reference=REFERENCE, optimized=f"{OPTIMIZED} + {schedule.name}",
-                  peer="torch.distributed.pipelining (in tests)", device="cpu", world_size=p, equivalence=eq,
-                  notes=notes)
+    return SPEC.row(None, f"{schedule.name}: loss and gradients", optimized=f"{OPTIMIZED} + {schedule.name}",
+                    peer="torch.distributed.pipelining (in tests)", device="cpu", world_size=p, equivalence=eq,
+                    notes=notes)
 
 
 def _stage_costs(timelines, p: int) -> tuple[list[float], list[float]]:
@@ -169,6 +171,19 @@ def _stage_costs(timelines, p: int) -> tuple[list[float], list[float]]:
             for iv in rank_timeline:
                 (fwd if iv.action.kind == "F" else bwd)[iv.action.stage].append(iv.end - iv.start)
     return [statistics.median(f) for f in fwd], [statistics.median(b) for b in bwd]
+
+
+def _timeline_figure(name: str, timeline, *, unit: str, title: str) -> Figure:
+    """A timeline (simulated or measured) as a Gantt chart: one row per rank, forwards and backwards, each model
+    chunk of a rank (interleaved schedules hold several) in its own shade."""
+    t0 = min((iv.start for rank in timeline for iv in rank), default=0.0)
+    bars = []
+    for r, rank in enumerate(timeline):
+        chunks = sorted({iv.action.stage for iv in rank})
+        bars += [Bar(r, iv.start - t0, iv.end - t0, iv.action.label(), "forward" if iv.action.kind == "F" else
+                     "backward", chunks.index(iv.action.stage) % 3) for iv in rank]
+    return Figure(name, [Panel(timeline=bars, row_labels=[f"rank {r}" for r in range(len(timeline))], xlabel=unit,
+                               title=title)], size=(10, 0.6 * len(timeline) + 1.2))
 
 
 def _bubble_row(ctx, name, p, sizes, per_rank) -> Result:
@@ -182,15 +197,12 @@ def _bubble_row(ctx, name, p, sizes, per_rank) -> Result:
     fwd, bwd = _stage_costs(steps, p)
     predicted = simulate(schedule, fwd, bwd).bubble_fraction
     best = min(range(len(steps)), key=lambda k: abs(bubble_fraction(steps[k]) - measured))
-    writer = not under_torchrun() or dist.get_rank() == 0  # under torchrun every rank builds the rows
-    plots = [f"pipeline_timeline_{name}_simulated.png"]
-    if writer:
-        sim.plot(ctx.out_dir / plots[-1])
+    figures = [_timeline_figure(f"pipeline_timeline_{name}_simulated", sim.timeline, unit="time units",
+                                title=f"{schedule.name}, p={schedule.num_ranks}, m={schedule.num_microbatches}: "
+                                f"bubble {simulated:.1%}")]
     if name == "1f1b":
-        plots.append(f"pipeline_timeline_{name}_measured.png")
-        if writer:
-            plot_timeline(steps[best], ctx.out_dir / plots[-1], unit="s",
-                          title=f"1F1B measured, p={p}, m={m}: bubble {measured:.1%}")
+        figures.append(_timeline_figure(f"pipeline_timeline_{name}_measured", steps[best], unit="s",
+                                        title=f"1F1B measured, p={p}, m={m}: bubble {measured:.1%}"))
     exact = abs(simulated - formula) < 1e-12
     if not exact:
         verdict = Verdict.DOES_NOT_HOLD
@@ -206,8 +218,8 @@ def _bubble_row(ctx, name, p, sizes, per_rank) -> Result:
              f"{imbalance:.2f}x: the formula assumes equal stages and free messages")
     if p > (os.cpu_count() or 1):
         notes += f"; {p} ranks shared {os.cpu_count()} cores, which stretches compute unevenly"
-    return Result(
-        check="pipeline", name=f"{schedule.name}: bubble fraction", technique=TECHNIQUE, reference="(p-1)/(m+p-1)",
+    return SPEC.row(
+        None, f"{schedule.name}: bubble fraction", reference="(p-1)/(m+p-1)",
         optimized=f"{OPTIMIZED} + {schedule.name}", device="cpu", world_size=p,
         metrics=[
             Metric(f"bubble, formula (p-1)/(m+p-1), p={p} m={m}", formula, "fraction", claimed="(p-1)/(m+p-1)"),
@@ -215,7 +227,7 @@ def _bubble_row(ctx, name, p, sizes, per_rank) -> Result:
             Metric("bubble, measured on the real run", measured, "fraction", claimed="(p-1)/(m+p-1)"),
             Metric("bubble, simulated with the measured stage costs", predicted, "fraction"),
         ],
-        claim="pipeline.bubble", verdict=verdict, notes=notes, plots=plots)
+        claim="pipeline.bubble", verdict=verdict, notes=notes, figures=figures)
 
 
 def _alive_verdict(measured: float, claimed: int) -> bool:
@@ -241,8 +253,8 @@ def _memory_rows(p, sizes, per_rank) -> list[Result]:
             metrics.append(Metric(f"rank {rank}: micro-batches alive at the peak (peak / one)", measured[rank],
                                   "micro-batches", claimed=str(claimed[rank])))
         holds[name] = all(_alive_verdict(a, c) for a, c in zip(measured, claimed, strict=True))
-        rows.append(Result(
-            check="pipeline", name=f"{schedule.name}: activation memory per stage", technique=TECHNIQUE,
+        rows.append(SPEC.row(
+            None, f"{schedule.name}: activation memory per stage",
             reference=f"{'m' if name == 'gpipe' else 'min(p - r, m)'} micro-batches alive",
             optimized=f"{OPTIMIZED} + {schedule.name}", device="cpu", world_size=p, memory=metrics,
             claim="pipeline.memory", verdict=Verdict.HOLDS if holds[name] else Verdict.DOES_NOT_HOLD,
@@ -250,9 +262,9 @@ def _memory_rows(p, sizes, per_rank) -> list[Result]:
                   f"{', '.join(f'{a:.2f}' for a in measured)}; holds when claimed <= measured < claimed + 1 (the "
                   "live bytes of a step also hold its messages and the temporaries of one backward)"))
     ratio = [g / o for g, o in zip(alive["gpipe"], alive["1f1b"], strict=True)]
-    rows.append(Result(
-        check="pipeline", name="GPipe vs 1F1B: activation memory ratio", technique=TECHNIQUE,
-        reference="m / p on rank 0", optimized=f"{OPTIMIZED}: gpipe vs 1f1b", device="cpu", world_size=p,
+    rows.append(SPEC.row(
+        None, "GPipe vs 1F1B: activation memory ratio", reference="m / p on rank 0",
+        optimized=f"{OPTIMIZED}: gpipe vs 1f1b", device="cpu", world_size=p,
         memory=[Metric(f"rank {r}: GPipe / 1F1B peak live bytes", x, "x",
                        claimed=f"{m / min(p - r, m):.2f}") for r, x in enumerate(ratio)],
         claim="pipeline.memory",
@@ -286,22 +298,20 @@ def _adam_row(p, sizes, per_rank) -> Result:
                     name=f"all {len(names)} parameters", factor=GRADIENT_FACTOR, dtype=torch.float32),
     ]
     fp32_gap = float((flat(pipe) - flat(runs[torch.float32][1])).abs().max())
-    return Result(check="pipeline", name=f"1f1b: {steps} AdamW steps", technique=TECHNIQUE,
-                  reference="reference.training.train in float64 (accumulation_steps=m)",
-                  optimized=f"{OPTIMIZED} + 1f1b", device="cpu", world_size=p,
-                  equivalence=combine("AdamW run vs float64 run", parts),
-                  notes=f"error rule: max|pipeline - fp64| <= {GRADIENT_FACTOR:g} x max|one-process fp32 - fp64| + "
-                        f"floor; the pipeline differs from the one-process fp32 run by {fp32_gap:.2g} at most (the "
-                        "tied weight's two gradient halves are added in another order, and Adam amplifies last-bit "
-                        "differences of near-zero gradients)")
+    return SPEC.row(None, f"1f1b: {steps} AdamW steps",
+                    reference="reference.training.train in float64 (accumulation_steps=m)",
+                    optimized=f"{OPTIMIZED} + 1f1b", device="cpu", world_size=p,
+                    equivalence=combine("AdamW run vs float64 run", parts),
+                    notes=f"error rule: max|pipeline - fp64| <= {GRADIENT_FACTOR:g} x max|one-process fp32 - fp64| "
+                          f"+ floor; the pipeline differs from the one-process fp32 run by {fp32_gap:.2g} at most "
+                          "(the tied weight's two gradient halves are added in another order, and Adam amplifies "
+                          "last-bit differences of near-zero gradients)")
 
 
 def run(ctx: Context) -> list[Result]:
     p = ctx.world_size if under_torchrun() else max(ctx.world_size, 2)
     if p < 2:
-        return [Result(check="pipeline", name="pipeline rows", technique=TECHNIQUE, reference=REFERENCE,
-                       optimized=OPTIMIZED, device=ctx.device.type, world_size=p,
-                       notes="a pipeline needs two ranks; torchrun started one")]
+        return [SPEC.row(ctx, "pipeline rows", world_size=p, notes="a pipeline needs two ranks; torchrun started one")]
     sizes = _sizes(p, ctx.quick)
     names = ("gpipe", "1f1b", "interleaved-1f1b")
     per_rank = spawn(_worker, p, sizes, names, backend="gloo", device="cpu", timeout=ctx.timeout)

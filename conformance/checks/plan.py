@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import re
 import traceback
@@ -27,7 +26,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from conformance.checks import Context
+from conformance.checks import CheckSpec, Context
+from conformance.figure import Figure, Panel, Series
 from conformance.launch import spawn, under_torchrun
 from conformance.measure import SavedTensorBytes, tensor_bytes
 from conformance.plan import GB, PRESETS, Cluster, Layout, estimate, workload
@@ -38,6 +38,10 @@ from reference.memory import gpt_parameters
 from reference.model import GPT, GPTConfig
 from reference.parallelism import largest_module_parameters
 
+SPEC = CheckSpec(
+    name="plan", technique="parallel-strategy planner", reference="conformance.plan.estimate (reference.memory)",
+    optimized="conformance.plan.estimate", order=130, peers=("deepspeed",),
+)
 CONFIG = dict(vocab_size=64, block_size=32, n_layer=4, n_head=4, n_embd=64, seed=0)
 """The tiny GPT with 4 blocks, so that 2- and 4-stage pipelines and 2- and 4-way tensor parallelism all apply."""
 MICRO_BATCH = 2
@@ -53,16 +57,8 @@ TOLERANCE = {
                     "one; only rounding of unique storages can differ"),
 }
 
-NEEDS = {
-    "data_parallel": "optimized.data_parallel (issue 6)",
-    "zero": "optimized.zero (issue 8)",
-    "tensor_parallel": "optimized.tensor_parallel (issue 6)",
-    "pipeline": "optimized.pipeline (issue 7)",
-}
-
-
 @dataclass(frozen=True)
-class Spec:
+class LayoutRun:
     """One layout to run: tp x pp x dp = world size, ZeRO stage (0 = plain DP), offload, parameter dtype."""
 
     tp: int
@@ -84,59 +80,36 @@ class Spec:
     def world_size(self) -> int:
         return self.tp * self.pp * self.dp
 
-    def needs(self) -> list[str]:
-        out = []
-        if self.zero:
-            out.append("zero")
-        elif self.dp > 1:
-            out.append("data_parallel")
-        if self.tp > 1:
-            out.append("tensor_parallel")
-        if self.pp > 1:
-            out.append("pipeline")
-        return out
-
     @property
     def family(self) -> str:
         return "pp" if self.pp > 1 else "tp" if self.tp > 1 else "zero"
 
 
-def specs_for(world_size: int, quick: bool, cuda: bool) -> list[Spec]:
+def specs_for(world_size: int, quick: bool, cuda: bool) -> list[LayoutRun]:
     """The layouts run at this world size (quick: one of each kind)."""
     w = world_size
-    specs = [Spec(1, 1, w, 0)] + [Spec(1, 1, w, s) for s in (1, 2, 3)]
-    specs += [Spec(1, 1, w, 2, bf16=True), Spec(1, 1, w, 2, offload=True)]
+    specs = [LayoutRun(1, 1, w, 0)] + [LayoutRun(1, 1, w, s) for s in (1, 2, 3)]
+    specs += [LayoutRun(1, 1, w, 2, bf16=True), LayoutRun(1, 1, w, 2, offload=True)]
     if not quick:
-        specs += [Spec(1, 1, w, 1, bf16=True), Spec(1, 1, w, 3, bf16=True), Spec(1, 1, w, 1, offload=True),
-                  Spec(1, 1, w, 3, offload=True)]
+        specs += [LayoutRun(1, 1, w, 1, bf16=True), LayoutRun(1, 1, w, 3, bf16=True),
+                  LayoutRun(1, 1, w, 1, offload=True), LayoutRun(1, 1, w, 3, offload=True)]
     heads = CONFIG["n_head"]
     for t in (2, 4):
         if w % t == 0 and heads % t == 0 and (not quick or t == w):
-            specs.append(Spec(t, 1, w // t, 0))
+            specs.append(LayoutRun(t, 1, w // t, 0))
             if not quick and w // t > 1:
-                specs.append(Spec(t, 1, w // t, 1))
+                specs.append(LayoutRun(t, 1, w // t, 1))
     if not cuda:  # the pipeline executor speaks gloo (tagged point-to-point), not NCCL
         for p in (2, 3, 4):
             if p == w and p <= CONFIG["n_layer"] and (not quick or p == 2):
-                specs.append(Spec(1, p, 1, 0))
+                specs.append(LayoutRun(1, p, 1, 0))
     return specs
-
-
-def _available(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:
-        return False
-
-
-def missing_modules(spec: Spec) -> list[str]:
-    return [NEEDS[n] for n in spec.needs() if not _available(f"optimized.{n}")]
 
 
 # --- on every rank ---------------------------------------------------------------------------------------------------
 
 
-def _groups(spec: Spec) -> tuple[dict[str, dist.ProcessGroup | None], tuple[int, int, int]]:
+def _groups(spec: LayoutRun) -> tuple[dict[str, dist.ProcessGroup | None], tuple[int, int, int]]:
     """Process groups of each axis (TP fastest, then DP, then PP) and this rank's (pp, dp, tp) coordinates.
     Every rank creates every group, in the same order (dist.new_group is collective over the world)."""
     rank = dist.get_rank()
@@ -173,7 +146,7 @@ def _blocks_saved_bytes(blocks, params) -> tuple[list[SavedTensorBytes], list]:
     return counters, handles
 
 
-def _measure(spec: Spec, device: torch.device) -> dict:
+def _measure(spec: LayoutRun, device: torch.device) -> dict:
     groups, (pp_rank, dp_rank, _) = _groups(spec)
     cuda = device.type == "cuda"
     if cuda:
@@ -245,7 +218,7 @@ def _optimizer_tensors(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
     return [v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
 
 
-def _run_specs(specs: list[Spec], device_type: str) -> list[dict]:
+def _run_specs(specs: list[LayoutRun], device_type: str) -> list[dict]:
     """On each rank: every layout in turn; a layout that raises becomes an error entry (the others still run)."""
     device = torch.device(device_type, torch.cuda.current_device()) if device_type == "cuda" else \
         torch.device("cpu")
@@ -261,7 +234,7 @@ def _run_specs(specs: list[Spec], device_type: str) -> list[dict]:
 # --- rows ------------------------------------------------------------------------------------------------------------
 
 
-def _prediction(spec: Spec):
+def _prediction(spec: LayoutRun):
     cfg = GPTConfig(**CONFIG)
     work = workload(cfg, micro_batch=MICRO_BATCH, global_batch=MICRO_BATCH * spec.pp * spec.dp,
                     precision="bf16" if spec.bf16 else "fp32")
@@ -273,7 +246,7 @@ def _relative(predicted: float, measured: float) -> float:
     return abs(predicted - measured) / measured if measured else (0.0 if predicted == 0 else float("inf"))
 
 
-def _implementation(spec: Spec) -> str:
+def _implementation(spec: LayoutRun) -> str:
     parts = []
     if spec.zero:
         parts.append(f"optimized.zero.ZeroOptimizer(stage={spec.zero}, offload={spec.offload}"
@@ -289,12 +262,11 @@ def _implementation(spec: Spec) -> str:
     return " + ".join(parts)
 
 
-def _layout_rows(spec: Spec, per_rank: list[dict], device: str) -> list[Result]:
-    base = dict(check="plan", technique="parallel-strategy planner", reference="conformance.plan.estimate "
-                "(reference.memory)", optimized=_implementation(spec), device=device, world_size=spec.world_size)
+def _layout_rows(spec: LayoutRun, per_rank: list[dict], device: str) -> list[Result]:
+    base = dict(optimized=_implementation(spec), device=device, world_size=spec.world_size)
     errors = [r["error"] for r in per_rank if "error" in r]
     if errors:
-        return [Result(name=f"model states per rank, {spec.label}", error=errors[0], **base)]
+        return [SPEC.row(None, f"model states per rank, {spec.label}", error=errors[0], **base)]
     est = _prediction(spec)
     predicted_device, predicted_host = est.model_states.device, est.model_states.host
     worst = max(per_rank, key=lambda r: r["device"])
@@ -327,16 +299,16 @@ def _layout_rows(spec: Spec, per_rank: list[dict], device: str) -> list[Result]:
         name=f"planner vs measured model states, {spec.label}", passed=worst_err <= tol, max_error=worst_err,
         mean_error=sum(errs) / len(errs), bound=tol,
         rule=f"relative error |predicted - measured| / measured on the most loaded rank <= {tol:g}")
-    rows = [Result(name=f"model states per rank, {spec.label}", equivalence=equivalence, memory=memory, notes=notes,
-                   **base)]
+    rows = [SPEC.row(None, f"model states per rank, {spec.label}", equivalence=equivalence, memory=memory,
+                     notes=notes, **base)]
     if worst["blocks_saved"] is not None and est.activations is not None:
         predicted = est.activations["naive"]
         measured = max(r["blocks_saved"] for r in per_rank)
         a_err = _relative(predicted, measured)
         a_tol, a_why = TOLERANCE["activations"]
         whole = max(r["whole_saved"] for r in per_rank)
-        rows.append(Result(
-            name=f"activations per rank, {spec.label}",
+        rows.append(SPEC.row(
+            None, f"activations per rank, {spec.label}",
             equivalence=Equivalence(
                 name=f"planner vs saved-for-backward bytes of the blocks, {spec.label}", passed=a_err <= a_tol,
                 max_error=a_err, mean_error=a_err, bound=a_tol,
@@ -349,13 +321,6 @@ def _layout_rows(spec: Spec, per_rank: list[dict], device: str) -> list[Result]:
             f"({whole - measured} bytes here): the planner leaves those to its headroom.",
             **base))
     return rows
-
-
-def _skip_row(spec: Spec, missing: list[str], device: str) -> Result:
-    return Result(check="plan", name=f"model states per rank, {spec.label}", technique="parallel-strategy planner",
-                  reference="conformance.plan.estimate (reference.memory)", optimized=_implementation(spec),
-                  device=device, world_size=spec.world_size,
-                  notes=f"skipped: {', '.join(missing)} is not in this build; the row lights up once it is merged")
 
 
 # --- DeepSpeed's estimators ------------------------------------------------------------------------------------------
@@ -375,15 +340,20 @@ def _deepspeed_printed_gpu_gib(fn, **kwargs) -> dict[str, float]:
 
 
 def deepspeed_rows(cases: list[tuple[str, int, int, int, int]]) -> list[Result]:
-    """cases: (label, total params, largest module's params, nodes, GPUs per node)."""
-    from deepspeed.runtime.zero.stage3 import (
-        estimate_zero3_model_states_mem_needs,
-        estimate_zero3_model_states_mem_needs_all_cold,
-    )
-    from deepspeed.runtime.zero.stage_1_and_2 import (
-        estimate_zero2_model_states_mem_needs,
-        estimate_zero2_model_states_mem_needs_all_cold,
-    )
+    """cases: (label, total params, largest module's params, nodes, GPUs per node). DeepSpeed is an optional peer:
+    without it, one row says the comparison was not run."""
+    try:
+        from deepspeed.runtime.zero.stage3 import (
+            estimate_zero3_model_states_mem_needs,
+            estimate_zero3_model_states_mem_needs_all_cold,
+        )
+        from deepspeed.runtime.zero.stage_1_and_2 import (
+            estimate_zero2_model_states_mem_needs,
+            estimate_zero2_model_states_mem_needs_all_cold,
+        )
+    except ImportError as e:
+        return [SPEC.row(None, "per GPU vs DeepSpeed's estimators: not run", peer="deepspeed", device="cpu",
+                         world_size=1, notes=f"peer not run: {e} (pip install deepspeed)")]
 
     rows = []
     for label, psi, largest, nodes, per_node in cases:
@@ -421,11 +391,10 @@ def deepspeed_rows(cases: list[tuple[str, int, int, int, int]]) -> list[Result]:
             residual = abs(ds_bytes - (ours + explained))
             printed_ok = printed_gib is not None and abs(printed_gib - ds_bytes / 2**30) < 0.006
             bound = 1.0  # DeepSpeed truncates to whole bytes
-            rows.append(Result(
-                check="plan", name=f"{name} per GPU vs DeepSpeed's estimator, {label}",
-                technique="parallel-strategy planner", reference="conformance.plan.estimate (ZeRO paper accounting)",
-                optimized="conformance.plan.estimate", peer=f"deepspeed estimate_zero{stage}_model_states_mem_needs"
-                "_all_cold", device="cpu", world_size=n,
+            rows.append(SPEC.row(
+                None, f"{name} per GPU vs DeepSpeed's estimator, {label}",
+                reference="conformance.plan.estimate (ZeRO paper accounting)",
+                peer=f"deepspeed estimate_zero{stage}_model_states_mem_needs_all_cold", device="cpu", world_size=n,
                 equivalence=Equivalence(
                     name=f"DeepSpeed = planner + explained terms, {name}, {label}",
                     passed=residual <= bound and printed_ok, max_error=residual, mean_error=residual, bound=bound,
@@ -441,23 +410,17 @@ def deepspeed_rows(cases: list[tuple[str, int, int, int, int]]) -> list[Result]:
     return rows
 
 
-def _plot(rows: list[tuple[str, float, float]], path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(rows)), 4))
+def _figure(rows: list[tuple[str, float, float]]) -> Figure:
+    """Predicted and measured model-state MB per rank of each layout, side by side."""
     xs = range(len(rows))
-    ax.bar([x - 0.2 for x in xs], [r[1] / 1e6 for r in rows], width=0.4, label="predicted (planner)")
-    ax.bar([x + 0.2 for x in xs], [r[2] / 1e6 for r in rows], width=0.4, label="measured (most loaded rank)")
-    ax.set_xticks(list(xs), [r[0] for r in rows], rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("model-state MB per rank")
-    ax.set_title("planner vs measured, tiny GPT")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return Figure("plan_predicted_vs_measured", [Panel(
+        series=[Series([x - 0.2 for x in xs], [r[1] / 1e6 for r in rows], label="predicted (planner)", kind="bars",
+                       width=0.4),
+                Series([x + 0.2 for x in xs], [r[2] / 1e6 for r in rows], label="measured (most loaded rank)",
+                       kind="bars", width=0.4)],
+        xticks=[(x, r[0]) for x, r in zip(xs, rows, strict=True)], xtick_rotation=30,
+        ylabel="model-state MB per rank", title="planner vs measured, tiny GPT")],
+        size=(max(6, 0.9 * len(rows)), 4))
 
 
 def run(ctx: Context) -> list[Result]:
@@ -469,24 +432,17 @@ def run(ctx: Context) -> list[Result]:
     rows: list[Result] = []
     plotted: list[tuple[str, float, float]] = []
     for w in world_sizes:
-        runnable, skipped = [], []
-        for spec in specs_for(w, ctx.quick, cuda):
-            (skipped if missing_modules(spec) else runnable).append(spec)
-        if runnable:
-            per_rank = spawn(_run_specs, w, runnable, ctx.device.type, device=ctx.device.type, timeout=ctx.timeout)
-            for i, spec in enumerate(runnable):
-                layout_rows = _layout_rows(spec, [r[i] for r in per_rank], ctx.device.type)
-                rows += layout_rows
-                first = layout_rows[0]
-                if first.error is None:
-                    plotted.append((f"{spec.layout.name}{' bf16' if spec.bf16 else ''} (w{w})",
-                                    first.memory[0].measured, first.memory[1].measured))
-        rows += [_skip_row(spec, missing_modules(spec), ctx.device.type) for spec in skipped]
+        runs = specs_for(w, ctx.quick, cuda)
+        per_rank = spawn(_run_specs, w, runs, ctx.device.type, device=ctx.device.type, timeout=ctx.timeout)
+        for i, spec in enumerate(runs):
+            layout_rows = _layout_rows(spec, [r[i] for r in per_rank], ctx.device.type)
+            rows += layout_rows
+            first = layout_rows[0]
+            if first.error is None:
+                plotted.append((f"{spec.layout.name}{' bf16' if spec.bf16 else ''} (w{w})",
+                                first.memory[0].measured, first.memory[1].measured))
     if plotted:
-        ctx.out_dir.mkdir(parents=True, exist_ok=True)
-        _plot(plotted, ctx.out_dir / "plan_predicted_vs_measured.png")
-        next(r for r in rows if r.error is None and r.equivalence is not None).plots.append(
-            "plan_predicted_vs_measured.png")
+        next(r for r in rows if r.error is None and r.equivalence is not None).figures.append(_figure(plotted))
 
     tiny = GPTConfig(**CONFIG)
     seven = PRESETS["7b"]

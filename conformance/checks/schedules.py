@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import torch
 
-from conformance.checks import Context
+from conformance.checks import CheckSpec, Context
 from conformance.result import Result
 from conformance.tolerance import allclose, bitwise, combine
 from optimized import schedules as opt_schedules
 from reference import schedules as ref_schedules
 
+SPEC = CheckSpec(
+    name="schedules", technique="LR schedules", reference="reference.schedules", optimized="optimized.schedules",
+    order=50, peers=("transformers", "torch.optim.lr_scheduler"),
+)
 BASE_LRS = (0.3, 0.007)
 
 # (schedule name, kwargs, transformers factory, its kwargs); None: the peer is torch's CosineAnnealingLR
@@ -98,11 +102,10 @@ def run(ctx: Context) -> list[Result]:
             peer_eq = allclose(theirs, spec, name=f"{peer_name} vs reference, {steps} steps", rtol=1e-12, atol=1e-15)
             eq = combine(f"{name} {kwargs}", [mine_eq, peer_eq])
             peer_note = f"peer: rtol 1e-12 (max err {peer_eq.max_error:.3g})"
-        rows.append(Result(
-            check="schedules", name=f"{name} {kwargs}", technique="LR schedules",
-            reference=f"reference.schedules.{name}",
+        rows.append(SPEC.row(
+            None, f"{name} {kwargs}", reference=f"reference.schedules.{name}",
             optimized=f"optimized.schedules.{opt_schedules.SCHEDULERS[name].__name__}",
-            peer=peer_name, device="cpu", equivalence=eq,
+            peer=peer_name, equivalence=eq,
             notes=f"lr of 2 param groups (base {BASE_LRS}) at every step 0..{steps - 1}, past the end of training; "
                   f"optimized: bitwise (max err {mine_eq.max_error:.3g}); {peer_note}"))
     return rows

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from conformance.checks import Context
+from conformance.checks import CheckSpec, Context
 from conformance.claims import Verdict
 from conformance.launch import spawn
 from conformance.measure import CollectiveCounter, tensor_bytes
@@ -41,7 +41,11 @@ from reference.data import make_batches
 from reference.model import GPT, GPTConfig
 from reference.training import train_step
 
-CHECK = "tensor_parallel"
+SPEC = CheckSpec(
+    name="tensor_parallel", technique="tensor parallel", reference="reference.training.train_step",
+    optimized="optimized.tensor_parallel", order=100,
+    claims=("tensor_parallel.communication", "tensor_parallel.memory"),
+)
 LR, WD = 1e-2, 0.1
 
 
@@ -162,8 +166,7 @@ def run(ctx: Context) -> list[Result]:
     tp = per_rank[0]["tp"]
     cfg = GPTConfig(**sizes["config"])
     B, T, C, L, V = sizes["rows"], sizes["seq"], cfg.n_embd, cfg.n_layer, cfg.vocab_size
-    common = dict(check=CHECK, technique="tensor parallel", reference="reference.training.train_step",
-                  device=ctx.device.type, world_size=t)
+    common = dict(world_size=t)
     shape = f"{L} layers, C={C}, {cfg.n_head} heads, V={V}, B={B}, T={T}"
     rows = []
 
@@ -173,8 +176,8 @@ def run(ctx: Context) -> list[Result]:
     eq = combine(f"TP on {t} ranks vs one process",
                  step_by_step(tp["loss"], tp["grads"], ref_losses, ref_grads, name="per step") + same_loss
                  + series_close(per_rank[0]["tp_trajectory"], ref_losses, name="own AdamW loss", rtol=TRAJECTORY_RTOL))
-    rows.append(Result(
-        name=f"Megatron TP GPT vs one process, t={t}",
+    rows.append(SPEC.row(
+        ctx, f"Megatron TP GPT vs one process, t={t}",
         optimized="optimized.tensor_parallel.parallelize(model, megatron_plan(model))", equivalence=eq,
         notes=f"{shape}; {sizes['steps']} AdamW steps; each step from the reference's state: loss (vocab-parallel "
               f"cross-entropy) and every all-gathered gradient (rtol 1e-5, atol 1e-5 x the step's largest "
@@ -197,9 +200,8 @@ def run(ctx: Context) -> list[Result]:
         note = (f"per layer (one Block alone): {layer_fwd} all-reduces forward, {layer_bwd} backward, and no other "
                 f"collective; whole step: {fwd[0]} forward ({1 + 2 * L} of B*T*C activations + 2 for the loss) and "
                 f"{bwd[0]} backward (2 per layer + the head's f); q, k and v share one f")
-    rows.append(Result(
-        name=f"collectives per layer and per step, t={t}", optimized="optimized.tensor_parallel", claim=
-        "tensor_parallel.communication", verdict=verdict,
+    rows.append(SPEC.row(
+        ctx, f"collectives per layer and per step, t={t}", claim="tensor_parallel.communication", verdict=verdict,
         metrics=[Metric("all-reduces per layer, forward", layer_fwd, "count", claimed="2"),
                  Metric("all-reduces per layer, backward", layer_bwd, "count", claimed="2"),
                  Metric("all-reduce payload per step, forward", fwd[1], "bytes",
@@ -220,9 +222,8 @@ def run(ctx: Context) -> list[Result]:
     split_ratio = full_split / tp["split_param_bytes"]
     whole_ratio = full_bytes / tp["param_bytes"]
     verdict = Verdict.NOT_MEASURABLE if t == 1 else Verdict.HOLDS if split_ratio == t else Verdict.DOES_NOT_HOLD
-    rows.append(Result(
-        name=f"parameter bytes per rank, t={t}", optimized="optimized.tensor_parallel", claim="tensor_parallel.memory",
-        verdict=verdict,
+    rows.append(SPEC.row(
+        ctx, f"parameter bytes per rank, t={t}", claim="tensor_parallel.memory", verdict=verdict,
         memory=[Metric("split layers: full bytes / bytes per rank", split_ratio, "x", claimed=f"t = {t}"),
                 Metric("whole model: full bytes / bytes per rank", whole_ratio, "x", claimed=f"< t = {t}"),
                 Metric("parameter bytes per rank", tp["param_bytes"], "bytes", claimed=f"{full_bytes} / {t}"),
@@ -245,8 +246,8 @@ def run(ctx: Context) -> list[Result]:
         eq = combine(f"DP 2 x TP {tp_size} vs one process",
                      step_by_step(mean_loss, runs[0]["grads"], ref_losses, ref_grads, name="per step")
                      + series_close(mean_trajectory, ref_losses, name="own AdamW loss", rtol=TRAJECTORY_RTOL))
-        rows.append(Result(
-            name=f"DP 2 x TP {tp_size} vs one process",
+        rows.append(SPEC.row(
+            ctx, f"DP 2 x TP {tp_size} vs one process",
             optimized="DataParallel(parallelize(...), process_group=grid.dp_group) on make_process_grid(2, t/2)",
             equivalence=eq,
             notes=f"{shape}; each replica {B // 2} of the {B} rows; loss averaged over the replicas", **common,

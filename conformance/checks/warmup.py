@@ -27,8 +27,9 @@ from functools import partial
 
 import torch
 
-from conformance.checks import Context
+from conformance.checks import CheckSpec, Context
 from conformance.claims import Verdict
+from conformance.figure import Figure, Panel, Series
 from conformance.result import Result
 from optimized.optimizers import build_optimizer
 from reference.data import make_batches
@@ -53,6 +54,10 @@ class Setup:
     seq_len: int
 
 
+SPEC = CheckSpec(
+    name="warmup", technique="LR warmup", reference="constant lr (no warmup)",
+    optimized="reference.schedules.constant_with_warmup", order=80, claims=("warmup.stability",),
+)
 QUICK = Setup(lrs=(1e-1,), seeds=2, steps=20, warmup_steps=8, batch_size=8, seq_len=16)
 FULL = Setup(lrs=(3e-3, 1e-2, 3e-2, 1e-1), seeds=4, steps=150, warmup_steps=15, batch_size=16, seq_len=32)
 TASK = "reverse"
@@ -141,29 +146,19 @@ def verdict(effects: dict[float, str], failed_with_warmup: dict[float, int]) -> 
     return Verdict.HOLDS_UNDER_CONDITIONS
 
 
-def _plot(results: dict, setup: Setup, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = len(setup.lrs)
-    fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 3.6), squeeze=False, sharey=True)
-    for ax, lr in zip(axes[0], setup.lrs, strict=True):
-        for warm, color in ((0, "tab:red"), (setup.warmup_steps, "tab:blue")):
-            for j, curve in enumerate(results[lr][warm].curves):
-                label = (f"warmup {warm} steps" if warm else "no warmup") if j == 0 else None
-                ax.plot(range(len(curve)), curve, color=color, alpha=0.7, linewidth=1.0, label=label)
-        ax.axvline(setup.warmup_steps, color="grey", linestyle=":", linewidth=0.8)
-        ax.set_title(f"Adam lr={lr:g}")
-        ax.set_xlabel("step")
-        ax.set_yscale("log")
-    axes[0][0].set_ylabel(f"training loss ({TASK} task)")
-    axes[0][0].legend(fontsize=8)
-    fig.suptitle(f"tiny GPT, {setup.seeds} seeds per arm, same data per seed", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+def _figure(results: dict, setup: Setup) -> Figure:
+    """The loss curve of every run, one panel per learning rate, with and without warmup."""
+    panels = []
+    for i, lr in enumerate(setup.lrs):
+        series = [Series(list(range(len(curve))), curve, color=color, alpha=0.7, linewidth=1.0,
+                         label=((f"warmup {warm} steps" if warm else "no warmup") if j == 0 else None))
+                  for warm, color in ((0, "tab:red"), (setup.warmup_steps, "tab:blue"))
+                  for j, curve in enumerate(results[lr][warm].curves)]
+        panels.append(Panel(series=series, title=f"Adam lr={lr:g}", xlabel="step", yscale="log",
+                            ylabel=f"training loss ({TASK} task)" if i == 0 else "", vlines=[setup.warmup_steps],
+                            legend=i == 0))
+    return Figure("warmup_loss_curves", panels, title=f"tiny GPT, {setup.seeds} seeds per arm, same data per seed",
+                  sharey=True)
 
 
 def run(ctx: Context) -> list[Result]:
@@ -174,8 +169,7 @@ def run(ctx: Context) -> list[Result]:
         results[lr] = {warm: Arm([_run(setup, lr, warm, seed, device) for seed in range(setup.seeds)])
                        for warm in (0, setup.warmup_steps)}
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
-    plot_name, data_name = "warmup_loss_curves.png", "warmup_loss_curves.json"
-    _plot(results, setup, ctx.out_dir / plot_name)
+    figure, data_name = _figure(results, setup), "warmup_loss_curves.json"
     (ctx.out_dir / data_name).write_text(json.dumps(
         {"setup": setup.__dict__, "task": TASK,
          "curves": {f"{lr:g}": {("warmup" if w else "none"): arm.curves for w, arm in arms.items()}
@@ -188,19 +182,16 @@ def run(ctx: Context) -> list[Result]:
         with_w, without = results[lr][setup.warmup_steps], results[lr][0]
         effects[lr] = effect(with_w, without)
         lower = sum(a < b for a, b in zip(with_w.finals(), without.finals(), strict=True))
-        rows.append(Result(
-            check="warmup", name=f"lr={lr:g}: warmup {effects[lr]}", technique="LR warmup",
-            reference="constant lr (no warmup)", optimized="reference.schedules.constant_with_warmup",
-            device=device.type, plots=[plot_name],
+        rows.append(SPEC.row(
+            ctx, f"lr={lr:g}: warmup {effects[lr]}", device=device.type, figures=[figure],
             notes=f"with warmup: {with_w.describe()}; without: {without.describe()}; final loss lower with warmup "
                   f"in {lower}/{setup.seeds} seeds"))
     failed_w = {lr: results[lr][setup.warmup_steps].failed for lr in setup.lrs}
     summary = "; ".join(f"lr={lr:g}: {e} (failed with warmup {failed_w[lr]}/{setup.seeds}, without "
                         f"{results[lr][0].failed}/{setup.seeds})" for lr, e in effects.items())
-    rows.append(Result(
-        check="warmup", name="warmup stabilises high-lr Adam", technique="LR warmup",
-        reference="constant lr (no warmup)", optimized="reference.schedules.constant_with_warmup",
-        device=device.type, claim="warmup.stability", verdict=verdict(effects, failed_w), plots=[plot_name],
+    rows.append(SPEC.row(
+        ctx, "warmup stabilises high-lr Adam", device=device.type, claim="warmup.stability",
+        verdict=verdict(effects, failed_w), figures=[figure],
         notes=f"{desc}. Effect by lr: {summary}. Raw curves: {data_name}."
               + (" Quick mode: too few steps to learn the task, so 'failed' counts are not informative; only "
                  "the early spikes are." if ctx.quick else "")))

@@ -28,8 +28,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from conformance.checks import Context
+from conformance.checks import CheckSpec, Context
 from conformance.claims import Verdict
+from conformance.figure import Figure, Panel, Series
 from conformance.launch import spawn, under_torchrun
 from conformance.measure import CollectiveCounter, tensor_bytes, time_fn
 from conformance.result import Metric, Result
@@ -40,8 +41,12 @@ from reference.data import make_batches
 from reference.model import GPT, GPTConfig
 from reference.training import accumulate_gradients
 
-CHECK = "zero"
-TECHNIQUE = "ZeRO"
+SPEC = CheckSpec(
+    name="zero", technique="ZeRO", reference="torch.optim.AdamW + clip_grad_norm_, whole batch, one process",
+    optimized="optimized.zero", order=120,
+    peers=("deepspeed", "torch.distributed.fsdp.fully_shard", "torch.distributed.optim.ZeroRedundancyOptimizer"),
+    claims=("zero1.memory", "zero2.memory", "zero3.memory", "zero.communication", "zero.speed"),
+)
 # Untied embeddings: every parameter belongs to one module, so stage 3 gathers each exactly once per pass and the
 # collective bytes can be set beside 3Ψ without a correction for the tied weight (gathered again for lm_head).
 CONFIG = dict(vocab_size=64, block_size=32, n_layer=2, n_head=4, n_embd=64, tie_embeddings=False, seed=0)
@@ -344,10 +349,10 @@ def _memory_rows(ctx: Context, measured: dict[int, list[list[dict]]], psi: int) 
         notes += ("Measured bytes equal reference.memory.zero_rank_bytes to the byte on every rank and world size "
                   "(padding to a multiple of Nd and Adam's 4-byte step counter included)." if exact else
                   "MEASURED BYTES DIFFER from reference.memory.zero_rank_bytes.")
-        rows.append(Result(
-            check=CHECK, name=f"ZeRO-{stage} model-state bytes per rank", technique=f"ZeRO-{stage}",
-            reference="reference.memory.zero_rank_bytes / model_state_bytes", optimized="optimized.zero",
-            device=ctx.device.type, world_size=max(measured), memory=metrics, claim=claim_id,
+        rows.append(SPEC.row(
+            ctx, f"ZeRO-{stage} model-state bytes per rank", technique=f"ZeRO-{stage}",
+            reference="reference.memory.zero_rank_bytes / model_state_bytes", world_size=max(measured),
+            memory=metrics, claim=claim_id,
             verdict=verdict if exact else Verdict.DOES_NOT_HOLD, notes=notes + f" Ψ = {psi} parameters."))
     offload = [r for world, per_rank in measured.items() for r in per_rank[0] if r["case"].offload]
     if offload:
@@ -362,48 +367,39 @@ def _memory_rows(ctx: Context, measured: dict[int, list[list[dict]]], psi: int) 
                 tag = f"stage {r['case'].stage} {'mixed' if r['case'].mixed else 'fp32'}"
                 metrics.append(Metric(f"{tag}: device", m["params"] + m["grads"] + m["optimizer"], "bytes"))
                 metrics.append(Metric(f"{tag}: host", m["host_grads"] + m["host_optimizer"], "bytes"))
-        rows.append(Result(
-            check=CHECK, name="ZeRO-Offload: device vs host bytes per rank", technique="ZeRO-Offload",
+        rows.append(SPEC.row(
+            ctx, "ZeRO-Offload: device vs host bytes per rank", technique="ZeRO-Offload",
             reference="reference.memory.zero_rank_bytes(offload=True)", optimized="optimized.zero (offload=True)",
-            device=ctx.device.type, world_size=world, memory=metrics,
+            world_size=world, memory=metrics,
             notes=("Measured bytes equal the formula on every rank. " if exact else "MEASURED BYTES DIFFER. ")
             + "Master slice, optimizer state and an fp32 gradient slice live in CPU memory (16Ψ/Nd); the device "
               "keeps the parameters (and in stage 1 the full gradients). On a CPU-only run both are host memory."))
     return rows
 
 
-def _plot(ctx: Context, measured: dict[int, list[list[dict]]], psi: int) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+def _figure(measured: dict[int, list[list[dict]]], psi: int) -> Figure:
+    """Model-state bytes per rank against Nd: the formula per stage as lines, rank 0's measured bytes as points."""
     worlds = [1, 2, 4, 8, 16, 32, 64]
-    for ax, precision, mixed in ((axes[0], memory.FP32, False), (axes[1], memory.MIXED, True)):
+    panels = []
+    for precision, mixed in ((memory.FP32, False), (memory.MIXED, True)):
+        series = []
         for stage, color in ((0, "black"), (1, "tab:blue"), (2, "tab:orange"), (3, "tab:green")):
             formula = [memory.model_state_bytes(psi, world_size=n, stage=stage, precision=precision).device
                        for n in worlds]
-            ax.plot(worlds, formula, color=color, label=f"{'DP' if stage == 0 else f'ZeRO-{stage}'} (formula)")
+            series.append(Series(worlds, formula, color=color,
+                                 label=f"{'DP' if stage == 0 else f'ZeRO-{stage}'} (formula)"))
             if stage:
                 xs, ys = [], []
                 for world, per_rank in sorted(measured.items()):
                     r0 = next(r for r in per_rank[0] if r["case"] == MemoryCase(stage, False, mixed))
                     xs.append(world)
                     ys.append(r0["measured"]["params"] + r0["measured"]["grads"] + r0["measured"]["optimizer"])
-                ax.plot(xs, ys, "o", color=color, label=f"ZeRO-{stage} measured (rank 0)")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("data-parallel ranks Nd")
-        ax.set_ylabel("model-state bytes per rank")
-        ax.set_title(f"{precision.name}, Ψ = {psi}")
-        ax.grid(True, which="both", alpha=0.3)
-    axes[1].legend(fontsize=7)
-    fig.tight_layout()
-    name = "zero_memory.png"
-    fig.savefig(ctx.out_dir / name, dpi=110)
-    plt.close(fig)
-    return name
+                series.append(Series(xs, ys, kind="points", marker="o", color=color,
+                                     label=f"ZeRO-{stage} measured (rank 0)"))
+        panels.append(Panel(series=series, xscale="log2", yscale="log", xlabel="data-parallel ranks Nd",
+                            ylabel="model-state bytes per rank", title=f"{precision.name}, Ψ = {psi}", grid=True,
+                            legend=mixed))
+    return Figure("zero_memory", panels)
 
 
 # --- the check ---------------------------------------------------------------------------------------------------
@@ -430,32 +426,31 @@ def run(ctx: Context) -> list[Result]:
     for stage, offload in PEER_CONFIGS:
         label = f"ZeRO-{stage}{' + offload' if offload else ''}"
         ours = ours_all[(stage, offload)]
-        common = dict(check=CHECK, technique=label, device=device_type, world_size=ws,
+        common = dict(technique=label, device=device_type, world_size=ws,
                       optimized=f"optimized.zero.ZeroOptimizer(stage={stage}, offload={offload})")
         vs_ref = combine(f"{label} vs unsharded AdamW", [allclose(ours[k], ref[k], name=k) for k in ref])
-        rows.append(Result(name=f"{label}: parameters after {steps} steps vs unsharded AdamW",
-                           reference="torch.optim.AdamW + clip_grad_norm_, whole batch, one process",
-                           equivalence=vs_ref, notes="each rank its slice of every batch, gradients averaged; "
-                           "fp32, clipping 1.0", **common))
+        rows.append(SPEC.row(ctx, f"{label}: parameters after {steps} steps vs unsharded AdamW",
+                             equivalence=vs_ref, notes="each rank its slice of every batch, gradients averaged; "
+                             "fp32, clipping 1.0", **common))
         if not offload:
             theirs = peer[0]["torch"][stage]
             torch_name = TORCH_PEERS[stage]
             vs_torch = combine(f"{label} vs {torch_name}", [allclose(ours[k], theirs[k], name=k) for k in ref])
             torch_ref = max(float((theirs[k] - ref[k]).abs().max()) for k in ref)
-            rows.append(Result(name=f"{label}: parameters after {steps} steps vs {torch_name}",
-                               reference=torch_name, peer=f"torch {torch.__version__}", equivalence=vs_torch,
-                               notes=f"same model, data, AdamW and clipping; max |{torch_name} - reference| = "
-                               f"{torch_ref:.3g}", **common))
+            rows.append(SPEC.row(ctx, f"{label}: parameters after {steps} steps vs {torch_name}",
+                                 reference=torch_name, peer=f"torch {torch.__version__}", equivalence=vs_torch,
+                                 notes=f"same model, data, AdamW and clipping; max |{torch_name} - reference| = "
+                                 f"{torch_ref:.3g}", **common))
         if not with_ds:
             continue
         ds = ds_all[(stage, offload)]
         vs_ds = combine(f"{label} vs DeepSpeed", [allclose(ours[k], ds[k], name=k) for k in ref])
         ds_ref = max(float((ds[k] - ref[k]).abs().max()) for k in ref)
         peer_name = f"DeepSpeed {ds_version} ZeRO-{stage}{' offload_optimizer cpu' if offload else ''}"
-        rows.append(Result(name=f"{label}: parameters after {steps} steps vs DeepSpeed", reference=peer_name,
-                           peer=f"deepspeed {ds_version}", equivalence=vs_ds,
-                           notes=f"same model, data, AdamW (torch_adam) and clipping; max |DeepSpeed - reference| = "
-                           f"{ds_ref:.3g}", **common))
+        rows.append(SPEC.row(ctx, f"{label}: parameters after {steps} steps vs DeepSpeed", reference=peer_name,
+                             peer=f"deepspeed {ds_version}", equivalence=vs_ds,
+                             notes=f"same model, data, AdamW (torch_adam) and clipping; max |DeepSpeed - reference| "
+                             f"= {ds_ref:.3g}", **common))
 
     comm = peer[0]["comm"]
     metrics = []
@@ -464,9 +459,9 @@ def run(ctx: Context) -> list[Result]:
             metrics.append(Metric(f"ZeRO-{stage}: bytes sent per step / (Ψ·4 bytes), {ws} ranks",
                                   comm[(stage, offload)] / (psi * 4), "x", claimed="3" if stage == 3 else "2"))
     comm_ok = ws == 1 or all(abs(m.measured - (3 if "ZeRO-3" in m.name else 2)) < 0.01 for m in metrics)
-    rows.append(Result(
-        check=CHECK, name="collective bytes per step", technique="ZeRO", reference="ZeRO paper Sec. 7 (2Ψ / 3Ψ)",
-        optimized="optimized.zero", device=device_type, world_size=ws, metrics=metrics, claim="zero.communication",
+    rows.append(SPEC.row(
+        ctx, "collective bytes per step", reference="ZeRO paper Sec. 7 (2Ψ / 3Ψ)", device=device_type, world_size=ws,
+        metrics=metrics, claim="zero.communication",
         verdict=(Verdict.HOLDS if comm_ok else Verdict.DOES_NOT_HOLD) if ws > 1 else Verdict.NOT_MEASURABLE,
         notes="payload of every collective of one step, counted at the call (conformance.measure.CollectiveCounter): "
               "stages 1-2 reduce each owner's slice of the gradients to it (Ψ) and all-gather the updated slices "
@@ -481,7 +476,7 @@ def run(ctx: Context) -> list[Result]:
         if w != ws:
             measured[w] = spawn(memory_worker, w, cases, device_type, device=device_type, timeout=ctx.timeout)
     memory_rows = _memory_rows(ctx, measured, psi)
-    memory_rows[0].plots.append(_plot(ctx, measured, psi))
+    memory_rows[0].figures.append(_figure(measured, psi))
     rows += memory_rows
     return rows
 
@@ -505,10 +500,9 @@ def _speed_row(ctx: Context, peer: dict, reps: int, ds_version: str | None) -> R
              "Measured off the claim's hardware (CPU + gloo, where per-collective latency dominates a tiny model); "
              "the claim is about GPUs.")
     peers = ([f"DeepSpeed {ds_version}"] if ds_version else []) + ["FSDP2", "ZeroRedundancyOptimizer", "torch DDP"]
-    return Result(
-        check=CHECK, name="step time", technique="ZeRO", reference="; ".join(peers),
-        optimized="optimized.zero", peer=f"deepspeed {ds_version}" if ds_version else f"torch {torch.__version__}",
-        device=ctx.device.type,
+    return SPEC.row(
+        ctx, "step time", reference="; ".join(peers),
+        peer=f"deepspeed {ds_version}" if ds_version else f"torch {torch.__version__}",
         world_size=ctx.world_size, speed=speed, claim="zero.speed", verdict=Verdict.NOT_MEASURABLE,
         notes=f"median of {reps} steps after warm-up, tiny GPT, {ctx.world_size} ranks, same run. " + where)
 

@@ -10,6 +10,7 @@ import conformance.checks.attention as check
 from conformance.checks import Context
 from conformance.checks.attention import Case, Workload
 from conformance.claims import Verdict
+from conformance.report import draw
 
 
 @pytest.fixture
@@ -61,7 +62,7 @@ def test_check_rows_on_cpu(small, tmp_path: Path):
     assert all(m.measured > 0 for m in speed.speed)
 
     assert memory.plots == ["attention_memory.png"]
-    png = (tmp_path / "attention_memory.png").read_bytes()
+    png = draw(memory.figures[0], tmp_path / "attention_memory.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -21,24 +21,26 @@ from conformance.plan import (
     PRESETS,
     Cluster,
     Layout,
-    _parser,
     candidate_layouts,
     estimate,
-    main,
     plan,
     render,
     workload,
 )
+from conformance.plan.cli import main, parser
 from reference.memory import FP32, MIXED, activation_bytes_per_layer, communication_elements, gpt_parameters
 from reference.model import GPT, GPTConfig
 from reference.parallelism import (
     activation_bytes_per_rank,
+    data_parallel_communication_bytes,
     in_flight_microbatches,
     largest_module_parameters,
+    offload_step_seconds,
     offload_transfer_bytes,
     pipeline_bubble_fraction,
     pipeline_communication_bytes,
     pipeline_stage_parameters,
+    step_seconds,
     tensor_parallel_communication_bytes,
     training_flops,
     zero_communication_elements,
@@ -294,36 +296,65 @@ def test_library_errors_name_the_argument():
         workload(num_params=-7, seq_len=8, global_batch=8)
 
 
+def test_step_time_and_ring_formulas_by_hand():
+    """The planner's step-time pieces, moved to reference.parallelism, on numbers small enough to check by hand."""
+    # ZeRO-3, Ψ = 1000, m = 2: 3mΨ = 6000 elements of 2 bytes, a ring of 4 sends 3/4 of it
+    assert data_parallel_communication_bytes(1000, 3, 4, accumulation_steps=2, element_bytes=2) == 6000 * 2 * 0.75
+    assert data_parallel_communication_bytes(1000, 1, 1) == 0.0
+    assert offload_step_seconds(300.0, ranks_per_node=8, host_memory_bandwidth=1200.0) == 2.0
+    compute, step = step_seconds(8e12, gpus=4, flops_per_second=1e12, bubble=0.5, communication_s=1.0,
+                                 offload_step_s=0.5)
+    assert (compute, step) == (2.0, 2.0 / 0.5 + 1.0 + 0.5)
+    with pytest.raises(ValueError, match="bubble"):
+        step_seconds(1.0, gpus=1, flops_per_second=1.0, bubble=1.0)
+
+
 BAD_CLI = [
-    (["--model", "7b", "--gpus", "64", "--tp", "8", "--pp", "16"], "--gpus 64 is not divisible by tp x pp = 8 x 16"),
-    (["--model", "7b", "--gpus", "64", "--tp", "3"], "--gpus 64 is not divisible by --tp 3"),
+    (["--model", "7b", "--gpus", "64", "--tp", "8", "--pp", "16"],
+     "argument --pp: gpus=64 is not divisible by tp x pp = 8 x 16"),
+    (["--model", "7b", "--gpus", "64", "--tp", "3"], "argument --tp: gpus=64 is not divisible by tp=3"),
     (["--layers", "8", "--hidden", "96", "--heads", "6", "--gpus", "8", "--tp", "4"],
-     "--tp 4 must divide --heads 6"),
-    (["--model", "7b", "--gpus", "0"], "--gpus must be a positive integer, got 0"),
-    (["--model", "7b", "--gpus", "-8"], "--gpus must be a positive integer, got -8"),
-    (["--params", "0"], "the parameter count must be >= 1"),
-    (["--params=-7B"], "the parameter count must be >= 1"),
-    (["--model", "7b", "--micro-batch", "0"], "--micro-batch must be a positive integer"),
-    (["--model", "7b", "--seq-len", "-1"], "--seq-len must be a positive integer"),
-    (["--model", "7b", "--gpu-memory", "0"], "--gpu-memory must be a positive number"),
-    (["--model", "7b", "--global-batch", "0"], "--global-batch must be a positive integer"),
+     "argument --tp: tp=4 must divide heads=6"),
+    (["--model", "7b", "--gpus", "0"], "argument --gpus: must be a positive integer, got 0"),
+    (["--model", "7b", "--gpus", "-8"], "argument --gpus: must be a positive integer, got -8"),
+    (["--model", "7b", "--gpus", "12", "--gpus-per-node", "8"], "argument --gpus: gpus=12 must be a multiple"),
+    (["--params", "0"], "argument --params: the parameter count must be >= 1"),
+    (["--params=-7B"], "argument --params: the parameter count must be >= 1"),
+    (["--model", "7b", "--micro-batch", "0"], "argument --micro-batch: must be a positive integer"),
+    (["--model", "7b", "--seq-len", "-1"], "argument --seq-len: must be a positive integer"),
+    (["--model", "7b", "--gpu-memory", "0"], "argument --gpu-memory: must be a positive number"),
+    (["--model", "7b", "--tflops", "nan"], "argument --tflops: must be a positive number, got nan"),
+    (["--model", "7b", "--headroom", "1"], "argument --headroom: must be in [0, 1)"),
+    (["--model", "7b", "--global-batch", "0"], "argument --global-batch: must be a positive integer"),
+    (["--model", "7b", "--top", "0"], "argument --top: must be a positive integer"),
     (["--layers", "4"], "a model shape needs --hidden, --heads too"),
+    (["--layers", "2", "--hidden", "10", "--heads", "3"], "argument --hidden: 10 must be divisible by --heads 3"),
     ([], "give the model"),
-    (["--model", "7b", "--zero", "5"], "zero stages must be among 0, 1, 2, 3"),
-    (["--model", "tiny", "--gpus", "3", "--pp", "3"], "--pp 3 exceeds --layers 2"),
+    (["--model", "7b", "--zero", "5"], "argument --zero: zero stages must be among 0, 1, 2, 3"),
+    (["--model", "tiny", "--gpus", "3", "--pp", "3"], "argument --pp: pp=3 exceeds layers=2"),
 ]
 
 
 @pytest.mark.parametrize(("argv", "message"), BAD_CLI)
 def test_cli_bad_input_is_a_clear_error(argv, message, capsys):
     assert main(argv) == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err
+    assert err.count("\n") == 1, f"one line expected, got {err!r}"
+
+
+def test_cli_json_to_an_unwritable_path_fails_before_planning(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert main(["--model", "7b", "--gpus", "64", "--json", str(blocker / "plan.json")]) == 2
+    captured = capsys.readouterr()
+    assert "argument --json: cannot create folder" in captured.err and captured.out == ""
 
 
 def test_cli_help_explains_every_option(capsys):
     assert main(["--help"]) == 0
     text = capsys.readouterr().out
-    for action in _parser()._actions:
+    for action in parser()._actions:
         for flag in action.option_strings:
             assert flag in text
         assert action.help, f"{action.option_strings} has no help"

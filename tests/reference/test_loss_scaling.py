@@ -154,6 +154,20 @@ def test_growth_refused_at_the_fp32_limit_resets_tracker():
     pair.assert_same("at limit")
 
 
+@pytest.mark.parametrize("growth_interval", [1, 3])
+@pytest.mark.parametrize("unscale_first", [False, True])
+def test_scale_zero_after_persistent_overflow_follows_grad_scaler(growth_interval, unscale_first):
+    """Overflow after overflow takes S through fp32's subnormals to exactly 0; from there torch neither divides by
+    zero nor recovers: 1/S = inf, zero scaled gradients unscale to NaN and pass the inf check (the step is taken,
+    with NaN gradients), backoff and growth leave S at 0. The reference makes every one of those decisions."""
+    pair = Pair([(3, 5), (7,)], init_scale=2.0**-140, growth_interval=growth_interval)
+    script = ["inf"] * 12 + ["ok", "nan", "ok", "ok", "overflow", "ok"]
+    _run(pair, script, unscale_first=unscale_first)
+    ref = pair.scalers["ref"]
+    assert ref.get_scale() == 0.0 == pair.scalers["torch"].get_scale()
+    assert all(p.isnan().all() for p in pair.params["ref"])  # torch's outcome too: the run is lost, visibly
+
+
 def test_non_power_of_two_backoff_rounds_like_torch():
     """S * 0.3 is formed in float64 and rounded once to fp32 (not computed in fp32)."""
     pair = Pair([(4,)], init_scale=7.0, backoff_factor=0.3)
