@@ -2,9 +2,10 @@
 and GPT2LMHeadModel (tied head, Conv1D), built from tiny configs (never downloaded), and a causal LM on
 torch.nn.TransformerEncoder (whose nn.MultiheadAttention reads out_proj.weight outside out_proj's forward).
 
-On 2 gloo ranks, each with half of every batch: ZeRO 1/2/3 and 3+offload, with a frozen parameter, two parameter
-groups and clipping, against one-process AdamW + torch.nn.utils.clip_grad_norm_ on the whole batch; the
-consolidated checkpoint loads with strict=True into a fresh model.
+On 2 gloo ranks, each with half of every batch: ZeRO 1/2/3 and 3+offload (Llama's stage 3 with HF gradient
+checkpointing), with a frozen parameter, two parameter groups and clipping, against one-process AdamW +
+torch.nn.utils.clip_grad_norm_ on the whole batch; the consolidated checkpoint loads with strict=True into a fresh
+model.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ ADAMW = dict(lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
 STEPS = 3
 CONFIGS = [dict(stage=1), dict(stage=2, bucket_cap_mb=0.001), dict(stage=3, bucket_cap_mb=0.001),
            dict(stage=3, offload=True)]
+LLAMA_CONFIGS = [*CONFIGS[:2], dict(stage=3, bucket_cap_mb=0.001, gradient_checkpointing=True), CONFIGS[3]]
+"""For Llama, stage 3 runs with HF gradient checkpointing (forwards recomputed inside backward)."""
 
 
 def _hf(family: str) -> nn.Module:
@@ -95,7 +98,11 @@ def _reference(family: str) -> dict[str, torch.Tensor]:
 def _zero_worker(family: str, configs: list[dict], root: str) -> list[dict[str, torch.Tensor]]:
     out = []
     for i, config in enumerate(configs):
+        config = dict(config)
         model = _build(family)
+        if config.pop("gradient_checkpointing", False):
+            model.gradient_checkpointing_enable()
+            model.config.use_cache = False
         opt = ZeroOptimizer(model, torch.optim.AdamW, param_groups=_groups(model), **config, **ADAMW)
         for ids in _batches():
             local = ids.chunk(opt.world_size)[opt.rank]
@@ -109,7 +116,7 @@ def _zero_worker(family: str, configs: list[dict], root: str) -> list[dict[str, 
 
 
 @pytest.mark.parametrize("family, configs", [
-    ("llama", CONFIGS), ("gpt2", CONFIGS), ("encoder", [dict(stage=3, bucket_cap_mb=0.001)]),
+    ("llama", LLAMA_CONFIGS), ("gpt2", CONFIGS), ("encoder", [dict(stage=3, bucket_cap_mb=0.001)]),
 ])
 def test_foreign_models_under_zero_match_one_process_adamw(family, configs, tmp_path):
     reference = _reference(family)
