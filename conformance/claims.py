@@ -81,6 +81,25 @@ CLAIMS: dict[str, Claim] = {
         Claim("warmup.stability", "LR schedules", "learning-rate warmup stabilises early training at high learning "
               "rates", "fewer spikes / no divergence", "Goyal et al. 2017 (arXiv 1706.02677); Liu et al. 2020 "
               "(arXiv 1908.03265)", "Adam, large learning rate, the same seeds with and without warmup"),
+        Claim("checkpointing.memory", "activation checkpointing", "full recomputation keeps only each layer's "
+              "input, 2sbh bytes instead of sbh(34 + 5as/h); selective recomputation of the attention core keeps "
+              "34sbh", "2sbh / 34sbh", "Korthikanti et al. 2022 (arXiv 2205.05198) Sec. 4-5",
+              "per transformer layer, half precision with dropout masks, no tensor parallelism; the check counts "
+              "the tiny GPT in fp32 without dropout exactly (reference.memory.activation_bytes_per_layer)"),
+        Claim("checkpointing.speed", "activation checkpointing", "full recomputation costs one extra forward pass "
+              "(about 33% more compute); selective recomputation costs little", "+33% / small",
+              "Chen et al. 2016 (arXiv 1604.06174); Korthikanti et al. 2022 Sec. 5",
+              "backward = 2x forward; the overhead in time follows the FLOPs when the step is compute bound"),
+        Claim("context_parallel.memory", "context parallelism", "ring attention splits the sequence, so each of P "
+              "ranks holds 1/P of the activations and never an N x N matrix", "1/P",
+              "Liu et al. 2023 (arXiv 2310.01889) Sec. 3", "activations per rank per layer, blockwise attention"),
+        Claim("context_parallel.communication", "context parallelism", "each rank passes its K/V block around the "
+              "ring: P-1 sends forward, overlapped with the attention of the block in hand", "(P-1) K/V blocks",
+              "Liu et al. 2023 (arXiv 2310.01889) Sec. 3", "per attention layer; backward also sends dK/dV"),
+        Claim("context_parallel.balance", "context parallelism", "with a causal mask the zigzag layout (two chunks "
+              "per rank, one early and one late) gives every rank the same work", "equal work",
+              "Brandon et al. 2023 (Striped Attention, arXiv 2311.09431); zhuzilin/ring-flash-attention",
+              "contiguous slices leave rank P-1 about 2P-1 times rank 0's work"),
     ]
 }
 

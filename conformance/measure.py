@@ -208,6 +208,7 @@ _COLLECTIVES: dict[str, Callable[[int], float]] = {
     "recv": lambda n: 0.0,
     "irecv": lambda n: 0.0,
     "all_to_all_single": lambda n: (n - 1) / n,
+    "batch_isend_irecv": lambda n: 1.0,
 }
 
 
@@ -231,6 +232,10 @@ def _payload(op: str, args: tuple, kwargs: dict) -> int:
     if op == "all_gather":
         outs = args[0] if args else kwargs["tensor_list"]
         return sum(_nbytes(t) for t in outs)
+    if op == "batch_isend_irecv":  # the payload is what this rank sends; what it receives is another's send
+        ops = args[0] if args else kwargs["p2p_op_list"]
+        sends = [o for o in ops if getattr(getattr(o.op, "__wrapped__", o.op), "__name__", "") == "isend"]
+        return sum(_nbytes(o.tensor) for o in sends)
     if op == "reduce_scatter":
         ins = args[1] if len(args) > 1 else kwargs["input_list"]
         return sum(_nbytes(t) for t in ins)

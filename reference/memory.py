@@ -32,6 +32,8 @@ from reference.model import GPTConfig
 
 STAGES = (0, 1, 2, 3)
 """0 is plain data parallelism (nothing sharded); 1, 2, 3 are the ZeRO stages."""
+RECOMPUTE_POLICIES = ("none", "selective", "full")
+"""Activation checkpointing: keep everything, recompute the attention core, recompute the whole block."""
 
 
 @dataclass(frozen=True)
@@ -239,7 +241,7 @@ def gpt_parameters(config: GPTConfig, *, tp: int = 1) -> int:
 
 def activation_bytes_per_layer(
     config: GPTConfig, batch_size: int, seq_len: int, *, attention: str = "naive", tp: int = 1,
-    element_bytes: int = 4,
+    element_bytes: int = 4, recompute: str = "none",
 ) -> int:
     """Bytes one transformer block of reference.model.GPT saves for its backward (b = B, s = T, h = n_embd).
 
@@ -255,9 +257,17 @@ def activation_bytes_per_layer(
     (arXiv 2205.05198, Sec. 4.1) count the same block in half precision with dropout as sbh(34 + 5as/h) bytes.
     Tensor parallelism over t ranks (without sequence parallelism) splits every per-head and per-column tensor
     (q, k, v, P, y, the MLP's hidden activations and the log-sum-exp) by t; LayerNorm inputs/outputs, their
-    statistics and the mask stay whole on every rank (Korthikanti et al.: sbh(10 + 24/t + 5as/(ht)))."""
+    statistics and the mask stay whole on every rank (Korthikanti et al.: sbh(10 + 24/t + 5as/(ht))).
+
+    recompute (activation checkpointing, Korthikanti et al. Sec. 5; `RECOMPUTE_POLICIES`):
+        "selective" the attention core keeps only its inputs q (bsh) and k, v (2·bs·Hkv·d) and recomputes the rest
+                    in backward: the a·b·s² of P, the mask and the repeated k, v (naive), or the log-sum-exp (flash)
+        "full"      the block keeps only its input (bsh, whole on every tensor-parallel rank) and recomputes the
+                    rest; while one block recomputes, its full count lives once (`activation_bytes_per_rank`)"""
     if attention not in ("naive", "flash"):
         raise ValueError(f"attention must be 'naive' or 'flash', got {attention!r}")
+    if recompute not in RECOMPUTE_POLICIES:
+        raise ValueError(f"recompute must be one of {RECOMPUTE_POLICIES}, got {recompute!r}")
     for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("element_bytes", element_bytes)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -265,9 +275,14 @@ def activation_bytes_per_layer(
     b, s, h, a = batch_size, seq_len, config.n_embd, config.n_head
     kv = config.n_kv_head * config.head_dim
     hidden = config.mlp_ratio * h
+    if recompute == "full":
+        return element_bytes * b * s * h
     replicated = 4 * b * s * h + 4 * b * s  # block input, ln outputs, residual; LayerNorm statistics
     split = b * s * h + 2 * b * s * hidden  # attention output y; MLP hidden activations
-    if attention == "naive":
+    if recompute == "selective":
+        split += b * s * h + 2 * b * s * kv  # the core's inputs q, k, v
+        mask = 0
+    elif attention == "naive":
         split += 3 * b * s * h + a * b * s * s
         mask = s * s
     else:
@@ -280,3 +295,79 @@ def layers_per_stage(n_layer: int, pp: int) -> int:
     """Transformer blocks on the most loaded of p pipeline stages: ceil(n_layer / p)."""
     _check(0, 1, 0, 1, pp)
     return -(-n_layer // pp)
+
+
+# --- activation recomputation (Korthikanti et al. 2022, arXiv 2205.05198) -------------------------------------------
+
+
+def korthikanti_activation_bytes(seq_len: int, batch_size: int, n_embd: int, n_head: int, *, recompute: str = "none",
+                                 tp: int = 1) -> float:
+    """The paper's count of one transformer layer's activation bytes, in its accounting (half precision, dropout
+    masks of one byte, 4h MLP), for comparison with the exact count of `activation_bytes_per_layer`:
+        none        sbh(10 + 24/t + 5as/(ht))      (Sec. 4.1, Eq. 1 with t = 1: sbh(34 + 5as/h); Sec. 4.2.2)
+        selective   sbh(10 + 24/t)                 (Sec. 5: the 5as/h attention-core term is recomputed)
+        full        2sbh                           (Sec. 5: only each layer's input is kept)"""
+    if recompute not in RECOMPUTE_POLICIES:
+        raise ValueError(f"recompute must be one of {RECOMPUTE_POLICIES}, got {recompute!r}")
+    s, b, h, a, t = seq_len, batch_size, n_embd, n_head, tp
+    if recompute == "full":
+        return 2.0 * s * b * h
+    core = 0.0 if recompute == "selective" else 5.0 * a * s / (h * t)
+    return s * b * h * (10.0 + 24.0 / t + core)
+
+
+def layer_forward_flops(config: GPTConfig, batch_size: int, seq_len: int) -> tuple[float, float]:
+    """(all, attention core) FLOPs of one block's forward at 2 FLOPs per multiply-add, the mask ignored.
+
+    Korthikanti et al. Sec. 5 (h = n_embd, 4h MLP, multi-head attention): 24bsh² + 4bs²h, of which 4bs²h is the core
+    (Q Kᵀ and P V, 2bs²h each). Here q, k, v, out_proj and fc_in/fc_out are counted at their real widths (GQA, r)."""
+    b, s, h = batch_size, seq_len, config.n_embd
+    q, kv, hidden = config.n_head * config.head_dim, config.n_kv_head * config.head_dim, config.mlp_ratio * h
+    core = 4.0 * b * s * s * q
+    return 2.0 * b * s * (h * q + 2 * h * kv + q * h + 2 * h * hidden) + core, core
+
+
+def recompute_flops_per_layer(config: GPTConfig, batch_size: int, seq_len: int, recompute: str) -> float:
+    """Extra forward FLOPs one block spends in backward: none 0, selective the attention core (4bs²h), full the whole
+    forward (24bsh² + 4bs²h). Against forward + backward (3 forwards, 72bsh² + 12bs²h) full recomputation adds 33%,
+    selective 4bs²h / (72bsh² + 12bs²h) = s / (18h + 3s): under 1% for GPT-3's h = 12288, s = 2048."""
+    if recompute not in RECOMPUTE_POLICIES:
+        raise ValueError(f"recompute must be one of {RECOMPUTE_POLICIES}, got {recompute!r}")
+    total, core = layer_forward_flops(config, batch_size, seq_len)
+    return {"none": 0.0, "selective": core, "full": total}[recompute]
+
+
+# --- context parallelism: ring attention (Liu et al. 2023, arXiv 2310.01889) ----------------------------------------
+
+
+def _check_cp(seq_len: int, cp: int) -> None:
+    if not isinstance(cp, int) or isinstance(cp, bool) or cp < 1:
+        raise ValueError(f"cp must be an integer >= 1, got {cp!r}")
+    if seq_len % cp:
+        raise ValueError(f"seq_len={seq_len} must be a multiple of cp={cp} (each rank holds s/P tokens)")
+
+
+def context_parallel_activation_bytes_per_layer(config: GPTConfig, batch_size: int, seq_len: int, *, cp: int,
+                                                element_bytes: int = 4, recompute: str = "none") -> int:
+    """Activation bytes of one block on one of P = cp context-parallel ranks: every tensor of the block is per token
+    and each rank holds s/P tokens, so it is `activation_bytes_per_layer` with flash attention at s/P. (Ring
+    attention never saves anything N x M; the two K/V blocks in flight are transient, not saved.)"""
+    _check_cp(seq_len, cp)
+    return activation_bytes_per_layer(config, batch_size, seq_len // cp, attention="flash",
+                                      element_bytes=element_bytes, recompute=recompute)
+
+
+def ring_attention_bytes_sent(config: GPTConfig, batch_size: int, seq_len: int, *, cp: int, element_bytes: int = 4,
+                              grad_element_bytes: int | None = None) -> tuple[int, int]:
+    """(forward, backward) bytes one of P ranks sends for one attention layer of ring attention.
+
+    A rank's K/V block is X = 2·b·(s/P)·Hkv·d elements. Forward: the blocks travel P - 1 hops, so every rank sends
+    P - 1 of them. Backward: K/V travel again (P - 1 sends; no rank keeps the others' blocks), and each block's dK/dV
+    accumulator travels with it and then one hop home (P sends). Without GQA and in half precision that is
+    4(P-1)/P·bsh bytes forward (Liu et al. Sec. 3.1)."""
+    _check_cp(seq_len, cp)
+    grad_element_bytes = element_bytes if grad_element_bytes is None else grad_element_bytes
+    block = 2 * batch_size * (seq_len // cp) * config.n_kv_head * config.head_dim
+    if cp == 1:
+        return 0, 0
+    return (cp - 1) * block * element_bytes, (cp - 1) * block * element_bytes + cp * block * grad_element_bytes

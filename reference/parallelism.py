@@ -2,7 +2,7 @@
 
 The memory of model states is `reference.memory`; this file adds what a planner needs beside it, each formula built
 on `reference.memory` where one applies, so no formula exists twice (conformance/plan/ is the planner):
-    activation_bytes_per_rank         a rank's live activations: layers x micro-batches in flight, checkpointing
+    activation_bytes_per_rank         a rank's live activations: layers x micro-batches in flight, recomputation, CP
     pipeline_stage_parameters         parameters of the most loaded pipeline stage (whole blocks + embeddings)
     in_flight_microbatches            micro-batches whose activations the first pipeline stage holds at its peak
     pipeline_bubble_fraction          (p - 1) / (m + p - 1), GPipe and 1F1B
@@ -10,6 +10,7 @@ on `reference.memory` where one applies, so no formula exists twice (conformance
     data_parallel_communication_bytes  those elements in bytes, as a ring of Nd ranks sends them
     tensor_parallel_communication_bytes   Megatron's 2 + 2 all-reduces per layer per micro-batch
     pipeline_communication_bytes      activations forward, their gradients backward, per micro-batch
+    context_parallel_communication_bytes  ring attention's K/V and dK/dV per layer per micro-batch
     offload_transfer_bytes            ZeRO-Offload's PCIe traffic per step
     training_flops                    6Ψ per token plus attention (Kaplan et al. 2020)
     offload_step_seconds              ZeRO-Offload's CPU optimizer step, bounded by host-memory bandwidth
@@ -24,11 +25,13 @@ import dataclasses
 import torch
 
 from reference.memory import (
+    RECOMPUTE_POLICIES,
     Precision,
     activation_bytes_per_layer,
     communication_elements,
     gpt_parameters,
     layers_per_stage,
+    ring_attention_bytes_sent,
 )
 from reference.model import Block, GPTConfig
 
@@ -50,26 +53,32 @@ def activation_bytes_per_rank(
     in_flight: int = 1,
     attention: str = "naive",
     tp: int = 1,
+    cp: int = 1,
     element_bytes: int = 4,
-    checkpoint: bool = False,
+    recompute: str = "none",
 ) -> int:
     """Peak bytes of activations one rank holds for backward: `num_layers` blocks, `in_flight` micro-batches.
 
-    Without checkpointing every block keeps what `reference.memory.activation_bytes_per_layer` counts, for every
+    Without recomputation every block keeps what `reference.memory.activation_bytes_per_layer` counts, for every
     micro-batch whose backward has not run yet:
         in_flight * num_layers * A                  A = activation_bytes_per_layer(config, b, s, ...)
-    Full activation checkpointing (Chen et al. 2016, arXiv 1604.06174; Korthikanti et al. 2022, arXiv 2205.05198,
-    Sec. 5 "full activation recomputation": 2sbh bytes per layer in half precision) keeps only each block's input
-    (b, s, h), replicated on every tensor-parallel rank, and recomputes one block at a time during backward, whose
-    full activations then live once:
-        in_flight * num_layers * e*b*s*h + A
+    With recomputation (Chen et al. 2016, arXiv 1604.06174; Korthikanti et al. 2022, arXiv 2205.05198, Sec. 5) each
+    block keeps A_r = activation_bytes_per_layer(..., recompute=r) and, while one block recomputes in backward, what
+    it recomputes lives once more:
+        in_flight * num_layers * A_r + (A - A_r)    "full": A_r = e·b·s·h, the block's input; "selective": the
+                                                    attention core's inputs instead of its N x N probabilities
+    Context parallelism over cp ranks (ring attention, reference.memory.context_parallel_activation_bytes_per_layer)
+    gives every rank s/cp tokens and needs the blockwise (flash) attention: A is counted at s/cp with it.
     Embeddings, the output head, the logits and the loss are not counted (they are outside the blocks)."""
-    _positive(num_layers=num_layers, in_flight=in_flight)
-    per_layer = activation_bytes_per_layer(config, batch_size, seq_len, attention=attention, tp=tp,
-                                           element_bytes=element_bytes)
-    if not checkpoint:
-        return in_flight * num_layers * per_layer
-    return in_flight * num_layers * element_bytes * batch_size * seq_len * config.n_embd + per_layer
+    _positive(num_layers=num_layers, in_flight=in_flight, cp=cp)
+    if cp > 1:
+        if seq_len % cp:
+            raise ValueError(f"seq_len={seq_len} must be a multiple of cp={cp} (each rank holds s/cp tokens)")
+        seq_len, attention = seq_len // cp, "flash"
+    per_layer = {r: activation_bytes_per_layer(config, batch_size, seq_len, attention=attention, tp=tp,
+                                               element_bytes=element_bytes, recompute=r)
+                 for r in {"none", recompute}}
+    return in_flight * num_layers * per_layer[recompute] + per_layer["none"] - per_layer[recompute]
 
 
 def pipeline_stage_parameters(config: GPTConfig, *, pp: int, tp: int = 1) -> int:
@@ -169,6 +178,27 @@ def tensor_parallel_communication_bytes(
     return num_microbatches * num_layers * per_layer * payload * _ring_all_reduce_factor(tp)
 
 
+def context_parallel_communication_bytes(
+    config: GPTConfig,
+    batch_size: int,
+    seq_len: int,
+    *,
+    cp: int,
+    num_layers: int,
+    num_microbatches: int = 1,
+    tp: int = 1,
+    element_bytes: int = 4,
+    recompute: bool = False,
+) -> float:
+    """Bytes one context-parallel rank sends per step for ring attention (`reference.memory.ring_attention_bytes_sent`
+    per layer: K/V P-1 hops forward, again backward, dK/dV P hops), for every layer and micro-batch. Tensor
+    parallelism splits the K/V heads by t; full recomputation runs the forward's ring once more."""
+    _positive(cp=cp, num_layers=num_layers, num_microbatches=num_microbatches, tp=tp)
+    forward, backward = ring_attention_bytes_sent(config, batch_size, seq_len, cp=cp, element_bytes=element_bytes)
+    per_layer = (2 * forward if recompute else forward) + backward
+    return num_microbatches * num_layers * per_layer / tp
+
+
 def pipeline_communication_bytes(
     batch_size: int, seq_len: int, n_embd: int, *, pp: int, num_microbatches: int = 1, element_bytes: int = 4
 ) -> float:
@@ -192,21 +222,25 @@ def offload_transfer_bytes(num_params: float, world_size: int, precision: Precis
 
 
 def training_flops(
-    num_params: float, tokens: float, *, n_layer: int = 0, seq_len: int = 0, n_embd: int = 0, recompute: bool = False
+    num_params: float, tokens: float, *, n_layer: int = 0, seq_len: int = 0, n_embd: int = 0, recompute: str = "none"
 ) -> float:
     """Floating-point operations of one training step over `tokens` tokens (Kaplan et al. 2020, arXiv 2001.08361,
     Sec. 2.1): a forward costs 2Ψ + 2·n_layer·seq_len·n_embd per token (the matmuls, and attention's scores and
-    weighted sum), a backward twice the forward, and full recomputation one more forward: 6x or 8x the forward's
-    half, i.e. (6 or 8)·(Ψ + n_layer·seq_len·n_embd) per token. Embedding lookups are free (Ψ then overcounts by
-    the embedding, as Kaplan's count of non-embedding parameters avoids; a few percent for large models). With the
-    shape unknown (n_layer = seq_len = n_embd = 0) the attention term is left out: 6Ψ (8Ψ) per token."""
+    weighted sum), a backward twice the forward: 6·(Ψ + n_layer·seq_len·n_embd) per token. Full recomputation runs
+    the forward once more (8x); selective recomputation only the attention core's scores and weighted sum
+    (+2·n_layer·seq_len·n_embd; Korthikanti et al. 2022, arXiv 2205.05198, Sec. 5). Embedding lookups are free (Ψ
+    then overcounts by the embedding, as Kaplan's count of non-embedding parameters avoids; a few percent for large
+    models). With the shape unknown (n_layer = seq_len = n_embd = 0) the attention term is left out: 6Ψ (8Ψ)."""
     for name, value in (("n_layer", n_layer), ("seq_len", seq_len), ("n_embd", n_embd)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
     if not (num_params >= 0 and tokens >= 0):
         raise ValueError(f"num_params and tokens must be >= 0, got {num_params} and {tokens}")
-    passes = 8 if recompute else 6
-    return passes * (num_params + n_layer * seq_len * n_embd) * tokens
+    if recompute not in RECOMPUTE_POLICIES:
+        raise ValueError(f"recompute must be one of {RECOMPUTE_POLICIES}, got {recompute!r}")
+    attention = n_layer * seq_len * n_embd
+    passes = 8 if recompute == "full" else 6
+    return (passes * (num_params + attention) + (2 * attention if recompute == "selective" else 0)) * tokens
 
 
 def offload_step_seconds(streamed_bytes: float, *, ranks_per_node: int, host_memory_bandwidth: float) -> float:

@@ -2,9 +2,10 @@
 
 1. Predicted vs measured, for every layout that runs here (the tiny GPT, 4 blocks, world sizes up to 4): one real
    training step of the implementation (`optimized.data_parallel`, `optimized.zero`, `optimized.tensor_parallel`,
-   `optimized.pipeline`), then the model-state bytes of each rank counted tensor by tensor
-   (`conformance.measure`), beside `conformance.plan.estimate` for the same layout; for the layouts without a
-   pipeline also the bytes the transformer blocks save for backward beside the planner's activations. The most
+   `optimized.pipeline`; plain DP also with `optimized.checkpointing`'s selective and full recomputation), then
+   the model-state bytes of each rank counted tensor by tensor (`conformance.measure`), beside
+   `conformance.plan.estimate` for the same layout; for the layouts without a pipeline also the bytes the
+   transformer blocks save for backward beside the planner's activations. The most
    loaded rank is compared (it is the one that must fit), with the relative error and a stated tolerance. On CUDA
    also `torch.cuda.memory_allocated` after the step and the step's `max_memory_allocated`. A layout whose
    implementation is not in this build is a row saying so.
@@ -34,7 +35,7 @@ from conformance.plan import GB, PRESETS, Cluster, Layout, estimate, workload
 from conformance.result import Metric, Result
 from conformance.tolerance import Equivalence
 from reference.data import make_batches
-from reference.memory import gpt_parameters
+from reference.memory import activation_bytes_per_layer, gpt_parameters
 from reference.model import GPT, GPTConfig
 from reference.parallelism import largest_module_parameters
 
@@ -67,6 +68,8 @@ class LayoutRun:
     zero: int = 0
     offload: bool = False
     bf16: bool = False
+    recompute: str = "none"
+    """Activation checkpointing policy (optimized.checkpointing): "none", "selective" or "full"."""
 
     @property
     def layout(self) -> Layout:
@@ -74,7 +77,8 @@ class LayoutRun:
 
     @property
     def label(self) -> str:
-        return f"{self.layout.name}{', bf16 + fp32 master' if self.bf16 else ', fp32'}"
+        policy = "" if self.recompute == "none" else f", {self.recompute} recomputation"
+        return f"{self.layout.name}{', bf16 + fp32 master' if self.bf16 else ', fp32'}{policy}"
 
     @property
     def world_size(self) -> int:
@@ -89,6 +93,7 @@ def specs_for(world_size: int, quick: bool, cuda: bool) -> list[LayoutRun]:
     """The layouts run at this world size (quick: one of each kind)."""
     w = world_size
     specs = [LayoutRun(1, 1, w, 0)] + [LayoutRun(1, 1, w, s) for s in (1, 2, 3)]
+    specs += [LayoutRun(1, 1, w, 0, recompute=r) for r in ("selective", "full")]
     specs += [LayoutRun(1, 1, w, 2, bf16=True), LayoutRun(1, 1, w, 2, offload=True)]
     if not quick:
         specs += [LayoutRun(1, 1, w, 1, bf16=True), LayoutRun(1, 1, w, 3, bf16=True),
@@ -154,6 +159,10 @@ def _measure(spec: LayoutRun, device: torch.device) -> dict:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     model = GPT(GPTConfig(**CONFIG)).to(device)
+    if spec.recompute != "none":
+        from optimized.checkpointing import apply_activation_checkpointing
+
+        apply_activation_checkpointing(model, spec.recompute)
     rows = MICRO_BATCH * spec.pp
     idx, targets = make_batches(1, batch_size=rows, seq_len=SEQ_LEN, vocab_size=CONFIG["vocab_size"],
                                 seed=1 + dp_rank)[0]
@@ -239,7 +248,8 @@ def _prediction(spec: LayoutRun):
     work = workload(cfg, micro_batch=MICRO_BATCH, global_batch=MICRO_BATCH * spec.pp * spec.dp,
                     precision="bf16" if spec.bf16 else "fp32")
     cluster = Cluster(gpus=spec.world_size, gpus_per_node=spec.world_size)
-    return estimate(work, cluster, spec.layout, attention="naive", checkpointing="never")
+    checkpointing = {"none": "never", "selective": "selective", "full": "always"}[spec.recompute]
+    return estimate(work, cluster, spec.layout, attention="naive", checkpointing=checkpointing)
 
 
 def _relative(predicted: float, measured: float) -> float:
@@ -255,6 +265,8 @@ def _implementation(spec: LayoutRun) -> str:
         parts.append("optimized.data_parallel.DataParallel + torch AdamW")
     else:
         parts.append("torch AdamW")
+    if spec.recompute != "none":
+        parts.append(f"optimized.checkpointing ({spec.recompute})")
     if spec.tp > 1:
         parts.append("optimized.tensor_parallel.parallelize(megatron_plan)")
     if spec.pp > 1:
@@ -302,7 +314,12 @@ def _layout_rows(spec: LayoutRun, per_rank: list[dict], device: str) -> list[Res
     rows = [SPEC.row(None, f"model states per rank, {spec.label}", equivalence=equivalence, memory=memory,
                      notes=notes, **base)]
     if worst["blocks_saved"] is not None and est.activations is not None:
-        predicted = est.activations["naive"]
+        # The planner's activations are what the blocks keep plus, when recomputing, one block's recomputed
+        # activations during its backward (reference.parallelism.activation_bytes_per_rank); saved-for-backward
+        # bytes measure the kept part.
+        transient = (activation_bytes_per_layer(GPTConfig(**CONFIG), MICRO_BATCH, SEQ_LEN)
+                     - activation_bytes_per_layer(GPTConfig(**CONFIG), MICRO_BATCH, SEQ_LEN, recompute=spec.recompute))
+        predicted = est.activation_bytes - transient
         measured = max(r["blocks_saved"] for r in per_rank)
         a_err = _relative(predicted, measured)
         a_tol, a_why = TOLERANCE["activations"]
@@ -318,7 +335,10 @@ def _layout_rows(spec: LayoutRun, per_rank: list[dict], device: str) -> list[Res
                     Metric("saved for backward by the whole model, measured", whole, "bytes")],
             notes=f"naive attention, fp32, micro-batch {MICRO_BATCH} x {SEQ_LEN} tokens. Tolerance {a_tol:.0%}: "
             f"{a_why}. The whole model also saves the embeddings' output, ln_f, the head and the loss "
-            f"({whole - measured} bytes here): the planner leaves those to its headroom.",
+            f"({whole - measured} bytes here): the planner leaves those to its headroom."
+            + (f" Recomputing, the planner also counts one block's recomputed activations during its backward "
+               f"({transient} bytes), which nothing saves: the prediction shown is the kept part."
+               if transient else ""),
             **base))
     return rows
 

@@ -13,7 +13,17 @@ import sys
 from rich.console import Console
 
 from conformance.flags import Parser, fraction, positive_float, positive_int, run, writable_file
-from conformance.plan.model import GB, PRECISIONS, PRESETS, ZERO_NAMES, Cluster, PlanError, Workload, workload
+from conformance.plan.model import (
+    CHECKPOINTING,
+    GB,
+    PRECISIONS,
+    PRESETS,
+    ZERO_NAMES,
+    Cluster,
+    PlanError,
+    Workload,
+    workload,
+)
 from conformance.plan.render import count_text, render
 from conformance.plan.search import plan
 from reference.memory import gpt_parameters
@@ -21,7 +31,8 @@ from reference.model import GPTConfig
 
 FLAGS = {"num_params": "--params", "seq_len": "--seq-len", "micro_batch": "--micro-batch",
          "global_batch": "--global-batch", "precision": "--precision", "gpus": "--gpus",
-         "gpus_per_node": "--gpus-per-node", "headroom": "--headroom", "tp": "--tp", "pp": "--pp", "zero": "--zero",
+         "gpus_per_node": "--gpus-per-node", "headroom": "--headroom", "tp": "--tp", "pp": "--pp", "cp": "--cp",
+         "zero": "--zero",
          "offload": "--offload", "attention": "--attention", "checkpointing": "--checkpointing",
          "prefer_simple_within": "--prefer-simple-within"}
 """The flag of each planner input a PlanError can name (PlanError.argument)."""
@@ -80,7 +91,7 @@ def parser() -> argparse.ArgumentParser:
         prog="python -m conformance plan",
         description="Plan a parallel layout: for every way to split the model over the GPUs (tensor x pipeline x "
         "data parallel, ZeRO-0/1/2/3, optimizer offload), the bytes per GPU of model states and activations (naive "
-        "and flash attention, with and without activation checkpointing), whether it fits, the bytes communicated "
+        "and flash attention, with and without activation recomputation), whether it fits, the bytes communicated "
         "per step, the pipeline bubble and an estimated step time, computed from reference/memory.py; then a "
         "recommendation with its reasons.",
         epilog="Examples: python -m conformance plan --model 7b --gpus 64 --gpu-memory 80 | "
@@ -136,6 +147,9 @@ def parser() -> argparse.ArgumentParser:
                    "heads)")
     s.add_argument("--pp", type=_int_list, default=None, metavar="P[,P...]",
                    help="pipeline-parallel degrees to consider (default: every divisor of --gpus up to --layers)")
+    s.add_argument("--cp", type=_int_list, default=None, metavar="C[,C...]",
+                   help="context-parallel degrees to consider: ring attention splits each sequence over C ranks "
+                   "(default: every divisor of --gpus with --seq-len a multiple of 2C; 1 without the model's shape)")
     s.add_argument("--zero", type=_stages, default=(0, 1, 2, 3), metavar="S[,S...]",
                    help="data-parallel strategies: 0 plain DP, 1/2/3 ZeRO stages (default: 0,1,2,3)")
     s.add_argument("--offload", choices=("consider", "never", "only"), default="consider",
@@ -143,9 +157,9 @@ def parser() -> argparse.ArgumentParser:
                    "layouts")
     s.add_argument("--attention", choices=("flash", "naive"), default="flash",
                    help="the attention whose activations decide the fit (default: flash; both are shown)")
-    s.add_argument("--checkpointing", choices=("auto", "never", "always"), default="auto",
-                   help="full activation checkpointing: only where needed to fit (auto, the default), never, or "
-                   "always")
+    s.add_argument("--checkpointing", choices=CHECKPOINTING, default="auto",
+                   help="activation recomputation: the cheapest of none, selective (the attention core) and full "
+                   "that fits (auto, the default), never, selective, or always (full)")
     s.add_argument("--prefer-simple-within", type=_within, default=0.1, metavar="FRACTION",
                    help="layouts whose estimated step time is within this fraction of the fastest count as equally "
                    "fast, and the simplest of them is recommended (no offload, fewest model-parallel dimensions, "
@@ -202,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         return args
     try:
         work, cluster = _build(args, p)
-        result = plan(work, cluster, tp=args.tp, pp=args.pp, zero=args.zero, offload=args.offload,
+        result = plan(work, cluster, tp=args.tp, pp=args.pp, cp=args.cp, zero=args.zero, offload=args.offload,
                       attention=args.attention, checkpointing=args.checkpointing,
                       prefer_simple_within=args.prefer_simple_within)
     except PlanError as error:

@@ -22,6 +22,7 @@ from reference.memory import (
 from reference.model import GPTConfig
 from reference.parallelism import (
     activation_bytes_per_rank,
+    context_parallel_communication_bytes,
     data_parallel_communication_bytes,
     in_flight_microbatches,
     offload_step_seconds,
@@ -57,7 +58,11 @@ PRESETS: dict[str, GPTConfig] = {
 give the layer/width/head shapes of those models; their parameter counts here are those of this GPT shape."""
 
 ZERO_NAMES = {0: "DP", 1: "ZeRO-1", 2: "ZeRO-2", 3: "ZeRO-3"}
-ACTIVATION_VARIANTS = ("naive", "flash", "naive+ckpt", "flash+ckpt")
+RECOMPUTE_SUFFIX = {"none": "", "selective": "+selective", "full": "+ckpt"}
+"""Activation recomputation policy -> the suffix of its activation variant ("+ckpt": full checkpointing)."""
+ACTIVATION_VARIANTS = tuple(f"{attn}{suffix}" for suffix in RECOMPUTE_SUFFIX.values() for attn in ("naive", "flash"))
+CHECKPOINTING = ("auto", "never", "selective", "always")
+"""auto: the first of none, selective, full that fits; never: none; selective; always: full."""
 
 
 # --- inputs ------------------------------------------------------------------------------------------------------
@@ -205,19 +210,22 @@ class Cluster:
 
 @dataclass(frozen=True)
 class Layout:
-    """One way to spread the model: t·p·d = GPUs."""
+    """One way to spread the model: t·c·p·d = GPUs."""
 
     tp: int
     pp: int
     dp: int
     zero: int
-    """0: plain data parallel; 1, 2, 3: ZeRO stage over the d data-parallel ranks."""
+    """0: plain data parallel; 1, 2, 3: ZeRO stage over the d·c ranks that hold the same parameters."""
     offload: bool = False
     """Optimizer state and step on the CPU (ZeRO-Offload)."""
+    cp: int = 1
+    """Context parallel: each sequence split over c ranks (ring attention). 1 means disabled."""
 
     @property
     def name(self) -> str:
         parts = [f"TP{self.tp}"] if self.tp > 1 else []
+        parts += [f"CP{self.cp}"] if self.cp > 1 else []
         parts += [f"PP{self.pp}"] if self.pp > 1 else []
         parts.append(f"DP{self.dp}")
         strategy = ZERO_NAMES[self.zero] + ("+offload" if self.offload else "")
@@ -226,9 +234,10 @@ class Layout:
     @property
     def complexity(self) -> tuple[int, int, int, int]:
         """Simpler first: no offload (it ties the step to the host's CPUs and memory), fewer model-parallel
-        dimensions (TP, PP change the model; ZeRO only wraps the optimizer), fewer model-parallel GPUs, a lower ZeRO
-        stage."""
-        return (int(self.offload), int(self.tp > 1) + int(self.pp > 1), self.tp * self.pp, self.zero)
+        dimensions (TP, CP, PP change the model or its attention; ZeRO only wraps the optimizer), fewer
+        model-parallel GPUs, a lower ZeRO stage."""
+        return (int(self.offload), int(self.tp > 1) + int(self.pp > 1) + int(self.cp > 1), self.tp * self.pp * self.cp,
+                self.zero)
 
 
 # --- one layout: its cost -----------------------------------------------------------------------------------------
@@ -248,8 +257,8 @@ class Estimate:
     activations: dict[str, float] | None
     """Peak activation bytes per GPU for each of ACTIVATION_VARIANTS; None when the shape is unknown."""
     attention: str
-    checkpoint: bool
-    """The activation variant chosen: the first that fits, unless the checkpointing policy forces it."""
+    recompute: str
+    """The recomputation policy chosen ("none", "selective", "full"): the first that fits, unless forced."""
     activation_bytes: float
     gpu_bytes: float
     """model_states.device + activation_bytes."""
@@ -257,7 +266,8 @@ class Estimate:
     fits_gpu: bool
     fits_host: bool
     communication: dict[str, float | None]
-    """Bytes each GPU sends per step: dp (DP/ZeRO collectives), tp, pp, offload (PCIe). None: unknown."""
+    """Bytes each GPU sends per step: dp (DP/ZeRO collectives), tp, pp, cp (ring attention), offload (PCIe).
+    None: unknown."""
     bubble: float
     compute_s: float
     communication_s: float
@@ -269,6 +279,11 @@ class Estimate:
     @property
     def fits(self) -> bool:
         return self.fits_gpu and self.fits_host
+
+    @property
+    def checkpoint(self) -> bool:
+        """Full activation checkpointing (the whole forward recomputed)."""
+        return self.recompute == "full"
 
     @property
     def name(self) -> str:
@@ -283,12 +298,14 @@ class Estimate:
         return d
 
 
-def _link_bandwidths(layout: Layout, cluster: Cluster) -> tuple[float, float]:
-    """(bandwidth of the DP group's link, of the pipeline's stage-to-stage link)."""
-    node, span = cluster.node_size, layout.tp * layout.dp
+def _link_bandwidths(layout: Layout, cluster: Cluster) -> tuple[float, float, float]:
+    """(bandwidth of the DP group's link, of the pipeline's stage-to-stage link, of the CP ring's link). Ranks are
+    ordered TP fastest, then CP, DP, PP (Megatron-Core's order)."""
+    node, span = cluster.node_size, layout.tp * layout.cp * layout.dp
     dp_bw = cluster.inter_node_bandwidth if span > node else cluster.intra_node_bandwidth
     pp_bw = cluster.inter_node_bandwidth if span >= node and cluster.gpus > node else cluster.intra_node_bandwidth
-    return dp_bw, pp_bw
+    cp_bw = cluster.inter_node_bandwidth if layout.tp * layout.cp > node else cluster.intra_node_bandwidth
+    return dp_bw, pp_bw, cp_bw
 
 
 def estimate(
@@ -297,10 +314,16 @@ def estimate(
     """Memory, traffic, bubble and an estimated step time of `layout` (see the module docstring)."""
     _require(attention in ("flash", "naive"), f"attention must be 'flash' or 'naive', got {attention!r}",
              "attention")
-    _require(checkpointing in ("auto", "never", "always"),
-             f"checkpointing must be 'auto', 'never' or 'always', got {checkpointing!r}", "checkpointing")
-    t, p, d = layout.tp, layout.pp, layout.dp
-    _require(t * p * d == cluster.gpus, f"tp x pp x dp = {t} x {p} x {d} must equal gpus={cluster.gpus}", "gpus")
+    _require(checkpointing in CHECKPOINTING, f"checkpointing must be one of {CHECKPOINTING}, got {checkpointing!r}",
+             "checkpointing")
+    t, c, p, d = layout.tp, layout.cp, layout.pp, layout.dp
+    _require(t * c * p * d == cluster.gpus,
+             f"tp x cp x pp x dp = {t} x {c} x {p} x {d} must equal gpus={cluster.gpus}", "gpus")
+    _require(c == 1 or work.config is not None, "cp > 1 needs the model's shape (ring attention splits its layers)",
+             "cp")
+    _require(work.seq_len % (2 * c) == 0 or c == 1,
+             f"seq_len={work.seq_len} must be a multiple of 2 x cp = {2 * c} (zigzag ring attention: two chunks "
+             f"per rank)", "cp")
     per_replica = d * work.micro_batch
     _require(work.global_batch % per_replica == 0,
              f"global_batch={work.global_batch} must be divisible by dp x micro_batch = {d} x {work.micro_batch}",
@@ -314,24 +337,29 @@ def estimate(
         psi_gpu = float(pipeline_stage_parameters(cfg, pp=p, tp=t))
     else:  # only the count is known (or it overrides the shape's): ZeRO Sec. 8's ideal split Ψ/(t·p)
         psi_gpu = params_per_model_parallel_rank(work.num_params, tp=t, pp=p)
-    states = model_state_bytes(psi_gpu, world_size=d, stage=layout.zero, precision=precision, offload=layout.offload)
+    # The c context-parallel ranks hold the same parameters: gradients are reduced, and ZeRO shards, over d·c ranks.
+    states = model_state_bytes(psi_gpu, world_size=d * c, stage=layout.zero, precision=precision,
+                               offload=layout.offload)
 
     activations: dict[str, float] | None = None
-    chosen_ckpt = checkpointing == "always"
+    recompute = {"auto": "none", "never": "none", "selective": "selective", "always": "full"}[checkpointing]
     act = 0.0
     budget = cluster.usable_gpu_memory - states.device
+    if c > 1 and attention != "flash":
+        notes.append("context parallel: ring attention is blockwise (flash) whatever --attention says")
     if cfg is not None:
         layers = layers_per_stage(cfg.n_layer, p)
         in_flight = in_flight_microbatches(p, m)
         activations = {
-            f"{attn}{'+ckpt' if ckpt else ''}": float(activation_bytes_per_rank(
+            f"{attn}{suffix}": float(activation_bytes_per_rank(
                 cfg, work.micro_batch, work.seq_len, num_layers=layers, in_flight=in_flight, attention=attn, tp=t,
-                element_bytes=element, checkpoint=ckpt))
-            for ckpt in (False, True) for attn in ("naive", "flash")
+                cp=c, element_bytes=element, recompute=policy))
+            for policy, suffix in RECOMPUTE_SUFFIX.items() for attn in ("naive", "flash")
         }
-        if checkpointing == "auto":
-            chosen_ckpt = activations[attention] > budget
-        act = activations[f"{attention}+ckpt" if chosen_ckpt else attention]
+        if checkpointing == "auto":  # the cheapest policy that fits: selective recomputes little, full a forward
+            recompute = next((r for r in RECOMPUTE_SUFFIX if activations[attention + RECOMPUTE_SUFFIX[r]] <= budget),
+                             "full")
+        act = activations[attention + RECOMPUTE_SUFFIX[recompute]]
     else:
         notes.append("activations not counted: the model's shape is unknown (give layers/hidden/heads)")
 
@@ -339,17 +367,22 @@ def estimate(
     fits_gpu = states.device + act <= cluster.usable_gpu_memory
     fits_host = host_per_node <= cluster.usable_cpu_memory
 
-    comm: dict[str, float | None] = {"dp": 0.0, "tp": 0.0, "pp": 0.0, "offload": 0.0}
-    if d > 1:
-        comm["dp"] = data_parallel_communication_bytes(psi_gpu, layout.zero, d, accumulation_steps=m,
+    comm: dict[str, float | None] = {"dp": 0.0, "tp": 0.0, "pp": 0.0, "cp": 0.0, "offload": 0.0}
+    if d * c > 1:
+        comm["dp"] = data_parallel_communication_bytes(psi_gpu, layout.zero, d * c, accumulation_steps=m,
                                                        element_bytes=precision.grad)
     if cfg is not None:
+        local_seq = work.seq_len // c  # every per-token tensor of a rank is s/c long
         if t > 1:
             comm["tp"] = tensor_parallel_communication_bytes(
-                work.micro_batch, work.seq_len, cfg.n_embd, tp=t, num_layers=layers_per_stage(cfg.n_layer, p),
-                num_microbatches=m, element_bytes=element, recompute=chosen_ckpt)
-        comm["pp"] = pipeline_communication_bytes(work.micro_batch, work.seq_len, cfg.n_embd, pp=p,
+                work.micro_batch, local_seq, cfg.n_embd, tp=t, num_layers=layers_per_stage(cfg.n_layer, p),
+                num_microbatches=m, element_bytes=element, recompute=recompute == "full")
+        comm["pp"] = pipeline_communication_bytes(work.micro_batch, local_seq, cfg.n_embd, pp=p,
                                                   num_microbatches=m, element_bytes=element)
+        if c > 1:
+            comm["cp"] = context_parallel_communication_bytes(
+                cfg, work.micro_batch, work.seq_len, cp=c, num_layers=layers_per_stage(cfg.n_layer, p),
+                num_microbatches=m, tp=t, element_bytes=element, recompute=recompute == "full")
     else:
         comm["tp"] = None if t > 1 else 0.0
         comm["pp"] = None if p > 1 else 0.0
@@ -362,16 +395,18 @@ def estimate(
                                               ranks_per_node=cluster.node_size,
                                               host_memory_bandwidth=cluster.cpu_memory_bandwidth)
 
-    dp_bw, pp_bw = _link_bandwidths(layout, cluster)
+    dp_bw, pp_bw, cp_bw = _link_bandwidths(layout, cluster)
     comm_s = ((comm["dp"] or 0.0) / dp_bw + (comm["tp"] or 0.0) / cluster.intra_node_bandwidth
-              + (comm["pp"] or 0.0) / pp_bw + (comm["offload"] or 0.0) / cluster.pcie_bandwidth)
+              + (comm["pp"] or 0.0) / pp_bw + (comm["cp"] or 0.0) / cp_bw
+              + (comm["offload"] or 0.0) / cluster.pcie_bandwidth)
     shape = dict(n_layer=cfg.n_layer, seq_len=work.seq_len, n_embd=cfg.n_embd) if cfg is not None else {}
-    flops = training_flops(work.num_params, work.tokens_per_step, recompute=chosen_ckpt, **shape)
+    flops = training_flops(work.num_params, work.tokens_per_step, recompute=recompute, **shape)
     bubble = pipeline_bubble_fraction(p, m)
     compute_s, step_s = step_seconds(flops, gpus=cluster.gpus, flops_per_second=cluster.tflops * 1e12, bubble=bubble,
                                      communication_s=comm_s, offload_step_s=offload_step_s)
     return Estimate(layout=layout, microbatches=m, params_per_gpu=psi_gpu, model_states=states,
-                    activations=activations, attention=attention, checkpoint=chosen_ckpt, activation_bytes=act,
+                    activations=activations, attention="flash" if c > 1 else attention, recompute=recompute,
+                    activation_bytes=act,
                     gpu_bytes=states.device + act, host_bytes_per_node=host_per_node, fits_gpu=fits_gpu,
                     fits_host=fits_host, communication=comm, bubble=bubble, compute_s=compute_s,
                     communication_s=comm_s, offload_step_s=offload_step_s, step_s=step_s, notes=notes)

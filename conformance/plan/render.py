@@ -22,7 +22,8 @@ def _fits_cell(e: Estimate) -> str:
         return "[red]no[/red]"
     if not e.fits_host:
         return "[red]host no[/red]"
-    return "[green]yes + ckpt[/green]" if e.checkpoint else "[green]yes[/green]"
+    return {"none": "[green]yes[/green]", "selective": "[green]yes + sel[/green]",
+            "full": "[green]yes + ckpt[/green]"}[e.recompute]
 
 
 def _unit(cluster: Cluster) -> tuple[float, str]:
@@ -52,20 +53,22 @@ def render(result: Plan, console: Console, *, top: int | None = 15) -> None:
     table = Table(title=f"layouts, best first (memory in {unit} per GPU; communication in {unit} sent per GPU per "
                   f"step)")
     for col, justify in (("#", "right"), ("layout", "left"), ("m", "right"), ("model states", "right"),
-                         ("act. naive", "right"), ("act. flash", "right"), ("act. flash+ckpt", "right"),
-                         ("total", "right"), ("fits", "left"), ("comm DP/TP/PP", "right"), ("bubble", "right"),
+                         ("act. naive", "right"), ("act. flash", "right"), ("act. flash+sel", "right"),
+                         ("act. flash+ckpt", "right"), ("total", "right"), ("fits", "left"),
+                         ("comm DP/TP/PP/CP", "right"), ("bubble", "right"),
                          ("step s", "right")):
         table.add_column(col, justify=justify)
     shown = result.estimates if top is None else result.estimates[:top]
     for i, e in enumerate(shown, 1):
         a = e.activations
-        comm = "/".join(_num(e.communication[k], scale) for k in ("dp", "tp", "pp"))
+        comm = "/".join(_num(e.communication[k], scale) for k in ("dp", "tp", "pp", "cp"))
         if e.layout.offload:
             comm += f" +PCIe {_num(e.communication['offload'], scale)}"
         style = "bold" if e is result.recommended else None
         table.add_row(str(i), e.name, str(e.microbatches), _num(e.model_states.device, scale),
                       _num(a["naive"], scale) if a else "?", _num(a["flash"], scale) if a else "?",
-                      _num(a["flash+ckpt"], scale) if a else "?", _num(e.gpu_bytes, scale), _fits_cell(e), comm,
+                      _num(a["flash+selective"], scale) if a else "?", _num(a["flash+ckpt"], scale) if a else "?",
+                      _num(e.gpu_bytes, scale), _fits_cell(e), comm,
                       f"{e.bubble:.1%}", f"{e.step_s:.3g}", style=style)
     console.print(table)
     if top is not None and len(result.estimates) > top:

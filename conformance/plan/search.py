@@ -54,19 +54,31 @@ def _pp_problem(work: Workload, cluster: Cluster, p: int) -> str | None:
     return None
 
 
+def _cp_problem(work: Workload, cluster: Cluster, c: int) -> str | None:
+    if cluster.gpus % c:
+        return f"gpus={cluster.gpus} is not divisible by cp={c}"
+    if c > 1 and work.config is None:
+        return "cp > 1 needs the model's shape (give layers/hidden/heads)"
+    if c > 1 and work.seq_len % (2 * c):
+        return (f"cp={c}: seq_len={work.seq_len} must be a multiple of 2 x cp = {2 * c} (zigzag ring attention, "
+                f"two chunks per rank)")
+    return None
+
+
 def candidate_layouts(
     work: Workload,
     cluster: Cluster,
     *,
     tp: tuple[int, ...] | None = None,
     pp: tuple[int, ...] | None = None,
+    cp: tuple[int, ...] | None = None,
     zero: tuple[int, ...] = (0, 1, 2, 3),
     offload: str = "consider",
 ) -> tuple[list[Layout], list[tuple[str, str]]]:
     """(layouts to estimate, [(layout, why it was left out)]).
 
-    tp / pp: the degrees to consider (None: every valid one); an explicitly given degree that the cluster or the
-    model cannot take is an error. zero: the stages. offload: "consider" (with and without), "never", "only".
+    tp / pp / cp: the degrees to consider (None: every valid one); an explicitly given degree that the cluster or
+    the model cannot take is an error. zero: the stages. offload: "consider" (with and without), "never", "only".
     Pipeline layouts take ZeRO-0/1 only, as DeepSpeed's and Megatron's pipeline engines do: ZeRO-2 reduce-scatters
     and ZeRO-3 gathers every micro-batch, and a pipeline runs many. With d = 1 the stages equal plain DP and are
     listed once; offload still counts (it moves the optimizer to the CPU)."""
@@ -74,7 +86,7 @@ def candidate_layouts(
              f"{offload!r}", "offload")
     for s in zero:
         _require(s in ZERO_NAMES, f"zero stages must be among 0, 1, 2, 3, got {s!r}", "zero")
-    for name, values in (("tp", tp), ("pp", pp)):
+    for name, values in (("tp", tp), ("pp", pp), ("cp", cp)):
         if values is not None:
             _require(len(values) > 0, f"{name}: give at least one degree", name)
             for v in values:
@@ -87,6 +99,10 @@ def candidate_layouts(
         for p in pp:
             problem = _pp_problem(work, cluster, p)
             _require(problem is None, str(problem), "pp")
+    if cp is not None:
+        for c in cp:
+            problem = _cp_problem(work, cluster, c)
+            _require(problem is None, str(problem), "cp")
     if tp is not None and pp is not None:
         for t in tp:
             for p in pp:
@@ -94,27 +110,29 @@ def candidate_layouts(
                          f"gpus={cluster.gpus} is not divisible by tp x pp = {t} x {p} = {t * p}", "pp")
     tps = tp if tp is not None else [t for t in _divisors(cluster.gpus) if _tp_problem(work, cluster, t) is None]
     pps = pp if pp is not None else [p for p in _divisors(cluster.gpus) if _pp_problem(work, cluster, p) is None]
+    cps = cp if cp is not None else [c for c in _divisors(cluster.gpus) if _cp_problem(work, cluster, c) is None]
 
     layouts: list[Layout] = []
     rejected: list[tuple[str, str]] = []
     for t in tps:
-        for p in pps:
-            if cluster.gpus % (t * p):
-                continue
-            d = cluster.gpus // (t * p)
-            if work.global_batch % (d * work.micro_batch):
-                rejected.append((f"TP{t}·PP{p}·DP{d}", f"global_batch={work.global_batch} is not divisible by "
-                                 f"dp x micro_batch = {d} x {work.micro_batch}"))
-                continue
-            for s in zero:
-                for off in (False, True):
-                    if (off and (offload == "never" or s == 0)) or (not off and offload == "only"):
-                        continue
-                    if p > 1 and s > 1:
-                        continue
-                    if d == 1 and s > 0 and not off:
-                        continue
-                    layouts.append(Layout(t, p, d, s, off))
+        for c in cps:
+            for p in pps:
+                if cluster.gpus % (t * c * p):
+                    continue
+                d = cluster.gpus // (t * c * p)
+                if work.global_batch % (d * work.micro_batch):
+                    rejected.append((Layout(t, p, d, 0, cp=c).name, f"global_batch={work.global_batch} is not "
+                                     f"divisible by dp x micro_batch = {d} x {work.micro_batch}"))
+                    continue
+                for s in zero:
+                    for off in (False, True):
+                        if (off and (offload == "never" or s == 0)) or (not off and offload == "only"):
+                            continue
+                        if p > 1 and s > 1:
+                            continue
+                        if d * c == 1 and s > 0 and not off:  # ZeRO shards over the d·c ranks of a replica
+                            continue
+                        layouts.append(Layout(t, p, d, s, off, cp=c))
     if not layouts and not rejected:
         raise PlanError("no layout left to consider: widen tp, pp, zero or offload", "zero")
     return layouts, rejected
@@ -149,9 +167,10 @@ class Plan:
 
 def _reasons(best: Estimate, fastest: Estimate, estimates: list[Estimate], work: Workload, cluster: Cluster,
              within: float) -> list[str]:
-    act = (f"activations {_gb(best.activation_bytes)} with {best.attention} attention"
-           + (" and full activation checkpointing" if best.checkpoint else "")) if best.activations else \
-        "activations not counted"
+    policy = {"none": "", "selective": " and selective recomputation of the attention core",
+              "full": " and full activation checkpointing"}[best.recompute]
+    act = (f"activations {_gb(best.activation_bytes)} with {best.attention} attention{policy}"
+           if best.activations else "activations not counted")
     out = [f"fits: {_gb(best.gpu_bytes)} of {_gb(cluster.usable_gpu_memory)} usable per GPU (model states "
            f"{_gb(best.model_states.device)}, {act})"]
     traffic = ", ".join(f"{k.upper() if k != 'offload' else 'offload (PCIe)'} {_gb(v)}"
@@ -190,8 +209,14 @@ def _reasons(best: Estimate, fastest: Estimate, estimates: list[Estimate], work:
     elif sharded and best.layout.zero == 3:
         out.append("ZeRO-3 sends 3Ψ per micro-batch (parameters gathered for forward and backward): chosen because "
                    "less sharding does not fit")
-    if best.checkpoint:
+    if best.recompute == "full":
         out.append("checkpointing recomputes the forward (8Ψ instead of 6Ψ FLOPs per token): needed to fit")
+    elif best.recompute == "selective":
+        out.append("selective recomputation reruns only the attention core (+2·L·s·h FLOPs per token, Korthikanti "
+                   "et al. 2022): the blocks keep its inputs instead of the N x N probabilities")
+    if best.layout.cp > 1:
+        out.append(f"context parallel over {best.layout.cp} ranks: each holds s/{best.layout.cp} tokens; ring "
+                   f"attention passes K/V around ({_gb(best.communication['cp'] or 0.0)} per GPU per step)")
     if best.layout.pp > 1:
         out.append(f"pipeline: m = {best.microbatches} micro-batches per step, bubble (p-1)/(m+p-1) = "
                    f"{best.bubble:.1%}")
@@ -204,6 +229,7 @@ def plan(
     *,
     tp: tuple[int, ...] | None = None,
     pp: tuple[int, ...] | None = None,
+    cp: tuple[int, ...] | None = None,
     zero: tuple[int, ...] = (0, 1, 2, 3),
     offload: str = "consider",
     attention: str = "flash",
@@ -218,7 +244,7 @@ def plan(
     _require(isinstance(prefer_simple_within, (int, float)) and 0 <= prefer_simple_within < 10,
              f"prefer_simple_within must be a fraction in [0, 10), got {prefer_simple_within!r}",
              "prefer_simple_within")
-    layouts, rejected = candidate_layouts(work, cluster, tp=tp, pp=pp, zero=zero, offload=offload)
+    layouts, rejected = candidate_layouts(work, cluster, tp=tp, pp=pp, cp=cp, zero=zero, offload=offload)
     estimates = [estimate(work, cluster, lay, attention=attention, checkpointing=checkpointing) for lay in layouts]
     estimates.sort(key=lambda e: (not e.fits, e.step_s if e.fits else e.gpu_bytes, e.layout.complexity))
     fitting = [e for e in estimates if e.fits]
@@ -242,7 +268,8 @@ def plan(
         f"model states per parameter: {precision.param} + {precision.grad} + {precision.optimizer} bytes "
         f"({precision.name})",
         "activations: transformer blocks only (reference.memory.activation_bytes_per_layer); 1F1B schedule; "
-        "logits, loss and temporary buffers are left to the headroom",
+        "logits, loss and temporary buffers are left to the headroom; recomputation: the cheapest policy that fits "
+        "(none, selective, full); context parallel: ring attention, zigzag layout",
         f"headroom {cluster.headroom:.0%} of GPU memory left free; GB = 1e9 bytes",
         f"step time: {cluster.tflops:g} TFLOP/s achieved per GPU; links {cluster.intra_node_bandwidth / GB:g} GB/s in "
         f"a node, {cluster.inter_node_bandwidth / GB:g} GB/s between nodes, {cluster.pcie_bandwidth / GB:g} GB/s "

@@ -99,7 +99,9 @@ def test_communication_formulas_by_hand():
 
 def test_training_flops_by_hand():
     assert training_flops(1e9, 1000, n_layer=2, seq_len=8, n_embd=4) == 6 * (1e9 + 64) * 1000
-    assert training_flops(1e9, 1000, n_layer=2, seq_len=8, n_embd=4, recompute=True) == 8 * (1e9 + 64) * 1000
+    assert training_flops(1e9, 1000, n_layer=2, seq_len=8, n_embd=4, recompute="full") == 8 * (1e9 + 64) * 1000
+    assert training_flops(1e9, 1000, n_layer=2, seq_len=8, n_embd=4, recompute="selective") == \
+        (6 * (1e9 + 64) + 2 * 64) * 1000
     assert training_flops(1e9, 1000) == 6e12
 
 
@@ -108,9 +110,17 @@ def test_checkpointed_activations_keep_block_inputs_and_one_block():
     a = activation_bytes_per_layer(cfg, 2, 16, attention="flash", element_bytes=2)
     full = activation_bytes_per_rank(cfg, 2, 16, num_layers=3, in_flight=2, attention="flash", element_bytes=2)
     ckpt = activation_bytes_per_rank(cfg, 2, 16, num_layers=3, in_flight=2, attention="flash", element_bytes=2,
-                                     checkpoint=True)
+                                     recompute="full")
     assert full == 2 * 3 * a
-    assert ckpt == 2 * 3 * (2 * 2 * 16 * cfg.n_embd) + a
+    block_input = 2 * 2 * 16 * cfg.n_embd
+    assert ckpt == 2 * 3 * block_input + a - block_input  # the recomputing block's input is among its kept inputs
+    naive = activation_bytes_per_layer(cfg, 2, 16, element_bytes=2)
+    sel = activation_bytes_per_layer(cfg, 2, 16, element_bytes=2, recompute="selective")
+    assert activation_bytes_per_rank(cfg, 2, 16, num_layers=3, in_flight=2, element_bytes=2,
+                                     recompute="selective") == 2 * 3 * sel + naive - sel
+    # Context parallel over 4 ranks: every rank's blocks at s/4 tokens, with the blockwise (flash) attention.
+    assert activation_bytes_per_rank(cfg, 2, 16, num_layers=3, cp=4, element_bytes=2) == \
+        3 * activation_bytes_per_layer(cfg, 2, 4, attention="flash", element_bytes=2)
 
 
 # --- the formulas against the implementations ------------------------------------------------------------------
@@ -182,8 +192,8 @@ def test_7b_on_64_gpus_recommends_a_sharded_data_parallel_layout():
     assert any("plain data parallelism does not fit" in r for r in result.reasons)
     for e in result.estimates:
         lay = e.layout
-        assert lay.tp * lay.pp * lay.dp == 64
-        assert lay.tp <= 8 and 32 % lay.tp == 0
+        assert lay.tp * lay.cp * lay.pp * lay.dp == 64
+        assert lay.tp <= 8 and 32 % lay.tp == 0 and 2048 % (2 * lay.cp) == 0
         assert not (lay.pp > 1 and lay.zero > 1)  # pipelines take ZeRO-0/1 only
         assert e.gpu_bytes == pytest.approx(e.model_states.device + e.activation_bytes)
     console = Console(record=True, width=200)
@@ -199,8 +209,9 @@ def test_plan_json_round_trip():
     assert len(data["layouts"]) == len(result.estimates)
     first = data["layouts"][0]
     assert first["name"] == result.recommended.name and first["fits"] is True
-    assert set(first["activations"]) == {"naive", "flash", "naive+ckpt", "flash+ckpt"}
-    assert set(first["communication"]) == {"dp", "tp", "pp", "offload"}
+    assert set(first["activations"]) == {"naive", "flash", "naive+selective", "flash+selective", "naive+ckpt",
+                                         "flash+ckpt"}
+    assert set(first["communication"]) == {"dp", "tp", "pp", "cp", "offload"}
 
 
 def test_checkpointing_is_chosen_only_when_needed():
@@ -213,6 +224,30 @@ def test_checkpointing_is_chosen_only_when_needed():
     assert auto.fits_gpu and auto.checkpoint
     assert auto.activation_bytes == auto.activations["flash+ckpt"] < never.activation_bytes
     assert auto.compute_s == pytest.approx(never.compute_s * 8 / 6, rel=1e-3)
+
+
+def test_selective_recomputation_is_chosen_when_dropping_the_attention_matrix_is_enough():
+    work = workload(PRESETS["7b"], seq_len=2048, micro_batch=4, global_batch=64)
+    e = estimate(work, Cluster(gpus=8), Layout(1, 1, 8, 3), attention="naive")
+    a = e.activations
+    assert a["naive+selective"] < e.activation_bytes + 1 and e.recompute == "selective" and e.fits_gpu
+    assert a["naive"] > Cluster(gpus=8).usable_gpu_memory - e.model_states.device  # none does not fit
+    forced = estimate(work, Cluster(gpus=8), Layout(1, 1, 8, 3), attention="naive", checkpointing="always")
+    assert forced.recompute == "full" and forced.compute_s > e.compute_s > estimate(
+        work, Cluster(gpus=8), Layout(1, 1, 8, 3), attention="naive", checkpointing="never").compute_s
+
+
+def test_context_parallelism_is_chosen_for_long_sequences():
+    result = plan(workload(PRESETS["7b"], seq_len=524288, global_batch=64), Cluster(gpus=64, gpus_per_node=8))
+    best = result.recommended
+    assert best is not None and best.layout.cp > 1 and best.attention == "flash"
+    assert best.communication["cp"] > 0 and any("context parallel over" in r for r in result.reasons)
+    # The same layout without CP does not fit: every rank would hold the whole sequence's activations.
+    flat = [e for e in result.estimates if e.layout.cp == 1 and e.layout.tp == best.layout.tp
+            and e.layout.pp == best.layout.pp and e.layout.zero == best.layout.zero and not e.layout.offload]
+    assert flat and not any(e.fits for e in flat)
+    with pytest.raises(ValueError, match=r"cp=3: seq_len=2048 must be a multiple of 2 x cp = 6"):
+        candidate_layouts(workload(PRESETS["7b"], global_batch=64), Cluster(gpus=48, gpus_per_node=6), cp=(3,))
 
 
 def test_offload_pays_for_its_cpu_step_and_pcie_traffic():
@@ -259,7 +294,7 @@ def test_every_estimate_is_consistent(n_layer, heads, head_dim, nodes, per_node,
     by_layout = {e.layout: e for e in result.estimates}
     for e in result.estimates:
         lay, a = e.layout, e.activations
-        assert lay.tp * lay.pp * lay.dp == gpus and per_node % lay.tp == 0 and heads % lay.tp == 0
+        assert lay.tp * lay.cp * lay.pp * lay.dp == gpus and per_node % lay.tp == 0 and heads % lay.tp == 0
         assert lay.pp <= n_layer
         assert e.fits_gpu == (e.gpu_bytes <= cluster.usable_gpu_memory)
         assert a["flash"] <= a["naive"] and a["flash+ckpt"] <= a["naive+ckpt"]
@@ -268,7 +303,7 @@ def test_every_estimate_is_consistent(n_layer, heads, head_dim, nodes, per_node,
         assert 0 <= e.bubble < 1 and e.step_s > 0
         if lay.dp == 1:
             assert e.communication["dp"] == 0.0
-        lower = Layout(lay.tp, lay.pp, lay.dp, lay.zero - 1, lay.offload)
+        lower = Layout(lay.tp, lay.pp, lay.dp, lay.zero - 1, lay.offload, cp=lay.cp)
         if lay.zero and not lay.offload and lower in by_layout:  # more sharding never holds more
             assert e.model_states.device <= by_layout[lower].model_states.device
     if result.recommended is not None:

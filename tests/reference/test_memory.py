@@ -149,3 +149,47 @@ def test_naive_attention_memory_is_quadratic_in_sequence_length_and_flash_is_lin
 def test_bad_input_is_named(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+# --- activation recomputation and context parallelism ---------------------------------------------------------------
+
+
+def test_korthikantis_counts_and_their_ordering():
+    """Sec. 4-5: sbh(34 + 5as/h) without recomputation, 34·sbh selective, 2·sbh full (t = 1)."""
+    s, b, h, a = 2048, 1, 12288, 96  # GPT-3 175B
+    none, selective, full = (memory.korthikanti_activation_bytes(s, b, h, a, recompute=r)
+                             for r in memory.RECOMPUTE_POLICIES)
+    assert (none, selective, full) == (s * b * h * (34 + 5 * a * s / h), 34 * s * b * h, 2 * s * b * h)
+    assert memory.korthikanti_activation_bytes(s, b, h, a, tp=8) == s * b * h * (10 + 24 / 8 + 5 * a * s / (h * 8))
+
+
+@settings(max_examples=10, deadline=None)
+@given(batch=st.integers(1, 4), seq=st.integers(1, 64), heads=st.sampled_from([(4, 4), (4, 2), (8, 1)]),
+       attention=st.sampled_from(["naive", "flash"]))
+def test_recompute_policies_keep_strictly_less(batch, seq, heads, attention):
+    config = GPTConfig(n_head=heads[0], n_kv_head=heads[1], n_embd=8 * heads[0], block_size=64)
+    none, selective, full = (memory.activation_bytes_per_layer(config, batch, seq, attention=attention, recompute=r)
+                             for r in memory.RECOMPUTE_POLICIES)
+    assert full == 4 * batch * seq * config.n_embd
+    assert full < selective <= none
+    if attention == "naive":  # the a·b·s² of P is what selective drops (and the mask, and the repeated k, v)
+        assert none - selective >= 4 * heads[0] * batch * seq * seq
+
+
+def test_recompute_flops():
+    config = GPTConfig(n_head=4, n_embd=64, block_size=128)
+    b, s, h = 2, 128, 64
+    total, core = memory.layer_forward_flops(config, b, s)
+    assert (total, core) == (24 * b * s * h * h + 4 * b * s * s * h, 4 * b * s * s * h)  # Korthikanti Sec. 5, MHA, 4h
+    assert [memory.recompute_flops_per_layer(config, b, s, r) for r in memory.RECOMPUTE_POLICIES] == [0, core, total]
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: memory.activation_bytes_per_layer(GPTConfig(), 1, 4, recompute="half"), "recompute must be one of"),
+    (lambda: memory.korthikanti_activation_bytes(1, 1, 1, 1, recompute="x"), "recompute must be one of"),
+    (lambda: memory.ring_attention_bytes_sent(GPTConfig(), 1, 6, cp=4), "multiple of cp=4"),
+    (lambda: memory.context_parallel_activation_bytes_per_layer(GPTConfig(), 1, 8, cp=0), "cp must be an integer"),
+])
+def test_recompute_and_cp_bad_input_is_named(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
