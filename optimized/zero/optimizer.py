@@ -219,6 +219,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
             self._reduction = Buckets(self._flats, self._where, group, offload, self._bucket_bytes, device)
         self._gathering = Gathering(model, self._flats, self._where, group, device, names) if stage == 3 else None
         trainable = [p for flat in self._flats for p in flat.params]
+        self._stand_ins = [(p, sharded_grad(p)) for p in trainable]  # what p.grad shows after backward
         self._hooks: list[Any] = [p.register_hook(partial_clear(p)) for p in trainable]
         self._grad_hooks = GradReadyHooks(trainable, self._on_grad_ready, self._end_of_backward,
                                           on_start=self._start_backward)
@@ -377,9 +378,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
         if self._syncing:
             self._reduction.finish()
             self._after_reduction()
-        for flat in self._flats:
-            for p in flat.params:
-                p.grad = sharded_grad(p)
+        for p, stand_in in self._stand_ins:
+            p.grad = stand_in
 
     def _ensure_reduced(self) -> None:
         """step() or clip_grad_norm_ without a synchronised backward since the last step (no backward at all, or
