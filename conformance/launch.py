@@ -6,10 +6,14 @@ Each rank is a process started from a forkserver that has torch imported already
 the seconds of a fresh interpreter). The ranks meet through a torch.distributed.FileStore in a fresh temp dir: no
 ports, so parallel pytest workers never collide. `fn` runs with the default process group initialised; it reads
 its rank from torch.distributed.get_rank(). Every rank writes its return value (torch.save) or its traceback to the
-temp dir. The caller watches all ranks:
-  - a rank that raises or dies: the others are killed at once and the call raises RankError with that traceback;
+temp dir, atomically (a reader never sees half a file). The caller watches all ranks:
+  - a rank that raises or dies: the call raises RankError naming the rank whose failure came first (its traceback,
+    or its exit code or signal; a rank that ends without a result, os._exit(0), counts as failed), then the
+    failures that followed from it ("Connection reset by peer" on the survivors); the others are killed;
   - ranks still running at `timeout`: all are killed and the call raises RankTimeout naming them;
-  - in every case no process is left behind.
+  - in every case no process is left behind, and nothing outlives the caller: if the caller itself is killed
+    (SIGKILL, SIGTERM), its ranks notice within milliseconds, remove the temp dir and exit, and then the forkserver
+    and multiprocessing's resource tracker exit as well.
 Under torchrun (RANK and WORLD_SIZE in the environment) the function runs in place on this process's rank and the
 results of all ranks are gathered with all_gather_object; a rank that raises is reported on every rank, so all of
 them raise the same RankError and stay in step for the next call.
@@ -17,11 +21,18 @@ them raise the same RankError and stay in step for the next call.
 
 from __future__ import annotations
 
+import ctypes
+import fcntl
+import json
+import math
 import multiprocessing as mp
 import multiprocessing.connection
 import os
 import shutil
+import signal
+import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -47,6 +58,17 @@ class RankTimeout(TimeoutError):
 def under_torchrun() -> bool:
     """True when this process is one rank of a torchrun (or other env://) launch."""
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def _check_timeout(timeout: Any) -> None:
+    ok = isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and math.isfinite(timeout) and timeout > 0
+    if ok:
+        try:
+            timedelta(seconds=timeout)  # what every rank's process group is built with
+        except OverflowError:
+            ok = False
+    if not ok:
+        raise ValueError(f"timeout must be a finite number of seconds > 0 (a hang must end), got {timeout!r}")
 
 
 def _resolve(backend: str | None, device: str | torch.device | None) -> tuple[str, torch.device]:
@@ -76,8 +98,7 @@ def spawn(
     `fn` and its arguments must be picklable (a module-level function). On CUDA rank r uses cuda:r."""
     if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
         raise ValueError(f"world_size must be an integer >= 1, got {world_size!r}")
-    if not timeout > 0:
-        raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+    _check_timeout(timeout)
     backend, device = _resolve(backend, device)
     if device.type == "cuda" and world_size > torch.cuda.device_count() and not under_torchrun():
         raise ValueError(f"world_size={world_size} exceeds the {torch.cuda.device_count()} visible CUDA devices")
@@ -107,16 +128,106 @@ def _run_in_place(fn, world_size, args, kwargs, backend, device, timeout) -> lis
     return [result for _, result in gathered]
 
 
-def _write_error(workdir: str, rank: int) -> NoReturn:
+# ---- the rank's side -------------------------------------------------------------------------------------------------
+# Files in the workdir, each written once and atomically (a temp name, then os.replace): a reader sees the whole file
+# or none of it.
+#   call.pt           (fn, args, kwargs), written by the caller before any rank starts
+#   store             the FileStore of the rendezvous
+#   alive_<r>         locked (flock) by rank r for its whole life: the kernel releases the lock when r dies, however
+#                     it dies, so a peer can tell "r is gone" from "r is slow" without any message from r
+#   result_<r>.pt     r's return value (torch.save)
+#   error_<r>.json    r's failure: traceback, when (time.monotonic, one clock for every process on the machine), and
+#                     which peers were already gone at that moment (then the failure is a consequence, not a cause)
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+_FOLLOW_ON_WINDOW_S = 0.2
+"""How long a failing rank looks for a dead peer before calling its own failure the cause: the sockets of a dead
+process close a moment before its lock is released, so a peer's "Connection reset" can come first."""
+
+
+def _write_atomically(path: str, write: Callable[[str], None]) -> None:
+    """write(tmp) then rename tmp to path: a reader of `path` never sees a half-written file."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _die_with_caller(caller_alive: mp.connection.Connection, workdir: str) -> None:
+    """End this rank, and remove the workdir, as soon as the caller is gone (killed by SIGKILL or SIGTERM, which run
+    no cleanup in the caller).
+
+    The caller holds the only write end of `caller_alive`; the kernel closes it when the caller dies, so the read
+    here ends with EOF. A thread waits for it (collectives and sleeps release the GIL, so it runs while the main
+    thread is blocked). Once every rank is gone, the forkserver and the resource tracker see their own pipes close
+    and exit too (the ranks hold their pipes' other ends, which is why they outlived the caller before). On Linux the
+    rank also gets SIGKILL if its parent, the forkserver, is killed (prctl PR_SET_PDEATHSIG)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() == 1:  # the forkserver died before the prctl took effect
+            os._exit(1)
+
+    def watch() -> None:
+        try:
+            while True:
+                caller_alive.recv_bytes()
+        except (EOFError, OSError):
+            pass
+        shutil.rmtree(workdir, ignore_errors=True)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="launch-watchdog", daemon=True).start()
+
+
+def _hold_alive_lock(workdir: str, rank: int) -> None:
+    """Lock alive_<rank> until this process ends (the descriptor is never closed). The lock is taken under a temp
+    name and renamed into place, so a peer never finds the file unlocked while this rank lives."""
+    tmp = os.path.join(workdir, f"alive_{rank}.tmp")
+    fd = os.open(tmp, os.O_CREAT | os.O_WRONLY, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.replace(tmp, os.path.join(workdir, f"alive_{rank}"))
+
+
+def _gone(workdir: str, rank: int) -> bool:
+    """True when `rank` started and has ended without a result (it raised or died)."""
+    try:
+        fd = os.open(os.path.join(workdir, f"alive_{rank}"), os.O_RDONLY)
+    except FileNotFoundError:
+        return False  # not started yet
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # shared: peers probing the same rank never block each other
+    except BlockingIOError:
+        return False  # the rank holds its exclusive lock: alive
+    finally:
+        os.close(fd)
+    return not os.path.exists(os.path.join(workdir, f"result_{rank}.pt"))
+
+
+def _record_error(workdir: str, rank: int, world_size: int) -> NoReturn:
     """Record the exception being handled for the caller, then end this rank at once."""
-    with open(os.path.join(workdir, f"error_{rank}.txt"), "w") as f:
-        f.write(traceback.format_exc())
+    when = time.monotonic()
+    text = traceback.format_exc()
+    deadline = when + _FOLLOW_ON_WINDOW_S
+    peers = [r for r in range(world_size) if r != rank]
+    while True:
+        gone = [r for r in peers if _gone(workdir, r)]
+        if gone or not peers or time.monotonic() >= deadline:
+            break
+        time.sleep(0.01)
+    record = json.dumps({"traceback": text, "time": when, "peers_gone": gone})
+
+    def write(path: str) -> None:
+        with open(path, "w") as f:
+            f.write(record)
+
+    _write_atomically(os.path.join(workdir, f"error_{rank}.json"), write)
     os._exit(1)
 
 
-def _rank_main(rank, world_size, backend, device_type, timeout, workdir) -> None:
-    """Body of one rank process. Reads the call from workdir; writes result_<rank>.pt or error_<rank>.txt there."""
+def _rank_main(rank, world_size, backend, device_type, timeout, workdir, caller_alive) -> None:
+    """Body of one rank process. Reads the call from workdir; writes result_<rank>.pt or error_<rank>.json there."""
     try:
+        _die_with_caller(caller_alive, workdir)
+        _hold_alive_lock(workdir, rank)
         fn, args, kwargs = torch.load(os.path.join(workdir, "call.pt"), weights_only=False)
         if device_type == "cpu":
             torch.set_num_threads(1)  # N ranks share the cores; one intra-op thread each avoids oversubscription
@@ -128,17 +239,17 @@ def _rank_main(rank, world_size, backend, device_type, timeout, workdir) -> None
         )
         result = fn(*args, **kwargs)
     except BaseException:  # noqa: BLE001 - every failure must reach the caller, KeyboardInterrupt included
-        # Written before anything else happens: the peers fail only once this process exits and its
-        # connections close, so the first error file on disk is the root cause.
-        _write_error(workdir, rank)
+        _record_error(workdir, rank, world_size)
     try:
         dist.destroy_process_group()
-        tmp = os.path.join(workdir, f"result_{rank}.tmp")
-        torch.save(result, tmp)  # a result that cannot be pickled fails here, with its traceback
-        os.replace(tmp, os.path.join(workdir, f"result_{rank}.pt"))
+        # A result that cannot be pickled fails here, with its traceback.
+        _write_atomically(os.path.join(workdir, f"result_{rank}.pt"), lambda path: torch.save(result, path))
     except BaseException:  # noqa: BLE001
-        _write_error(workdir, rank)
+        _record_error(workdir, rank, world_size)
     os._exit(0)  # skip interpreter teardown: nothing left to flush, and it can hang on gloo threads
+
+
+# ---- the caller's side -----------------------------------------------------------------------------------------------
 
 
 def _context() -> mp.context.BaseContext:
@@ -150,7 +261,9 @@ def _context() -> mp.context.BaseContext:
 def _spawn_processes(fn, world_size, args, kwargs, backend, device, timeout) -> list[Any]:
     workdir = tempfile.mkdtemp(prefix="pretrain-spec-launch-")
     ctx = _context()
-    procs = []
+    procs: list = []
+    # The ranks watch `caller_alive` (see _die_with_caller); this process holds the only write end.
+    caller_alive, keep_alive = ctx.Pipe(duplex=False)
     try:
         # The call travels as a file, not as Process arguments: multiprocessing would share tensor arguments
         # through one file descriptor per storage, which runs out of descriptors for a model's worth of tensors.
@@ -158,23 +271,32 @@ def _spawn_processes(fn, world_size, args, kwargs, backend, device, timeout) -> 
         for rank in range(world_size):
             p = ctx.Process(
                 target=_rank_main,
-                args=(rank, world_size, backend, device.type, timeout, workdir),
+                args=(rank, world_size, backend, device.type, timeout, workdir, caller_alive),
                 name=f"rank{rank}",
                 daemon=True,
             )
             p.start()
             procs.append(p)
+        caller_alive.close()
         _watch(procs, workdir, timeout)
         return [torch.load(os.path.join(workdir, f"result_{r}.pt"), weights_only=False) for r in range(world_size)]
     finally:
+        keep_alive.close()
+        caller_alive.close()
         _kill(procs)
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+_SETTLE_S = 1.0
+"""After the first failure, how long the other ranks get to end on their own (a peer of a dead rank fails within
+milliseconds) before they are killed: their errors are then listed as consequences."""
 
 
 def _watch(procs: list, workdir: str, timeout: float) -> None:
     """Wait for all ranks; raise on the first failure or at the timeout."""
     deadline = time.monotonic() + timeout
     running = {p.sentinel: rank for rank, p in enumerate(procs)}
+    seen: list[int] = []  # ranks in the order their ends were seen
     while running:
         left = deadline - time.monotonic()
         if left <= 0:
@@ -186,28 +308,61 @@ def _watch(procs: list, workdir: str, timeout: float) -> None:
         for sentinel in mp.connection.wait(list(running), timeout=min(left, 0.5)):
             rank = running.pop(sentinel)
             procs[rank].join()
-            if procs[rank].exitcode != 0:
-                raise RankError(_failure_message(rank, procs, workdir))
+            seen.append(rank)
+            if procs[rank].exitcode != 0 or not os.path.exists(os.path.join(workdir, f"result_{rank}.pt")):
+                raise RankError(_failure_message(procs, workdir, seen))
 
 
-def _failure_message(rank: int, procs: list, workdir: str) -> str:
-    """The traceback of the rank that failed first (its error file is the oldest): a rank that fails because a
-    peer vanished mid-collective writes its error later, and is only listed."""
-    errors = {
-        r: os.path.join(workdir, f"error_{r}.txt")
-        for r in range(len(procs))
-        if os.path.exists(os.path.join(workdir, f"error_{r}.txt"))
-    }
-    if not errors:
-        code = procs[rank].exitcode
-        return f"rank {rank} of {len(procs)} died with exit code {code} (killed by a signal if negative)"
-    first = min(errors, key=lambda r: os.path.getmtime(errors[r]))
-    with open(errors[first]) as f:
-        message = f"rank {first} of {len(procs)} raised:\n{f.read()}"
-    others = sorted(set(errors) - {first})
-    if others:
-        message += f"\n(rank(s) {', '.join(map(str, others))} failed after it)"
-    return message
+def _failure_message(procs: list, workdir: str, seen: list[int]) -> str:
+    """Name the rank whose failure came first, then list the failures that followed from it.
+
+    First: a rank that raised while all its peers were alive (earliest first); else a rank that died without a
+    record (a signal, os._exit, exit without a result), in the order the deaths were seen. A rank that raised after
+    a peer had gone ("Connection reset by peer") is a consequence, listed after the cause."""
+    settle = time.monotonic() + _SETTLE_S
+    for p in procs:
+        p.join(max(0.0, settle - time.monotonic()))
+    stopped = [r for r, p in enumerate(procs) if p.exitcode is None]
+    _kill(procs)
+    world = len(procs)
+    seen = seen + [r for r in range(world) if r not in seen and r not in stopped]
+    records, silent = {}, []
+    for r in seen:
+        try:
+            with open(os.path.join(workdir, f"error_{r}.json")) as f:
+                records[r] = json.load(f)
+        except FileNotFoundError:
+            if procs[r].exitcode != 0 or not os.path.exists(os.path.join(workdir, f"result_{r}.pt")):
+                silent.append(r)
+    causes = sorted((r for r in records if not records[r]["peers_gone"]), key=lambda r: records[r]["time"])
+    first = causes[0] if causes else silent[0] if silent else min(records, key=lambda r: records[r]["time"])
+
+    def describe(r: int, full: bool) -> str:
+        if r in records:
+            text = records[r]["traceback"].rstrip()
+            return f"rank {r} of {world} raised:\n{text}" if full else f"rank {r} raised {text.splitlines()[-1]}"
+        code = procs[r].exitcode
+        if code == 0:
+            return (f"rank {r} of {world} exited with code 0 without returning a result "
+                    f"(fn ended the process: os._exit or an exit from a thread)")
+        if code < 0:
+            return f"rank {r} of {world} died: killed by signal {_signal_name(-code)} (exit code {code})"
+        return f"rank {r} of {world} died with exit code {code}"
+
+    lines = [describe(first, full=True)]
+    for r in sorted((set(records) | set(silent)) - {first}):
+        after = ", ".join(map(str, records[r]["peers_gone"])) if r in records else ""
+        lines.append(f"  then {describe(r, full=False)}" + (f" (after rank(s) {after} had gone)" if after else ""))
+    if stopped:
+        lines.append(f"  rank(s) {', '.join(map(str, stopped))} were still running and were killed")
+    return "\n".join(lines)
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 def _kill(procs: list) -> None:

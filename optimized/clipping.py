@@ -26,14 +26,24 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from optimized import _validate as check
 
-def _validate(max_norm: float | None, norm_type: float) -> float:
-    norm_type = float(norm_type)
-    if not (norm_type >= 1.0 or norm_type == math.inf):
-        raise ValueError(f"norm_type must be >= 1 or inf, got {norm_type}")
-    if max_norm is not None and (not max_norm > 0 or math.isnan(max_norm)):
-        raise ValueError(f"max_norm must be > 0, got {max_norm}")
-    return norm_type
+
+def _norm_type(norm_type: float | str) -> float:
+    """norm_type as a float: a number >= 1, inf, or the string "inf" that torch's clip_grad_norm_ also takes."""
+    if isinstance(norm_type, str) and norm_type.strip().lower() == "inf":
+        norm_type = math.inf
+    return check.real("norm_type", norm_type, minimum=1.0, allow_inf=True)
+
+
+def _max_norm(max_norm: float) -> float:
+    """A number > 0; inf measures the norm and never clips."""
+    return check.real("max_norm", max_norm, minimum=0.0, min_open=True, allow_inf=True)
+
+
+def _process_group(process_group: object) -> None:
+    if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
+        raise check.fail("process_group", process_group, "a torch.distributed.ProcessGroup or None (the default group)")
 
 
 def _by_device(tensors: list[Tensor]) -> dict[tuple[torch.device, torch.dtype], list[Tensor]]:
@@ -79,9 +89,10 @@ def global_grad_norm(
     sharded: gradient shards this rank owns (disjoint across the group; summed over ranks).
     replicated: gradients every rank of the group holds in full (counted once).
     Without an initialised process group this is the plain norm of all given gradients."""
-    norm_type = _validate(None, norm_type)
-    sharded = [g.detach() for g in sharded if g is not None]
-    replicated = [g.detach() for g in replicated if g is not None]
+    norm_type = _norm_type(norm_type)
+    _process_group(process_group)
+    sharded = [g.detach() for g in check.tensors("sharded", sharded, allow_none=True) if g is not None]
+    replicated = [g.detach() for g in check.tensors("replicated", replicated, allow_none=True) if g is not None]
     device = (sharded or replicated or [torch.zeros(())])[0].device
     local = _local_power_sum(sharded, norm_type, device)
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size(process_group) > 1
@@ -100,8 +111,9 @@ def global_grad_norm(
 
 def clip_grads_with_norm_(grads: Iterable[Tensor], max_norm: float, total_norm: Tensor) -> None:
     """Scale `grads` in place by min(1, max_norm / (total_norm + 1e-6)), as torch.nn.utils.clip_grad_norm_ does."""
-    _validate(max_norm, 2.0)
-    grads = [g for g in grads if g is not None]
+    _max_norm(max_norm)
+    check.scalar_tensor("total_norm", total_norm)
+    grads = [g for g in check.tensors("grads", grads, allow_none=True) if g is not None]
     if not grads:
         return
     coef = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
@@ -112,7 +124,7 @@ def clip_grads_with_norm_(grads: Iterable[Tensor], max_norm: float, total_norm: 
 def clip_grad_norm_(
     parameters: Iterable[Tensor] | Tensor,
     max_norm: float,
-    norm_type: float = 2.0,
+    norm_type: float | str = 2.0,
     error_if_nonfinite: bool = False,
     foreach: bool | None = None,
 ) -> Tensor:
@@ -120,10 +132,11 @@ def clip_grad_norm_(
 
     foreach: None or True use one multi-tensor norm kernel per (device, dtype); False a loop of per-tensor norms.
     """
-    norm_type = _validate(max_norm, norm_type)
-    if isinstance(parameters, Tensor):
-        parameters = [parameters]
-    grads = [p.grad for p in parameters if p.grad is not None]
+    _max_norm(max_norm)
+    norm_type = _norm_type(norm_type)
+    check.boolean("error_if_nonfinite", error_if_nonfinite)
+    check.boolean("foreach", foreach, optional=True)
+    grads = [p.grad for p in check.tensors("parameters", parameters) if p.grad is not None]
     if not grads:
         return torch.zeros(())
     norms = _tensor_norms([g.detach() for g in grads], norm_type, grads[0].device, foreach)
@@ -146,9 +159,12 @@ def clip_sharded_grad_norm_(
 ) -> Tensor:
     """`global_grad_norm` then `clip_grads_with_norm_` on every given gradient: clip a sharded model's gradients by
     the norm of the whole gradient. Returns that norm (before clipping)."""
-    norm_type = _validate(max_norm, norm_type)
-    sharded = [g for g in sharded if g is not None]
-    replicated = [g for g in replicated if g is not None]
+    _max_norm(max_norm)
+    norm_type = _norm_type(norm_type)
+    check.boolean("error_if_nonfinite", error_if_nonfinite)
+    _process_group(process_group)
+    sharded = [g for g in check.tensors("sharded", sharded, allow_none=True) if g is not None]
+    replicated = [g for g in check.tensors("replicated", replicated, allow_none=True) if g is not None]
     total = global_grad_norm(sharded, replicated, norm_type=norm_type, process_group=process_group)
     if error_if_nonfinite and not torch.isfinite(total):
         raise RuntimeError(f"the global norm of order {norm_type} of the gradients is non-finite ({total.item()})")

@@ -31,19 +31,19 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from optimized.accumulation import Batch, LossFn, accumulate_gradients, batch_device, gpt_loss
 from optimized.clipping import clip_grad_norm_, global_grad_norm
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 IGNORE_INDEX = -100  # the targets convention of torch.nn.functional.cross_entropy
 
-Batch = tuple[Tensor, Tensor]
 
 
 # ---- validation shared by both styles ------------------------------------------------------------------------------
@@ -130,15 +130,19 @@ class AmpHistory:
 
 
 def _micro_batches(batch: Batch, accumulation_steps: int) -> list[Batch]:
-    idx, targets = batch
+    """`batch` ((idx, targets) or a dict of tensors) cut into equal row chunks."""
     if not isinstance(accumulation_steps, int) or accumulation_steps < 1:
         raise ValueError(f"accumulation_steps must be an integer >= 1, got {accumulation_steps!r}")
-    if idx.size(0) % accumulation_steps:
+    mapping = isinstance(batch, Mapping)
+    tensors = list(batch.values()) if mapping else list(batch)
+    rows = tensors[0].size(0)
+    if rows % accumulation_steps:
         raise ValueError(
-            f"batch size {idx.size(0)} must be divisible by accumulation_steps={accumulation_steps} "
+            f"batch size {rows} must be divisible by accumulation_steps={accumulation_steps} "
             f"(micro-batches of equal rows)"
         )
-    return list(zip(idx.chunk(accumulation_steps), targets.chunk(accumulation_steps), strict=True))
+    pieces = zip(*(t.chunk(accumulation_steps) for t in tensors), strict=True)
+    return [dict(zip(batch.keys(), p, strict=True)) if mapping else tuple(p) for p in pieces]
 
 
 def amp_step(
@@ -150,16 +154,18 @@ def amp_step(
     scaler: torch.amp.GradScaler | None = None,
     max_grad_norm: float | None = None,
     accumulation_steps: int = 1,
+    loss_fn: LossFn = gpt_loss,
 ) -> StepResult:
     """One optimizer step with forward + loss under torch.autocast(dtype); dtype=torch.float32 turns autocast off.
 
-    `model(idx, targets, reduction="sum")` must return (logits, summed token loss), the contract of the tiny GPT
-    (reference.model.GPT). Micro-batches are token-weighted: each backward runs on its summed loss divided by the
-    scored tokens of the whole batch, so accumulation gives the gradient of the batch's token mean.
+    loss_fn(model, micro_batch) -> (summed token loss, scored tokens), run under autocast: `gpt_loss` (default, the
+    tiny GPT's `model(idx, targets, reduction="sum")`) or `optimized.accumulation.causal_lm_loss` for any model
+    returning logits or a transformers ModelOutput (batch (idx, targets) or a dict with "labels"). Micro-batches are
+    token-weighted (optimized.accumulation.accumulate_gradients): each backward runs on its summed loss divided by
+    the scored tokens of the whole batch, so accumulation gives the gradient of the batch's token mean.
     fp16 needs `scaler` (a torch.amp.GradScaler); bf16 and fp32 refuse one. The gradients are unscaled before the
     optional clipping, so `max_grad_norm` caps the true gradient norm."""
-    idx, _ = batch
-    device_type = idx.device.type
+    device_type = batch_device(batch).type
     if dtype != torch.float32:
         check_autocast(device_type, dtype)
     _check_scaler(dtype, scaler)
@@ -168,14 +174,14 @@ def amp_step(
     micro_batches = _micro_batches(batch, accumulation_steps)
 
     optimizer.zero_grad(set_to_none=True)
-    n_tokens = max(sum(int((t != IGNORE_INDEX).sum()) for _, t in micro_batches), 1)
-    total = torch.zeros((), device=idx.device)
-    for micro_idx, micro_targets in micro_batches:
+
+    def autocast_loss(model: nn.Module, micro_batch: Batch):
         with torch.autocast(device_type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext():
-            _, loss_sum = model(micro_idx, micro_targets, reduction="sum")
-        loss = loss_sum / n_tokens
-        (scaler.scale(loss) if scaler is not None else loss).backward()
-        total = total + loss_sum.detach().float()
+            loss_sum, count = loss_fn(model, micro_batch)
+        return loss_sum, count
+
+    mean = accumulate_gradients(model, micro_batches, loss_fn=autocast_loss,
+                                scale_loss=scaler.scale if scaler is not None else None)
 
     scale = scaler.get_scale() if scaler is not None else None
     if scaler is not None:
@@ -193,7 +199,7 @@ def amp_step(
     else:
         optimizer.step()
         skipped = False
-    return StepResult(float(total / n_tokens), float(norm), scale, skipped)
+    return StepResult(float(mean), float(norm), scale, skipped)
 
 
 def amp_train(
@@ -207,6 +213,7 @@ def amp_train(
     lr_lambda: Callable[[int], float] | None = None,
     max_grad_norm: float | None = None,
     accumulation_steps: int = 1,
+    loss_fn: LossFn = gpt_loss,
 ) -> AmpHistory:
     """`amp_step` for `steps` steps, cycling through `batches`; `lr_lambda(step)` multiplies each group's initial LR.
 
@@ -223,7 +230,7 @@ def amp_train(
                 group["lr"] = base * lr_lambda(step)
         history.lr.append(float(optimizer.param_groups[0]["lr"]))
         result = amp_step(model, optimizer, batches[step % len(batches)], dtype=dtype, scaler=scaler,
-                          max_grad_norm=max_grad_norm, accumulation_steps=accumulation_steps)
+                          max_grad_norm=max_grad_norm, accumulation_steps=accumulation_steps, loss_fn=loss_fn)
         history.loss.append(result.loss)
         history.grad_norm.append(result.grad_norm)
         history.scale.append(result.scale)

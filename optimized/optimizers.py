@@ -15,12 +15,13 @@ nanoGPT training does; pass your own `no_decay(name, param) -> bool` to change i
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from optimized import _validate as check
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "lion")
 _DEFAULT_BETAS = {"adam": (0.9, 0.999), "adamw": (0.9, 0.999), "lion": (0.9, 0.99)}
@@ -39,6 +40,10 @@ def param_groups(
     """[{params decayed, weight_decay}, {params exempt, weight_decay 0}], empty groups dropped.
 
     Trainable parameters only, each once (a tied weight is listed under its first name)."""
+    if not isinstance(model, nn.Module):
+        raise check.fail("model", model, "an nn.Module")
+    weight_decay = check.real("weight_decay", weight_decay, minimum=0.0)
+    check.function("no_decay", no_decay)
     decay, exempt = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -47,9 +52,19 @@ def param_groups(
     return [g for g in groups if g["params"]]
 
 
-def _check(name: str, value: float, ok: bool, allowed: str) -> None:
-    if not ok:
-        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+def _params(model: Any) -> list[Any]:
+    """model as a list of parameters or param-group dicts (what torch.optim.Optimizer takes), checked."""
+    if isinstance(model, (Tensor, str, bytes)) or not isinstance(model, Iterable):
+        raise check.fail("model", model, "an nn.Module, or an iterable of parameters or param-group dicts")
+    groups = list(model)
+    for i, g in enumerate(groups):
+        if isinstance(g, dict) and "params" in g:
+            # Listed once here, so a generator of parameters is not used up before torch reads it.
+            groups[i] = {**g, "params": check.tensors(f"model[{i}]['params']", g["params"])}
+        elif not isinstance(g, Tensor):
+            raise check.ArgumentError(f"model must hold parameters or param-group dicts with a 'params' entry, got "
+                                      f"{g!r} at position {i}")
+    return groups
 
 
 def build_optimizer(
@@ -75,15 +90,18 @@ def build_optimizer(
     fused: None picks fused when every parameter is on CUDA (Adam, AdamW, SGD) and foreach otherwise; True demands
         torch's fused kernel (CUDA or CPU; not for Lion); False uses foreach.
     """
-    key = name.lower() if isinstance(name, str) else name
-    _check("name", name, key in OPTIMIZERS, f"one of {OPTIMIZERS}")
-    _check("lr", lr, isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0, "a finite float >= 0")
-    _check("weight_decay", weight_decay, math.isfinite(weight_decay) and weight_decay >= 0, "a finite float >= 0")
-    _check("eps", eps, math.isfinite(eps) and eps >= 0, "a finite float >= 0")
-    _check("momentum", momentum, math.isfinite(momentum) and momentum >= 0, "a finite float >= 0")
+    key = check.one_of("name", name, OPTIMIZERS, case_sensitive=False)
+    lr = check.real("lr", lr, minimum=0.0)
+    weight_decay = check.real("weight_decay", weight_decay, minimum=0.0)
+    eps = check.real("eps", eps, minimum=0.0)
+    momentum = check.real("momentum", momentum, minimum=0.0)
+    check.boolean("nesterov", nesterov)
+    check.boolean("amsgrad", amsgrad)
+    check.boolean("fused", fused, optional=True)
+    check.function("no_decay", no_decay)
     betas_given = betas is not None
-    betas = tuple(betas) if betas_given else _DEFAULT_BETAS.get(key, (0.9, 0.999))
-    _check("betas", betas, len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas), "two floats in [0, 1)")
+    betas = check.pair("betas", betas, minimum=0.0, maximum=1.0, max_open=True) if betas_given else (
+        _DEFAULT_BETAS.get(key, (0.9, 0.999)))
     if key == "lion" and fused:
         raise ValueError("fused=True: torch has no fused Lion kernel; use fused=None or False (foreach Lion)")
     # An option the chosen optimizer has no use for is refused, not silently dropped.
@@ -94,12 +112,14 @@ def build_optimizer(
     for option, owners in applies.items():
         if given[option] and key not in owners:
             raise ValueError(f"{option} does not apply to {key!r}; it applies to {', '.join(owners)}")
+    if nesterov and momentum == 0.0:
+        raise check.fail("nesterov", nesterov, "False when momentum is 0 (Nesterov's look-ahead needs a momentum > 0)")
 
     if isinstance(model, nn.Module):
         groups: list[Any] = param_groups(model, weight_decay, no_decay)
         params = [p for g in groups for p in g["params"]]
     else:
-        groups = list(model)
+        groups = _params(model)
         params = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
     if not params:
         raise ValueError("model has no trainable parameters to optimize")
@@ -133,10 +153,10 @@ class Lion(torch.optim.Optimizer):
         betas: tuple[float, float] = (0.9, 0.99),
         weight_decay: float = 0.0,
     ) -> None:
-        _check("lr", lr, isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0, "a finite float >= 0")
-        _check("betas", betas, len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas), "two floats in [0, 1)")
-        _check("weight_decay", weight_decay, math.isfinite(weight_decay) and weight_decay >= 0, "a finite float >= 0")
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay))
+        lr = check.real("lr", lr, minimum=0.0)
+        betas = check.pair("betas", betas, minimum=0.0, maximum=1.0, max_open=True)
+        weight_decay = check.real("weight_decay", weight_decay, minimum=0.0)
+        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay))
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:

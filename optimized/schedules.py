@@ -20,17 +20,22 @@ from typing import Any
 import torch
 from torch.optim.lr_scheduler import LRScheduler
 
+from optimized import _validate as check
+
 
 def _count(name: str, value: Any, minimum: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
+    return check.integer(name, value, minimum=minimum)
 
 
 def _ratio(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must be a float in [0, 1], got {value!r}")
-    return float(value)
+    return check.real(name, value, minimum=0.0, maximum=1.0)
+
+
+def _common(optimizer: Any, last_epoch: Any) -> int:
+    """The arguments every schedule takes, checked before LRScheduler touches the optimizer's groups."""
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise check.fail("optimizer", optimizer, "a torch.optim.Optimizer")
+    return check.integer("last_epoch", last_epoch, minimum=-1)
 
 
 def _warmup_total(warmup_steps: Any, total_steps: Any) -> tuple[int, int]:
@@ -73,6 +78,7 @@ class ConstantWithWarmup(_ClosedForm):
     """Linear warmup to base_lr over `warmup_steps`, then constant."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, warmup_steps: int, last_epoch: int = -1) -> None:
+        last_epoch = _common(optimizer, last_epoch)
         self.warmup_steps = _count("warmup_steps", warmup_steps)
         super().__init__(optimizer, last_epoch)
 
@@ -87,6 +93,7 @@ class LinearWarmupDecay(_ClosedForm):
     def __init__(
         self, optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, last_epoch: int = -1
     ) -> None:
+        last_epoch = _common(optimizer, last_epoch)
         self.warmup_steps, self.total_steps = _warmup_total(warmup_steps, total_steps)
         super().__init__(optimizer, last_epoch)
 
@@ -110,10 +117,9 @@ class CosineWithWarmup(_ClosedForm):
         min_lr_ratio: float = 0.0,
         last_epoch: int = -1,
     ) -> None:
+        last_epoch = _common(optimizer, last_epoch)
         self.warmup_steps, self.total_steps = _warmup_total(warmup_steps, total_steps)
-        if not (isinstance(num_cycles, (int, float)) and math.isfinite(num_cycles) and num_cycles > 0):
-            raise ValueError(f"num_cycles must be a finite float > 0, got {num_cycles!r}")
-        self.num_cycles = float(num_cycles)
+        self.num_cycles = check.real("num_cycles", num_cycles, minimum=0.0, min_open=True)
         self.min_lr_ratio = _ratio("min_lr_ratio", min_lr_ratio)
         super().__init__(optimizer, last_epoch)
 
@@ -132,6 +138,7 @@ class CosineAnnealing(_ClosedForm):
     def __init__(
         self, optimizer: torch.optim.Optimizer, t_max: int, min_lr_ratio: float = 0.0, last_epoch: int = -1
     ) -> None:
+        last_epoch = _common(optimizer, last_epoch)
         self.t_max = _count("t_max", t_max, 1)
         self.min_lr_ratio = _ratio("min_lr_ratio", min_lr_ratio)
         super().__init__(optimizer, last_epoch)
@@ -148,6 +155,7 @@ class InverseSqrt(_ClosedForm):
     def __init__(
         self, optimizer: torch.optim.Optimizer, warmup_steps: int, timescale: int | None = None, last_epoch: int = -1
     ) -> None:
+        last_epoch = _common(optimizer, last_epoch)
         self.warmup_steps = _count("warmup_steps", warmup_steps)
         self.timescale = _count("timescale", timescale if timescale is not None else (warmup_steps or 10_000), 1)
         super().__init__(optimizer, last_epoch)
@@ -185,14 +193,13 @@ class WarmupStableDecay(_ClosedForm):
         decay_type: str = "cosine",
         last_epoch: int = -1,
     ) -> None:
+        last_epoch = _common(optimizer, last_epoch)
         self.warmup_steps = _count("warmup_steps", warmup_steps)
         self.stable_steps = _count("stable_steps", stable_steps)
         self.decay_steps = _count("decay_steps", decay_steps)
         self.min_lr_ratio = _ratio("min_lr_ratio", min_lr_ratio)
-        for name, kind in (("warmup_type", warmup_type), ("decay_type", decay_type)):
-            if kind not in _RISE:
-                raise ValueError(f"{name} must be one of {sorted(_RISE)}, got {kind!r}")
-        self.warmup_type, self.decay_type = warmup_type, decay_type
+        self.warmup_type = check.one_of("warmup_type", warmup_type, tuple(_RISE))
+        self.decay_type = check.one_of("decay_type", decay_type, tuple(_FALL))
         super().__init__(optimizer, last_epoch)
 
     def multiplier(self, step: int) -> float:
@@ -218,6 +225,4 @@ SCHEDULERS: dict[str, type[_ClosedForm]] = {
 
 def build_scheduler(optimizer: torch.optim.Optimizer, name: str, **kwargs: Any) -> LRScheduler:
     """The scheduler `name` (the reference.schedules function names) with its keyword arguments."""
-    if name not in SCHEDULERS:
-        raise ValueError(f"unknown schedule {name!r}; allowed: {', '.join(SCHEDULERS)}")
-    return SCHEDULERS[name](optimizer, **kwargs)
+    return SCHEDULERS[check.one_of("name", name, tuple(SCHEDULERS))](optimizer, **kwargs)

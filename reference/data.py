@@ -15,6 +15,8 @@ the mean of micro-batch means differs from the token mean of the batch.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -24,6 +26,13 @@ PAD = 0
 SEP = 1
 FIRST_CONTENT = 2
 TASKS = ("copy", "reverse", "modadd")
+
+
+def _integer(name: str, value: Any, minimum: int, why: str = "") -> int:
+    """An int (not a bool, not a float such as 2.0) >= minimum, or an error naming the argument."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}{why}, got {value!r}")
+    return value
 
 
 def make_batch(
@@ -36,14 +45,15 @@ def make_batch(
     vary_length: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """One batch: idx (B, T) int64 and targets (B, T) int64 with IGNORE_INDEX where nothing is scored."""
-    if task not in TASKS:
+    _integer("batch_size", batch_size, 1)
+    _integer("seq_len", seq_len, 2, " (content, SEP, answer)")
+    _integer("vocab_size", vocab_size, FIRST_CONTENT + 1, f" (ids 0..{FIRST_CONTENT - 1} are PAD and SEP)")
+    if not isinstance(generator, torch.Generator) or generator.device.type != "cpu":
+        raise ValueError(f"generator must be a CPU torch.Generator, got {generator!r}")
+    if not isinstance(task, str) or task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if seq_len < 2:
-        raise ValueError(f"seq_len must be >= 2 (content, SEP, answer), got {seq_len}")
-    if vocab_size <= FIRST_CONTENT:
-        raise ValueError(f"vocab_size must exceed {FIRST_CONTENT} (PAD and SEP are reserved), got {vocab_size}")
+    if not isinstance(vary_length, bool):
+        raise ValueError(f"vary_length must be True or False, got {vary_length!r}")
     max_len = seq_len // 2  # content + SEP + answer = 2L + 1 <= seq_len + 1
     n_content = vocab_size - FIRST_CONTENT
     seqs = torch.full((batch_size, seq_len + 1), PAD, dtype=torch.long)  # (B, T+1)
@@ -76,8 +86,9 @@ def make_batches(
     vary_length: bool = False,
 ) -> list[tuple[Tensor, Tensor]]:
     """`num_batches` batches from one generator seeded by `seed`: the same arguments always give the same data."""
-    if num_batches < 1:
-        raise ValueError(f"num_batches must be >= 1, got {num_batches}")
+    _integer("num_batches", num_batches, 1)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
     gen = torch.Generator().manual_seed(seed)
     return [
         make_batch(

@@ -80,12 +80,15 @@ class DynamicLossScaler:
         backoff_factor: float = 0.5,
         growth_interval: int = 2000,
     ) -> None:
-        if not (isinstance(init_scale, (int, float)) and math.isfinite(init_scale) and init_scale > 0):
+        def number(x: Any) -> bool:  # a bool is not a scale: True would silently be 1.0
+            return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+        if not (number(init_scale) and init_scale > 0):
             raise ValueError(f"init_scale must be a finite number > 0, got {init_scale!r}")
-        if not growth_factor > 1.0:
-            raise ValueError(f"growth_factor must be > 1.0 (the scale grows), got {growth_factor!r}")
-        if not 0.0 < backoff_factor < 1.0:
-            raise ValueError(f"backoff_factor must be in (0, 1) (the scale shrinks), got {backoff_factor!r}")
+        if not (number(growth_factor) and growth_factor > 1.0):
+            raise ValueError(f"growth_factor must be a finite number > 1.0 (the scale grows), got {growth_factor!r}")
+        if not (number(backoff_factor) and 0.0 < backoff_factor < 1.0):
+            raise ValueError(f"backoff_factor must be a number in (0, 1) (the scale shrinks), got {backoff_factor!r}")
         if not isinstance(growth_interval, int) or isinstance(growth_interval, bool) or growth_interval < 1:
             raise ValueError(f"growth_interval must be an integer >= 1, got {growth_interval!r}")
         self.growth_factor = float(growth_factor)
@@ -154,6 +157,12 @@ class DynamicLossScaler:
         """Move S and n by the rule in the module docstring (or set S = new_scale), and start a new iteration."""
         self._require_scale("update")
         if new_scale is not None:
+            if isinstance(new_scale, Tensor) and new_scale.numel() == 1 and not new_scale.requires_grad:
+                new_scale = new_scale.item()
+            if isinstance(new_scale, bool) or not isinstance(new_scale, (int, float)) or not (
+                    math.isfinite(new_scale) and new_scale >= 0):
+                raise ValueError(f"new_scale must be a finite number >= 0 (or a 1-element tensor holding one), "
+                                 f"got {new_scale!r}")
             self._scale = _fp32(float(new_scale))
         else:
             checks = [f for f in self._found_inf.values() if f is not None]
@@ -220,6 +229,9 @@ class DynamicLossScaler:
     @staticmethod
     def _grads(optimizer: torch.optim.Optimizer) -> list[Tensor]:
         """The gradients unscale_ divides: every param's .grad (a sparse grad's values), fp16 refused."""
+        if not isinstance(getattr(optimizer, "param_groups", None), list):
+            raise ValueError(f"optimizer must be a torch.optim.Optimizer (an object with param_groups), got "
+                             f"{optimizer!r}")
         grads = []
         for group in optimizer.param_groups:
             for p in group["params"]:

@@ -183,16 +183,18 @@ def peer_worker(configs, steps: int, timing_reps: int, device_type: str, memory_
     return out
 
 
-def reference_state(world_size: int, steps: int) -> dict[str, torch.Tensor]:
-    """Unsharded AdamW + clip_grad_norm_ on the whole batch, one process."""
-    model = GPT(GPTConfig(**CONFIG))
+def reference_state(world_size: int, steps: int, device: torch.device | None = None) -> dict[str, torch.Tensor]:
+    """Unsharded AdamW + clip_grad_norm_ on the whole batch, one process, on `device` (default CPU): the same device
+    as the ranks, since Adam turns two devices' rounding differences into full-size steps."""
+    device = device or torch.device("cpu")
+    model = GPT(GPTConfig(**CONFIG)).to(device)
     opt = torch.optim.AdamW(model.parameters(), **ADAMW)
     for batch in _batches(world_size, steps):
         opt.zero_grad()
-        accumulate_gradients(model, [batch])
+        accumulate_gradients(model, [_local(batch, 0, 1, device)])
         torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM)
         opt.step()
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
 # --- memory ------------------------------------------------------------------------------------------------------
@@ -355,7 +357,7 @@ def run(ctx: Context) -> list[Result]:
 
     peer = spawn(peer_worker, ws, PEER_CONFIGS, steps, reps, device_type, cases, with_ds, device=device_type,
                  timeout=ctx.timeout)
-    ref = reference_state(ws, steps)
+    ref = reference_state(ws, steps, ctx.device)
     ours_all, ds_all = peer[0]["ours"], peer[0]["deepspeed"]
     for stage, offload in PEER_CONFIGS:
         label = f"ZeRO-{stage}{' + offload' if offload else ''}"

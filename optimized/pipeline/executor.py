@@ -15,11 +15,11 @@ is simulated before anything is sent and one that would deadlock raises `Deadloc
 Messages carry a tag naming (stage, micro-batch, direction), so the pairing of sends and receives does not depend on
 their order (gloo honours tags; NCCL does not, and is not supported here).
 
-Tied embeddings: when lm_head.weight is wte.weight, the first and the last stage each hold a copy (Megatron-LM,
-arXiv 1909.08053). At construction the last stage's copy is overwritten with the first stage's; after each step's
-backwards the two ranks exchange their partial gradients and each adds the other's (an all-reduce over the pair,
-written as one message each way). Both copies then have the single-process gradient and stay equal under any
-optimizer step.
+Tied embeddings: when the head's weight is the token embedding's, the first and the last stage each hold a copy
+(Megatron-LM, arXiv 1909.08053). At construction the last stage's copy is overwritten with the first stage's;
+after each step's backwards the two ranks exchange their partial gradients and each adds the other's (an
+all-reduce over the pair, written as one message each way). Both copies then have the single-process gradient
+and stay equal under any optimizer step.
 """
 
 from __future__ import annotations
@@ -89,6 +89,8 @@ class PipelineExecutor:
         self.schedule = schedule
         self.stages = {s.index: s for s in stages}
         self.process_group = process_group
+        if world > 1:
+            self._check_ranks_agree()
         self._tied = self._tied_partner()
         if self._tied is not None:
             self._sync_tied_weight()
@@ -100,6 +102,42 @@ class PipelineExecutor:
             for p in stage.parameters():
                 seen.setdefault(id(p), p)
         return list(seen.values())
+
+    def _check_ranks_agree(self) -> None:
+        """Every rank must have cut the same model (names, shapes, dtypes) and send hidden states of one width and
+        dtype, or the first mismatched message would abort inside gloo. One all_gather_object, at wrap time."""
+        stage = next(iter(self.stages.values()))
+        param = next(stage.parameters(), None)
+        mine = {"hidden_size": stage.hidden_size, "dtype": str(param.dtype if param is not None else None),
+                "model": stage.model_signature}
+        world = dist.get_world_size(self.process_group)
+        everyone: list = [None] * world
+        dist.all_gather_object(everyone, mine, group=self.process_group)
+        ref = everyone[0]
+        for rank, other in enumerate(everyone[1:], start=1):
+            for key in ("hidden_size", "dtype"):
+                if other[key] != ref[key]:
+                    raise ValueError(f"pipeline ranks disagree: {key} is {ref[key]} on rank 0 but {other[key]} on "
+                                     f"rank {rank}; every rank must split the same model")
+            for a, b in zip(ref["model"], other["model"], strict=False):
+                if a != b:
+                    raise ValueError(f"pipeline ranks disagree on the model: parameter {a[0]!r} {a[1]} {a[2]} on "
+                                     f"rank 0, {b[0]!r} {b[1]} {b[2]} on rank {rank}; every rank must split the "
+                                     f"same model")
+            if len(ref["model"]) != len(other["model"]):
+                raise ValueError(f"pipeline ranks disagree on the model: {len(ref['model'])} parameters on rank 0, "
+                                 f"{len(other['model'])} on rank {rank}")
+
+    def _check_batch_agrees(self, idx: Tensor) -> None:
+        """All ranks must pass batches of one shape: one all-gather of (B, T) per step."""
+        world = dist.get_world_size(self.process_group)
+        shape = torch.tensor(idx.shape, dtype=torch.long)
+        shapes = [torch.empty_like(shape) for _ in range(world)]
+        dist.all_gather(shapes, shape, group=self.process_group)
+        for rank, other in enumerate(shapes):
+            if not torch.equal(other, shapes[0]):
+                raise ValueError(f"pipeline ranks disagree on the batch: idx shape {tuple(shapes[0].tolist())} on "
+                                 f"rank 0 but {tuple(other.tolist())} on rank {rank}; every rank passes the same batch")
 
     # -- messages -------------------------------------------------------------------------------------------------
     def _global(self, rank: int) -> int:
@@ -124,7 +162,7 @@ class PipelineExecutor:
 
     def _tied_weight(self) -> nn.Parameter:
         first = self.stages.get(0)
-        return first.wte.weight if first is not None else self.stages[self.schedule.num_stages - 1].lm_head.weight
+        return first.tied_weight() if first is not None else self.stages[self.schedule.num_stages - 1].tied_weight()
 
     @torch.no_grad()
     def _sync_tied_weight(self) -> None:
@@ -168,6 +206,8 @@ class PipelineExecutor:
         """Forward and backward of the whole batch (idx, targets: (B, T)) through the pipeline; gradients are
         accumulated into `.grad` of this rank's parameters. Every rank passes the same batch."""
         self._check_batch(idx, targets)
+        if self.schedule.num_ranks > 1:
+            self._check_batch_agrees(idx)
         sched, m = self.schedule, self.schedule.num_microbatches
         any_stage = next(iter(self.stages.values()))
         param = next(any_stage.parameters())

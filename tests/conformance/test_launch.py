@@ -1,13 +1,23 @@
 """The launcher: results in rank order, failures and hangs surface fast, nothing is left running."""
 
+import math
 import os
+import re
+import signal
+import subprocess
+import sys
+import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from conformance.launch import RankError, RankTimeout, spawn
+from conformance.launch import RankError, RankTimeout, _write_atomically, spawn
+from tests.conformance.launch_faults import die_mid_collective
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _rank_and_sum(offset):
@@ -54,7 +64,17 @@ def _alive(pid):
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    return True
+    try:  # a zombie has ended; it only waits for its parent to read its exit status
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return not Path("/proc/self").exists()
+
+
+def _wait_gone(pids, seconds):
+    deadline = time.monotonic() + seconds
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return [p for p in pids if _alive(p)]
 
 
 def test_a_hang_is_killed_at_the_timeout_and_named(tmp_path):
@@ -64,10 +84,7 @@ def test_a_hang_is_killed_at_the_timeout_and_named(tmp_path):
     assert time.monotonic() - start < 20
     pids = [int(p.read_text()) for p in tmp_path.iterdir()]
     assert len(pids) == 3
-    deadline = time.monotonic() + 5
-    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not any(_alive(p) for p in pids), "rank processes left running"
+    assert not _wait_gone(pids, 5), "rank processes left running"
 
 
 def test_bad_arguments_are_refused_before_anything_starts():
@@ -75,8 +92,13 @@ def test_bad_arguments_are_refused_before_anything_starts():
         spawn(_rank_and_sum, 0, 0.0)
     with pytest.raises(ValueError, match="backend must be 'gloo' or 'nccl'"):
         spawn(_rank_and_sum, 1, 0.0, backend="mpi")
-    with pytest.raises(ValueError, match="timeout must be > 0"):
-        spawn(_rank_and_sum, 1, 0.0, timeout=0)
+
+
+@pytest.mark.parametrize("timeout", [0, -1.0, math.inf, math.nan, True, "60", None, 1e300])
+def test_a_timeout_that_cannot_end_a_hang_is_refused(timeout):
+    with pytest.raises(ValueError, match=r"timeout must be a finite number of seconds > 0 .*got " + re.escape(
+            repr(timeout))):
+        spawn(_rank_and_sum, 1, 0.0, timeout=timeout)
 
 
 def _sum_of(tensors):
@@ -112,3 +134,121 @@ def test_in_place_ranks_fail_together_and_stay_in_step():
     for first_sum, failure, after_sum in spawn(_as_if_under_torchrun, 2, timeout=60):
         assert first_sum == 1.0 and after_sum == 2.0
         assert failure is not None and "rank 1 of 2 raised" in failure and "in-place failure on rank 1" in failure
+
+
+# ---- faults: the rank that failed first is named, whatever killed it -------------------------------------------------
+
+
+_DEATHS = {"exit": "died with exit code 3", "sigkill": "died: killed by signal SIGKILL",
+           "segv": "died: killed by signal SIGSEGV"}
+
+
+def test_a_killed_rank_is_named_as_the_cause_every_time():
+    """20 trials, 3 ranks: the victim (each rank in turn) dies by os._exit, SIGKILL or a segfault while its peers
+    wait in an all-reduce. The survivors fail too ("Connection reset/closed by peer"), and those failures are on
+    disk first; the message must still open with the victim and list the survivors after it."""
+    named = []
+    for trial in range(20):
+        victim, how = trial % 3, ("exit", "sigkill", "segv")[(trial // 3) % 3]  # every pair within 9 trials
+        with pytest.raises(RankError) as info:
+            spawn(die_mid_collective, 3, victim, how, timeout=60)
+        message = str(info.value)
+        first_line = message.splitlines()[0]
+        named.append(first_line == f"rank {victim} of 3 {_DEATHS[how]}" + (
+            " (exit code -9)" if how == "sigkill" else " (exit code -11)" if how == "segv" else ""))
+        assert named[-1], (trial, how, message)
+        survivors = [r for r in range(3) if r != victim]
+        # Each survivor is accounted for after the cause: a consequence of the death, or killed by the launcher.
+        assert all(f"then rank {r} raised" in message or "were killed" in message for r in survivors), message
+    assert all(named)
+
+
+def _exit_cleanly_on_rank_one():
+    if dist.get_rank() == 1:
+        os._exit(0)
+    return "rank 0 finished"
+
+
+def test_a_rank_that_exits_without_a_result_is_a_rank_error():
+    with pytest.raises(RankError, match="rank 1 of 2 exited with code 0 without returning a result"):
+        spawn(_exit_cleanly_on_rank_one, 2, timeout=60)
+
+
+def test_result_and_error_files_are_never_seen_half_written(tmp_path):
+    """A reader polling the file while it is rewritten sees either no file or one whole version, never a prefix."""
+    path = str(tmp_path / "error_0.json")
+    size, versions, seen, stop = 4 << 20, b"abcdefgh", [], threading.Event()
+
+    def reader():
+        while not stop.is_set():
+            try:
+                with open(path, "rb") as f:
+                    seen.append(f.read())
+            except FileNotFoundError:
+                pass
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        for v in versions:
+            _write_atomically(path, lambda tmp, v=v: Path(tmp).write_bytes(bytes([v]) * size))
+    finally:
+        stop.set()
+        thread.join()
+    assert seen, "the reader never saw the file"
+    assert all(len(s) == size and s == s[:1] * size for s in seen)
+
+
+# ---- the caller killed: nothing outlives it --------------------------------------------------------------------------
+
+
+_CALLER = """
+import sys, threading, time
+import multiprocessing.forkserver as fs, multiprocessing.resource_tracker as rt
+from pathlib import Path
+import conformance.launch
+from conformance.launch import spawn
+from tests.conformance.launch_faults import report_and_block
+
+out = sys.argv[1]
+conformance.launch._FORKSERVER_PRELOAD = ["torch", "torch.distributed"]  # faster start; nothing here needs more
+
+def report_helpers():
+    while not (fs._forkserver._forkserver_pid and rt._resource_tracker._pid):
+        time.sleep(0.05)
+    Path(out, "helpers").write_text(f"{fs._forkserver._forkserver_pid} {rt._resource_tracker._pid}")
+
+threading.Thread(target=report_helpers, daemon=True).start()
+spawn(report_and_block, 2, out, timeout=600)
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_a_killed_caller_leaves_no_process_and_no_temp_dir(tmp_path, sig):
+    out, tmp = tmp_path / "out", tmp_path / "tmp"
+    out.mkdir()
+    tmp.mkdir()
+    env = {**os.environ, "TMPDIR": str(tmp), "PYTHONPATH": str(ROOT)}
+    caller = subprocess.Popen([sys.executable, "-c", _CALLER, str(out)], cwd=ROOT, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        names = ("rank0", "rank1", "helpers")
+        while not all((out / n).exists() for n in names):
+            assert caller.poll() is None, f"the caller ended early with {caller.returncode}"
+            assert time.monotonic() < deadline, "the ranks never started"
+            time.sleep(0.1)
+        time.sleep(0.2)  # rank 0 is inside its all-reduce
+        ranks = [int((out / n).read_text()) for n in names[:2]]
+        helpers = [int(p) for p in (out / "helpers").read_text().split()]
+        assert list(tmp.glob("pretrain-spec-launch-*")), "the launcher's temp dir should exist while it runs"
+        caller.send_signal(sig)
+        assert caller.wait(timeout=30) == -sig
+    finally:
+        if caller.poll() is None:
+            caller.kill()
+            caller.wait()
+    left = _wait_gone(ranks + helpers, 15)
+    assert not left, f"still running after the caller was killed: {left} (ranks {ranks}, forkserver and " \
+                     f"resource tracker {helpers})"
+    # Only the launcher's own dir: multiprocessing's pymp-* (the forkserver's socket) and torch's caches are theirs.
+    assert not list(tmp.glob("pretrain-spec-launch-*")), "the launcher's temp dir was left behind"

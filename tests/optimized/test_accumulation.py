@@ -129,7 +129,7 @@ def test_known_token_count_and_custom_loss_and_scaling():
     micro = split_rows(batch(), [5, 3])
     n = int(count_tokens(micro))
     loss_a, g_a = accumulated_grads(micro)
-    loss_b, g_b = accumulated_grads(micro, num_tokens=n, loss_fn=lambda m, i, t: m(i, t, reduction="sum")[1],
+    loss_b, g_b = accumulated_grads(micro, num_tokens=n, loss_fn=lambda m, b: (m(*b, reduction="sum")[1], 0),
                                     scale_loss=lambda loss: loss * 4.0)
     assert torch.equal(loss_a, loss_b)
     torch.testing.assert_close([g * 4.0 for g in g_a], g_b)
@@ -140,6 +140,13 @@ def test_bad_arguments_are_rejected():
         accumulate_gradients(GPT(CFG), [])
     with pytest.raises(ValueError, match="num_tokens"):
         accumulate_gradients(GPT(CFG), split_rows(batch(), [8]), num_tokens=-1)
+    for bad in (float("nan"), float("inf"), 2.5, True, "8", torch.tensor([1, 2])):
+        with pytest.raises(ValueError, match=r"num_tokens must be an integer >= 0 .*got"):
+            accumulate_gradients(GPT(CFG), split_rows(batch(), [8]), num_tokens=bad)
+    with pytest.raises(ValueError, match=r"micro_batches\[0\] is a str without targets to count: pass num_tokens="):
+        accumulate_gradients(GPT(CFG), ["text"])
+    with pytest.raises(ValueError, match=r"loss_fn scored 0 tokens but the micro-batches hold \d+ scored targets"):
+        accumulate_gradients(GPT(CFG), split_rows(batch(), [8]), loss_fn=lambda m, b: (m(*b, reduction="sum")[1], 0))
 
 
 class AveragingDataParallel(torch.nn.Module):

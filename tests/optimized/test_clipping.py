@@ -193,3 +193,66 @@ def test_clip_on_cuda_equals_torch(norm_type):
     assert m.device.type == "cuda"
     torch.testing.assert_close(m, t)
     torch.testing.assert_close(grads(mine), grads(theirs))
+
+
+# ---- bad inputs: every argument, each an error naming it, the value and what is allowed, before a gradient moves ----
+
+
+def _clip_call(fn):
+    return {
+        "clip_grad_norm_": lambda ps, **kw: clip_grad_norm_(**{"parameters": ps, "max_norm": 1.0, **kw}),
+        "clip_sharded_grad_norm_": lambda ps, **kw: clip_sharded_grad_norm_(
+            **{"sharded": [p.grad for p in ps], "max_norm": 1.0, **kw}),
+        "global_grad_norm": lambda ps, **kw: global_grad_norm(**{"sharded": [p.grad for p in ps], **kw}),
+        "clip_grads_with_norm_": lambda ps, **kw: clip_grads_with_norm_(
+            **{"grads": [p.grad for p in ps], "max_norm": 1.0, "total_norm": torch.tensor(3.0), **kw}),
+    }[fn]
+
+
+BAD_CLIP = [
+    # (function, keyword arguments over a valid call, the argument named, the value shown)
+    *[(fn, {"max_norm": v}, "max_norm", v) for fn in ("clip_grad_norm_", "clip_sharded_grad_norm_",
+                                                       "clip_grads_with_norm_")
+      for v in ("1", None, True, math.nan, 0.0, -1.0, [1.0])],
+    *[(fn, {"norm_type": v}, "norm_type", v) for fn in ("clip_grad_norm_", "clip_sharded_grad_norm_",
+                                                         "global_grad_norm")
+      for v in ("2", None, True, math.nan, 0.5, -math.inf, "l2")],
+    ("clip_grad_norm_", {"error_if_nonfinite": "no"}, "error_if_nonfinite", "no"),
+    ("clip_grad_norm_", {"error_if_nonfinite": None}, "error_if_nonfinite", None),
+    ("clip_sharded_grad_norm_", {"error_if_nonfinite": 1}, "error_if_nonfinite", 1),
+    ("clip_grad_norm_", {"foreach": 1}, "foreach", 1),
+    ("clip_grad_norm_", {"parameters": None}, "parameters", None),
+    ("clip_grad_norm_", {"parameters": 3}, "parameters", 3),
+    ("clip_grad_norm_", {"parameters": [1.0]}, "parameters", 1.0),
+    ("global_grad_norm", {"sharded": None}, "sharded", None),
+    ("global_grad_norm", {"sharded": [2.0]}, "sharded", 2.0),
+    ("global_grad_norm", {"replicated": 3}, "replicated", 3),
+    ("global_grad_norm", {"process_group": "world"}, "process_group", "world"),
+    ("clip_sharded_grad_norm_", {"process_group": 0}, "process_group", 0),
+    ("clip_sharded_grad_norm_", {"replicated": [None, "g"]}, "replicated", "g"),
+    ("clip_grads_with_norm_", {"total_norm": 3.0}, "total_norm", 3.0),
+    ("clip_grads_with_norm_", {"total_norm": None}, "total_norm", None),
+    ("clip_grads_with_norm_", {"grads": None}, "grads", None),
+]
+
+
+@pytest.mark.parametrize("fn, kwargs, argument, shown", BAD_CLIP,
+                         ids=[f"{f}-{a}={s!r}" for f, _, a, s in BAD_CLIP])
+def test_bad_inputs_are_refused_before_any_gradient_changes(fn, kwargs, argument, shown):
+    params = make_params()
+    before = [p.grad.clone() for p in params]
+    with pytest.raises(ValueError) as info:
+        _clip_call(fn)(params, **kwargs)
+    message = str(info.value)
+    assert message.startswith(argument) and " must " in message and repr(shown) in message, message
+    assert all(torch.equal(p.grad, b) for p, b in zip(params, before, strict=True))
+
+
+def test_norm_type_inf_as_a_string_is_accepted_as_torch_does():
+    """torch documents norm_type='inf'; that one string is taken, like float('inf')."""
+    params, peers = make_params(), make_params()
+    total = clip_grad_norm_(params, 1.0, norm_type="inf")
+    expected = torch.nn.utils.clip_grad_norm_(peers, 1.0, norm_type="inf")
+    assert torch.equal(total, expected)
+    assert all(torch.equal(p.grad, q.grad) for p, q in zip(params, peers, strict=True))
+    assert clip_grad_norm_(make_params(), math.inf).item() > 0  # max_norm=inf: measure, never clip

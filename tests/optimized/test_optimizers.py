@@ -153,3 +153,107 @@ def test_build_optimizer_is_fused_on_cuda_and_trains_like_the_reference(name):
 def test_options_that_do_not_apply_are_refused(name, option, message):
     with pytest.raises(ValueError, match=message):
         build_optimizer(torch.nn.Linear(2, 2), name, lr=1e-3, **option)
+
+
+# ---- bad inputs: every argument, each an error naming it, the value and what is allowed -----------------------------
+
+NAN, INF = math.nan, math.inf
+
+
+def _refused(call, name, shown):
+    """call() raises an error that opens with the argument's name, says what is allowed, and shows the value."""
+    with pytest.raises(ValueError) as info:
+        call()
+    message = str(info.value)
+    assert message.startswith(name) and " must " in message and repr(shown) in message, message
+    assert isinstance(info.value, TypeError) or not isinstance(shown, (str, type(None), list, tuple)), \
+        "a wrong type is also a TypeError"
+
+
+BAD_BUILD = [
+    # (name, keyword arguments over a valid call, the argument named, the value shown)
+    ("adamw", dict(betas=0.9), "betas", 0.9),
+    ("adamw", dict(betas=(0.9,)), "betas", (0.9,)),
+    ("adamw", dict(betas=(0.9, 0.99, 0.999)), "betas", (0.9, 0.99, 0.999)),
+    ("adamw", dict(betas=(0.9, 1.0)), "betas", (0.9, 1.0)),
+    ("adamw", dict(betas=(0.9, NAN)), "betas", (0.9, NAN)),
+    ("adamw", dict(betas=(True, 0.99)), "betas", (True, 0.99)),
+    ("adamw", dict(betas="ab"), "betas", "ab"),
+    ("adamw", dict(weight_decay=None), "weight_decay", None),
+    ("adamw", dict(weight_decay=True), "weight_decay", True),
+    ("adamw", dict(weight_decay="0.1"), "weight_decay", "0.1"),
+    ("adamw", dict(weight_decay=INF), "weight_decay", INF),
+    ("adamw", dict(weight_decay=-0.1), "weight_decay", -0.1),
+    ("adamw", dict(lr=True), "lr", True),
+    ("adamw", dict(lr=None), "lr", None),
+    ("adamw", dict(lr="1e-3"), "lr", "1e-3"),
+    ("adamw", dict(lr=NAN), "lr", NAN),
+    ("adamw", dict(lr=INF), "lr", INF),
+    ("adamw", dict(lr=-1.0), "lr", -1.0),
+    ("adamw", dict(eps=None), "eps", None),
+    ("adamw", dict(eps=False), "eps", False),
+    ("adamw", dict(eps=-1e-8), "eps", -1e-8),
+    ("adamw", dict(eps=NAN), "eps", NAN),
+    ("adam", dict(amsgrad="yes"), "amsgrad", "yes"),
+    ("adam", dict(amsgrad=1), "amsgrad", 1),
+    ("sgd", dict(momentum=None), "momentum", None),
+    ("sgd", dict(momentum=True), "momentum", True),
+    ("sgd", dict(momentum=NAN), "momentum", NAN),
+    ("sgd", dict(momentum=-0.5), "momentum", -0.5),
+    ("sgd", dict(momentum=0.9, nesterov=1), "nesterov", 1),
+    ("sgd", dict(nesterov=True), "nesterov", True),  # nesterov needs a momentum
+    ("adamw", dict(fused=1), "fused", 1),
+    ("adamw", dict(fused="auto"), "fused", "auto"),
+    ("adamw", dict(no_decay="biases"), "no_decay", "biases"),
+    ("adma", {}, "name", "adma"),
+    (None, {}, "name", None),
+    (["adam"], {}, "name", ["adam"]),
+]
+
+
+@pytest.mark.parametrize("name, kwargs, argument, shown", BAD_BUILD,
+                         ids=[f"{a}={s!r}" for _, _, a, s in BAD_BUILD])
+def test_build_optimizer_refuses_bad_arguments(name, kwargs, argument, shown):
+    _refused(lambda: build_optimizer(torch.nn.Linear(2, 2), name, **{"lr": 1e-3, **kwargs}), argument, shown)
+
+
+def test_a_misspelt_optimizer_name_gets_a_suggestion():
+    with pytest.raises(ValueError, match=r"did you mean (one of )?'adam'"):
+        build_optimizer(torch.nn.Linear(2, 2), "adma", lr=1e-3)
+
+
+@pytest.mark.parametrize("model, shown", [(None, None), (torch.zeros(3), None), ([1.0, 2.0], 1.0),
+                                          ("params", "params"), ([{"lr": 0.1}], {"lr": 0.1})])
+def test_build_optimizer_refuses_what_is_not_parameters(model, shown):
+    with pytest.raises(ValueError, match="^model must") as info:
+        build_optimizer(model, "sgd", lr=0.1)
+    if shown is not None:
+        assert repr(shown) in str(info.value)
+
+
+@pytest.mark.parametrize("kwargs, argument, shown", [
+    (dict(lr=True), "lr", True), (dict(lr=None), "lr", None), (dict(betas=0.9), "betas", 0.9),
+    (dict(betas=(0.9, 1.5)), "betas", (0.9, 1.5)), (dict(weight_decay=None), "weight_decay", None),
+    (dict(weight_decay=NAN), "weight_decay", NAN),
+])
+def test_lion_refuses_bad_arguments(kwargs, argument, shown):
+    _refused(lambda: Lion(torch.nn.Linear(2, 2).parameters(), **kwargs), argument, shown)
+
+
+@pytest.mark.parametrize("args, argument, shown", [
+    ((None, 0.1), "model", None), ((torch.nn.Linear(2, 2), None), "weight_decay", None),
+    ((torch.nn.Linear(2, 2), True), "weight_decay", True), ((torch.nn.Linear(2, 2), 0.1, "x"), "no_decay", "x"),
+])
+def test_param_groups_refuses_bad_arguments(args, argument, shown):
+    _refused(lambda: param_groups(*args), argument, shown)
+
+
+def test_numbers_of_every_real_type_and_generators_of_groups_are_accepted():
+    """What the checks must not refuse: an int lr, numpy scalars, betas as a list, a generator of param groups."""
+    np = pytest.importorskip("numpy")
+    model = torch.nn.Linear(2, 2)
+    opt = build_optimizer(model, "AdamW", lr=1, betas=[np.float32(0.5), 0.99], weight_decay=np.float64(0.1))
+    assert opt.param_groups[0]["lr"] == 1.0 and opt.param_groups[0]["betas"] == (0.5, 0.99)
+    groups = ({"params": (p for p in [w]), "weight_decay": 0.0} for w in model.parameters())
+    opt = build_optimizer(groups, "sgd", lr=0.1, momentum=0.9, nesterov=True)
+    assert [len(g["params"]) for g in opt.param_groups] == [1, 1]

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from optimized.pipeline import Deadlock, PipelineExecutor, Schedule, gpipe, interleaved_one_f_one_b, split
-from optimized.pipeline.split import balanced_boundaries
+from optimized.pipeline.split import Layout, balanced_boundaries
 from reference.data import make_batches
 from reference.model import GPT, GPTConfig
 from reference.training import accumulate_gradients
@@ -52,10 +52,10 @@ def test_stages_in_sequence_compute_the_model_bitwise(num_stages, tie):
 def test_stages_share_the_models_parameters():
     model = tiny()
     stages = split(model, 2)
-    assert stages[0].wte is model.wte and stages[1].lm_head is model.lm_head
+    assert stages[0].token_embedding is model.wte and list(stages[1].head) == [model.ln_f, model.lm_head]
     assert stages[0].blocks[0] is model.blocks[0]
     assert stages[0].tied_embeddings and stages[1].tied_weight() is model.wte.weight
-    assert stages[0].wpe is model.wpe and stages[1].wte is None and stages[0].lm_head is None
+    assert stages[0].position_embedding is model.wpe and stages[1].token_embedding is None and not stages[0].head
 
 
 def test_explicit_boundaries_place_the_blocks():
@@ -118,9 +118,13 @@ def test_bad_split_arguments(args, match):
         split(tiny(), *args)
 
 
-def test_split_needs_the_gpt_layout():
-    with pytest.raises(ValueError, match="Sequential lacks wte, wpe, blocks, ln_f, lm_head"):
+def test_split_says_how_to_describe_an_unknown_model():
+    with pytest.raises(ValueError, match=r"no ready layout for Linear .*pass layout=Layout\(token_embedding="):
+        split(torch.nn.Linear(2, 2), 1)
+    with pytest.raises(ValueError, match="an nn.Sequential must hold an nn.Embedding first"):
         split(torch.nn.Sequential(torch.nn.Linear(2, 2)), 1)
+    with pytest.raises(ValueError, match=r"layout.layers='blocks.x' names no module of GPT"):
+        split(tiny(), 1, layout=Layout("wte", "blocks.x", ("ln_f", "lm_head")))
 
 
 # --- the executor on one rank (no process group): micro-batching, token weighting, local stage-to-stage messages ---
@@ -173,3 +177,32 @@ def test_executor_rejects_wrong_stages_and_deadlocking_schedules():
     stuck = Schedule.parse("B0@0 F0@0 F0@1 B0@1", stages_per_rank=2)
     with pytest.raises(Deadlock, match="rank 0 waits at B0@0 for F0@0 on rank 0"):
         PipelineExecutor(stages, stuck)
+
+
+def test_llama_style_stages_in_sequence_compute_the_model_bitwise():
+    from reference.model import GPT, GPTConfig
+
+    model = GPT(GPTConfig.llama(vocab_size=64, block_size=16, n_layer=4, n_head=4, n_kv_head=2, n_embd=32))
+    idx, targets = batch()
+    logits_ref, loss_ref = model(idx, targets, reduction="sum")
+    loss_ref.backward()
+    grads_ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    stages = split(model, 3)
+    assert stages[0].position_embedding is None and not stages[0].tied_embeddings
+    logits, loss = run_stages(stages, idx, targets)
+    loss.backward()
+    assert torch.equal(logits, logits_ref) and torch.equal(loss, loss_ref)
+    for n, p in model.named_parameters():
+        assert torch.equal(p.grad, grads_ref[n]), n
+
+
+@pytest.mark.parametrize(
+    "idx, match",
+    [(torch.tensor([[1, 99]]), r"idx holds token id 99, outside \[0, vocab_size=64\)"),
+     (torch.zeros(1, 0, dtype=torch.long), "T >= 1"),
+     (torch.zeros(1, 33, dtype=torch.long), r"T=33 exceeds the position embedding.s 32 positions")],
+)
+def test_first_stage_checks_ids(idx, match):
+    with pytest.raises(ValueError, match=match):
+        split(tiny(), 2)[0](idx)

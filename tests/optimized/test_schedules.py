@@ -113,8 +113,72 @@ def test_step_with_epoch_jumps_to_the_closed_form():
     (lambda o: O.ConstantWithWarmup(o, warmup_steps=-3), "warmup_steps"),
     (lambda o: O.InverseSqrt(o, warmup_steps=2.5), "warmup_steps"),
     (lambda o: O.WarmupStableDecay(o, 1, 1, 1, warmup_type="step"), "warmup_type"),
-    (lambda o: O.build_scheduler(o, "onecycle"), "unknown schedule"),
+    (lambda o: O.build_scheduler(o, "onecycle"), "name must be one of"),
 ])
 def test_bad_arguments_are_rejected(call, match):
     with pytest.raises(ValueError, match=match):
         call(make_opt())
+
+
+# ---- bad inputs: every argument, each an error naming it, the value and what is allowed, before the optimizer moves --
+
+NAN, INF = float("nan"), float("inf")
+BAD_SCHEDULES = [
+    # (class name, keyword arguments of a valid call, overrides, the argument named, the value shown)
+    *[(cls, base, {"warmup_steps": v}, "warmup_steps", v)
+      for cls, base in (("ConstantWithWarmup", {"warmup_steps": 2}),
+                        ("LinearWarmupDecay", {"warmup_steps": 2, "total_steps": 9}),
+                        ("CosineWithWarmup", {"warmup_steps": 2, "total_steps": 9}),
+                        ("InverseSqrt", {"warmup_steps": 2}),
+                        ("WarmupStableDecay", {"warmup_steps": 2, "stable_steps": 3, "decay_steps": 4}))
+      for v in (True, 2.0, None, -1, "2", NAN)],
+    ("LinearWarmupDecay", {"warmup_steps": 2, "total_steps": 9}, {"total_steps": INF}, "total_steps", INF),
+    ("LinearWarmupDecay", {"warmup_steps": 0, "total_steps": 9}, {"total_steps": True}, "total_steps", True),
+    ("CosineWithWarmup", {"warmup_steps": 2, "total_steps": 9}, {"num_cycles": True}, "num_cycles", True),
+    ("CosineWithWarmup", {"warmup_steps": 2, "total_steps": 9}, {"num_cycles": INF}, "num_cycles", INF),
+    ("CosineWithWarmup", {"warmup_steps": 2, "total_steps": 9}, {"num_cycles": 0}, "num_cycles", 0),
+    ("CosineWithWarmup", {"warmup_steps": 2, "total_steps": 9}, {"num_cycles": "1"}, "num_cycles", "1"),
+    ("CosineWithWarmup", {"warmup_steps": 2, "total_steps": 9}, {"min_lr_ratio": NAN}, "min_lr_ratio", NAN),
+    ("CosineWithWarmup", {"warmup_steps": 2, "total_steps": 9}, {"min_lr_ratio": "0.1"}, "min_lr_ratio", "0.1"),
+    ("CosineAnnealing", {"t_max": 5}, {"t_max": 1.5}, "t_max", 1.5),
+    ("CosineAnnealing", {"t_max": 5}, {"t_max": None}, "t_max", None),
+    ("CosineAnnealing", {"t_max": 5}, {"min_lr_ratio": True}, "min_lr_ratio", True),
+    ("CosineAnnealing", {"t_max": 5}, {"min_lr_ratio": 1.5}, "min_lr_ratio", 1.5),
+    ("InverseSqrt", {"warmup_steps": 2}, {"timescale": 0}, "timescale", 0),
+    ("InverseSqrt", {"warmup_steps": 2}, {"timescale": True}, "timescale", True),
+    ("InverseSqrt", {"warmup_steps": 2}, {"timescale": 10.0}, "timescale", 10.0),
+    ("WarmupStableDecay", {"warmup_steps": 2, "stable_steps": 3, "decay_steps": 4}, {"stable_steps": -1},
+     "stable_steps", -1),
+    ("WarmupStableDecay", {"warmup_steps": 2, "stable_steps": 3, "decay_steps": 4}, {"decay_steps": True},
+     "decay_steps", True),
+    ("WarmupStableDecay", {"warmup_steps": 2, "stable_steps": 3, "decay_steps": 4}, {"min_lr_ratio": 2},
+     "min_lr_ratio", 2),
+    ("WarmupStableDecay", {"warmup_steps": 2, "stable_steps": 3, "decay_steps": 4}, {"decay_type": None},
+     "decay_type", None),
+    ("WarmupStableDecay", {"warmup_steps": 2, "stable_steps": 3, "decay_steps": 4}, {"warmup_type": ["linear"]},
+     "warmup_type", ["linear"]),
+    *[(cls, base, {"last_epoch": v}, "last_epoch", v)
+      for cls, base in (("ConstantWithWarmup", {"warmup_steps": 2}), ("CosineAnnealing", {"t_max": 5}))
+      for v in (True, -2, 1.0, None)],
+]
+
+
+@pytest.mark.parametrize("cls, base, bad, argument, shown", BAD_SCHEDULES,
+                         ids=[f"{c}-{a}={s!r}" for c, _, _, a, s in BAD_SCHEDULES])
+def test_bad_inputs_are_refused_before_the_optimizer_changes(cls, base, bad, argument, shown):
+    opt = make_opt()
+    with pytest.raises(ValueError) as info:
+        getattr(O, cls)(opt, **{**base, **bad})
+    message = str(info.value)
+    assert message.startswith(argument) and " must " in message and repr(shown) in message, message
+    assert [g["lr"] for g in opt.param_groups] == list(BASE_LRS) and "initial_lr" not in opt.param_groups[0]
+
+
+def test_build_scheduler_names_and_the_optimizer_are_checked():
+    with pytest.raises(ValueError, match=r"^name must be one of .*got 'cosine' "
+                       r"\(did you mean one of 'cosine_with_warmup', 'cosine_annealing'\?\)"):
+        O.build_scheduler(make_opt(), "cosine")
+    with pytest.raises(ValueError, match=r"^name must be one of .*got \['inverse_sqrt'\]"):
+        O.build_scheduler(make_opt(), ["inverse_sqrt"])
+    with pytest.raises(ValueError, match=r"^optimizer must be a torch.optim.Optimizer, got None"):
+        O.CosineAnnealing(None, t_max=3)

@@ -10,6 +10,7 @@ Every multi-rank test goes through conformance.launch.spawn (gloo, one thread pe
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 from dataclasses import asdict
 
@@ -28,6 +29,7 @@ from optimized.clipping import global_grad_norm
 from optimized.data_parallel import DataParallel
 from optimized.tensor_parallel import (
     ColumnParallelLinear,
+    LocalHeads,
     RowParallelLinear,
     VocabParallelEmbedding,
     gather_from_region,
@@ -330,7 +332,8 @@ def test_tensor_parallel_gpt_trains_like_one_process(world_size):
         plan = megatron_plan(GPT(config))
         for name, numel in full.items():
             module, _, pname = name.rpartition(".")
-            split = module in plan and not (plan[module] == "rowwise" and pname == "bias")
+            style = next((v for k, v in plan.items() if fnmatch.fnmatchcase(module, k)), None)
+            split = style in ("colwise", "embedding", "vocab_head") or (style == "rowwise" and pname != "bias")
             assert res["numel"][name] * (t if split else 1) == numel, name
 
         # Collectives: per layer 2 all-reduces forward, 2 backward (Megatron Sec. 3); the whole model adds the
@@ -380,21 +383,42 @@ def _bad_input_worker() -> list[str]:
         m = GPT(GPTConfig(vocab_size=48, block_size=8, n_layer=1, n_head=4, n_embd=48))
         rejects(r"n_head=4 query heads .* divisible by the tensor-parallel size 3", m, megatron_plan(m))
         m = GPT(GPTConfig(vocab_size=48, block_size=8, n_layer=1, n_head=4, n_embd=32))
-        rejects(r"out_features=32 must be divisible by the tensor-parallel size 3", m, megatron_plan(m))
+        rejects(r"blocks.0.mlp.fc_in.out_features=128 must be divisible by the tensor-parallel size 3", m,
+                {"blocks.0.mlp.fc_in": "colwise", "blocks.0.mlp.fc_out": "rowwise"})
         m = GPT(GPTConfig(vocab_size=32, block_size=8, n_layer=1, n_head=6, n_embd=48))
         rejects(r"wte.num_embeddings \(vocabulary size\)=32 must be divisible", m, megatron_plan(m))
         m = GPT(good)
         rejects(r"'blocks.0.attn.qproj', which the model does not have \(did you mean", m,
                 {"blocks.0.attn.qproj": "colwise", "blocks.0.attn.out_proj": "rowwise"})
-        rejects(r"needs a torch.nn.Linear, but 'blocks.0.ln_1' is a LayerNorm", m, {"blocks.0.ln_1": "colwise"})
+        rejects(r"'layers.\*.attn', which the model does not have.*write a plan", m, {"layers.*.attn": "shared_input"})
+        rejects(r"needs a torch.nn.Linear or a transformers Conv1D, but 'blocks.0.ln_1' is a LayerNorm", m,
+                {"blocks.0.ln_1": "colwise"})
+        rejects(r"'embedding' needs an nn.Embedding, but 'blocks.0.mlp.fc_in' is a Linear", m,
+                {"blocks.0.mlp.fc_in": "embedding"})
         rejects(r"plan\['wte'\] = 'diagonal'; allowed", m, {"wte": "diagonal"})
         rejects(r"plan must be a mapping", m, [("wte", "vocab")])
-        rejects(r"'blocks.0.mlp'.*only \['colwise'\].*row-parallel partner", m, {"blocks.0.mlp.fc_in": "colwise"})
-        rejects(r"attention 'blocks.0.attn'.*heads split only as", m,
-                {"blocks.0.attn.q_proj": "colwise", "blocks.0.attn.out_proj": "rowwise"})
+        rejects(r"'blocks.0.mlp'.*only \['ColumnParallel'\].*row-parallel partner", m,
+                {"blocks.0.mlp.fc_in": "colwise"})
+        rejects(r"attention 'blocks.0.attn': heads split only when all its projections are in the plan.*"
+                r"missing \['k_proj', 'v_proj'\]", m,
+                {"blocks.0.attn": LocalHeads(6, 6), "blocks.0.attn.q_proj": "colwise",
+                 "blocks.0.attn.out_proj": "rowwise"})
+        rejects(r"attribute 'n_heads' must be an int of the module", m,
+                {**megatron_plan(m), "blocks.*.attn": LocalHeads(6, 6, attributes=("n_heads",))})
+        rejects(r"'blocks.0.ln_1'\] shares f at its input, but the plan makes none of its children column-parallel",
+                m, {"blocks.0.ln_1": "shared_input"})
         rejects(r"wte.weight is tied to \['lm_head'\]", m, {"wte": "vocab"})
-        rejects(r"'vocab' on a Linear is for the output head", m, {"blocks.0.mlp.fc_in": "vocab"})
         rejects(r"module '<root>'.*row-parallel partner", m, {"lm_head": "colwise", "wte": "vocab"})
+        rejects(r"no ready tensor-parallel plan for Sequential.*write a plan", nn.Sequential(nn.Linear(3, 3)), None)
+        tp = parallelize(GPT(good), None, pair if rank < 2 else None)
+        with pytest.raises(ValueError, match=r"id 48 is outside the vocabulary \[0, num_embeddings=48\)"):
+            tp.wte(torch.tensor([[1, 48]]))
+        with pytest.raises(ValueError, match=r"idx holds token id -1"):
+            tp(torch.tensor([[1, -1]]))
+        with pytest.raises(ValueError, match=r"target 12 is outside \[0, V=12\) and is not ignore_index=-100"):
+            vocab_parallel_cross_entropy(torch.zeros(2, 4), torch.tensor([12, -100]))
+        with pytest.raises(ValueError, match=r"target -5 is outside \[0, V=12\)"):
+            vocab_parallel_cross_entropy(torch.zeros(2, 4), torch.tensor([-5, 0]), reduction="sum")
         mixed = GPT(good)
         mixed.wpe.to("meta")
         rejects(r"one device.*cpu.*meta", mixed, megatron_plan(mixed))

@@ -9,6 +9,7 @@ skip decision (same parameters after step), the unscaled gradients (bitwise) and
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -312,8 +313,49 @@ def test_load_empty_state_dict_is_an_error():
         ({"backoff_factor": 0.0}, "backoff_factor"),
         ({"growth_interval": 0}, "growth_interval"),
         ({"growth_interval": 2.5}, "growth_interval"),
+        ({"growth_interval": True}, "growth_interval"),
+        ({"init_scale": True}, "init_scale"),
+        ({"init_scale": "65536"}, "init_scale"),
+        ({"init_scale": None}, "init_scale"),
+        ({"growth_factor": "2"}, "growth_factor"),
+        ({"growth_factor": float("nan")}, "growth_factor"),
+        ({"growth_factor": float("inf")}, "growth_factor"),
+        ({"growth_factor": None}, "growth_factor"),
+        ({"backoff_factor": "0.5"}, "backoff_factor"),
+        ({"backoff_factor": True}, "backoff_factor"),
+        ({"backoff_factor": float("nan")}, "backoff_factor"),
     ],
 )
 def test_bad_arguments(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+    (value,) = kwargs.values()
+    with pytest.raises(ValueError, match=rf"^{match} must .*got {re.escape(repr(value))}"):
         DynamicLossScaler(**kwargs)
+
+
+@pytest.mark.parametrize("new_scale", [True, "2", float("nan"), float("inf"), -1.0, torch.ones(2), [2.0]])
+def test_update_refuses_a_scale_that_is_not_one(new_scale):
+    scaler = DynamicLossScaler(init_scale=8.0)
+    p, opt = _fresh()
+    scaler.scale(p.sum()).backward()
+    scaler.step(opt)
+    with pytest.raises(ValueError, match="^new_scale must be a finite number >= 0"):
+        scaler.update(new_scale)
+    assert scaler.get_scale() == 8.0
+
+
+def test_a_tensor_new_scale_is_taken_like_torch():
+    pair = Pair([(4,)])
+    _run(pair, ["ok"])
+    pair.backward(["ok"])
+    pair.step()
+    for s in pair.scalers.values():
+        s.update(torch.tensor(3.0))
+    pair.assert_same("tensor new_scale")
+
+
+def test_something_that_is_not_an_optimizer_is_refused_by_name():
+    scaler = DynamicLossScaler()
+    p, _ = _fresh()
+    scaler.scale(p.sum()).backward()
+    with pytest.raises(ValueError, match=r"^optimizer must be a torch.optim.Optimizer .*got \[tensor"):
+        scaler.step([p])

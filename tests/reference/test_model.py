@@ -87,3 +87,96 @@ def test_loss_falls_on_the_copy_task_within_100_steps():
     first, last = sum(history.loss[:5]) / 5, sum(history.loss[-5:]) / 5
     # log(14) = 2.64 is chance over the 14 content tokens; learning the copy drives the loss well below it.
     assert first > 2.4 and last < 0.75 * first, (first, last)
+
+
+# --- the Llama-style family ------------------------------------------------------------------------------------------
+
+
+def _llama(**kw):
+    base = dict(vocab_size=32, block_size=16, n_layer=2, n_head=4, n_kv_head=2, n_embd=32)
+    base.update(kw)
+    return GPTConfig.llama(**base)
+
+
+def test_llama_family_has_no_biases_no_position_table_and_an_untied_head():
+    model = GPT(_llama())
+    names = [n for n, _ in model.named_parameters()]
+    assert model.wpe is None and model.lm_head.weight is not model.wte.weight
+    assert not [n for n in names if n.endswith("bias")], names
+    assert "blocks.0.mlp.fc_gate.weight" in names and "blocks.0.ln_1.weight" in names
+    logits, loss = model(torch.randint(0, 32, (2, 9)), torch.randint(0, 32, (2, 9)))
+    assert logits.shape == (2, 9, 32) and torch.isfinite(loss)
+
+
+def test_llama_family_equals_hf_llama_with_the_same_weights():
+    transformers = pytest.importorskip("transformers")
+    cfg = _llama()
+    ours = GPT(cfg).double()
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=32, hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=16, rms_norm_eps=1e-6, rope_theta=10000.0,
+        attn_implementation="eager")).double()
+    names = {"model.embed_tokens": "wte", "model.norm": "ln_f", "lm_head": "lm_head"}
+    for i in range(2):
+        for hf_name, our in (("self_attn.q_proj", "attn.q_proj"), ("self_attn.k_proj", "attn.k_proj"),
+                             ("self_attn.v_proj", "attn.v_proj"), ("self_attn.o_proj", "attn.out_proj"),
+                             ("mlp.gate_proj", "mlp.fc_gate"), ("mlp.up_proj", "mlp.fc_in"),
+                             ("mlp.down_proj", "mlp.fc_out"), ("input_layernorm", "ln_1"),
+                             ("post_attention_layernorm", "ln_2")):
+            names[f"model.layers.{i}.{hf_name}"] = f"blocks.{i}.{our}"
+    with torch.no_grad():
+        for hf_name, our in names.items():
+            hf.get_submodule(hf_name).weight.copy_(ours.get_submodule(our).weight)
+    idx = torch.randint(0, 32, (2, 13), generator=torch.Generator().manual_seed(0))
+    # HF computes the rotary angles in fp32 even for a float64 model: agreement to fp32's rounding, not float64's
+    torch.testing.assert_close(ours(idx)[0], hf(idx).logits, rtol=1e-5, atol=1e-6)
+
+
+def test_rope_scores_depend_on_the_distance_only():
+    from reference.model import rotary
+
+    q, k = torch.randn(1, 1, 1, 8, dtype=torch.float64), torch.randn(1, 1, 1, 8, dtype=torch.float64)
+    qs, ks = rotary(q.expand(1, 1, 12, 8), 10000.0), rotary(k.expand(1, 1, 12, 8), 10000.0)
+    scores = (qs[0, 0] @ ks[0, 0].T)  # (12, 12): q at t, k at s
+    torch.testing.assert_close(scores.diagonal(3)[:-1], scores.diagonal(3)[1:])
+    assert not torch.allclose(scores.diagonal(0)[0], scores.diagonal(3)[0])
+
+
+def test_the_loss_is_pluggable():
+    calls = []
+
+    def loss(logits, targets, reduction):
+        calls.append(reduction)
+        return token_loss(logits, targets, reduction) * 2
+
+    idx = torch.randint(0, 16, (2, 5))
+    plain, plugged = GPT(_config()), GPT(_config(), loss=loss)
+    torch.testing.assert_close(plugged(idx, idx, "sum")[1], 2 * plain(idx, idx, "sum")[1])
+    assert calls == ["sum"]
+
+
+@pytest.mark.parametrize("config", [_config(), _llama()], ids=["gpt2", "llama"])
+@pytest.mark.parametrize(
+    "idx, message",
+    [
+        (torch.tensor([[1, 16, 2]]), r"idx holds token id 16, outside \[0, vocab_size=16\)"),
+        (torch.tensor([[1, -1, 2]]), r"idx holds token id -1, outside \[0, vocab_size=16\)"),
+        (torch.zeros(2, 0, dtype=torch.long), r"idx must hold at least one token, got shape \(2, 0\)"),
+        (torch.zeros(1, 17, dtype=torch.long), "T=17 exceeds GPTConfig.block_size=16"),
+        (torch.zeros(1, 3), "idx must be a .B, T. int64 tensor"),
+    ],
+)
+def test_bad_ids_get_an_error_naming_idx(config, idx, message):
+    config.vocab_size = 16
+    with pytest.raises(ValueError, match=message):
+        GPT(config)(idx)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [(dict(norm="batchnorm"), "GPTConfig.norm must be one of"), (dict(mlp="relu"), "GPTConfig.mlp must be one of"),
+     (dict(n_embd=12, n_head=4, n_kv_head=4), "head_dim=3 must be even")],
+)
+def test_bad_family_options_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        _llama(**kwargs)

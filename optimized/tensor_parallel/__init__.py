@@ -1,0 +1,81 @@
+"""Tensor (intra-layer model) parallel: Megatron-LM (Shoeybi et al. 2019, arXiv 1909.08053), Sec. 3, for any model.
+
+    from optimized.tensor_parallel import parallelize
+    parallelize(model)                          # the ready plan for the project's GPT, HF Llama or HF GPT-2
+    parallelize(model, plan, process_group=tp)  # any model: module names (globs) -> styles
+
+Read in this order:
+    regions.py        f, g, scatter, gather: the conjugate collectives as autograd Functions (Sec. 3, Fig. 3)
+    layers.py         column-/row-parallel Linear (nn.Linear and transformers Conv1D, fused q/k/v sections), the
+                      vocab-parallel embedding; each built from the full weight so it equals the dense layer
+    cross_entropy.py  the vocab-parallel cross-entropy (3 numbers per token on the wire, never the full logits) and
+                      the adapters that plug it into a model's loss
+    parallelize.py    plans as data: styles, validation before any collective, applying a plan without replacing
+                      any forward
+    plans.py          megatron_plan (the project's GPT), llama_plan, gpt2_plan, plan_for
+    state.py          split_parameters, gather_full, load_full: whole tensors back and in
+    grid.py           DP x TP process groups
+
+One transformer layer costs two all-reduces forward and two backward (Megatron Sec. 3, Fig. 4), each of B*T*C
+activations; q, k and v (and SwiGLU's gate and up) share one f at their module's input.
+"""
+
+from optimized.tensor_parallel.cross_entropy import (
+    IGNORE_INDEX,
+    VocabParallelCausalLMLoss,
+    VocabParallelLoss,
+    vocab_parallel_cross_entropy,
+)
+from optimized.tensor_parallel.grid import ProcessGrid, make_process_grid
+from optimized.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+from optimized.tensor_parallel.parallelize import (
+    STYLE_NAMES,
+    ColumnParallel,
+    LocalHeads,
+    RowParallel,
+    SharedInput,
+    VocabEmbedding,
+    VocabHead,
+    fused_qkv,
+    parallelize,
+)
+from optimized.tensor_parallel.plans import gpt2_plan, llama_plan, megatron_plan, plan_for
+from optimized.tensor_parallel.regions import (
+    copy_to_region,
+    gather_from_region,
+    reduce_from_region,
+    scatter_to_region,
+)
+from optimized.tensor_parallel.state import gather_full, load_full, split_parameters
+
+__all__ = [
+    "IGNORE_INDEX",
+    "STYLE_NAMES",
+    "ColumnParallel",
+    "ColumnParallelLinear",
+    "LocalHeads",
+    "ProcessGrid",
+    "RowParallel",
+    "RowParallelLinear",
+    "SharedInput",
+    "VocabEmbedding",
+    "VocabHead",
+    "VocabParallelCausalLMLoss",
+    "VocabParallelEmbedding",
+    "VocabParallelLoss",
+    "copy_to_region",
+    "fused_qkv",
+    "gather_from_region",
+    "gather_full",
+    "gpt2_plan",
+    "llama_plan",
+    "load_full",
+    "make_process_grid",
+    "megatron_plan",
+    "parallelize",
+    "plan_for",
+    "reduce_from_region",
+    "scatter_to_region",
+    "split_parameters",
+    "vocab_parallel_cross_entropy",
+]
