@@ -6,14 +6,16 @@ from __future__ import annotations
 import datetime
 import importlib.metadata
 import json
+import math
 import platform
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
-from conformance.claims import CLAIMS
+from conformance.claims import CLAIMS, Verdict
 from conformance.figure import Figure, Panel
 from conformance.result import Metric, Result
 
@@ -91,6 +93,120 @@ def print_table(results: list[Result], env: dict, console: Console | None = None
             style=style,
         )
     console.print(table)
+
+
+def _ratio(r: Result) -> float:
+    """How close a row's error is to its bound (> 1 fails); crashes are worst."""
+    if r.error is not None:
+        return math.inf
+    e = r.equivalence
+    if e is None:
+        return -1.0
+    if e.bound > 0:
+        return e.max_error / e.bound
+    return 0.0 if e.max_error == 0 and e.passed else math.inf
+
+
+def headline(rows: list[Result]) -> Metric | None:
+    """The measurement a check is summed up by: the first metric set beside a claimed value in a row that answers
+    a claim, else the first metric of such a row, else the first metric of any row."""
+    def metrics(r: Result) -> list[Metric]:
+        return [*r.memory, *r.speed, *r.metrics]
+
+    for candidates in ([r for r in rows if r.claim], rows):
+        for r in candidates:
+            claimed = [m for m in metrics(r) if m.claimed]
+            if claimed or metrics(r):
+                return (claimed or metrics(r))[0]
+    return None
+
+
+_VERDICT_STYLE = {Verdict.HOLDS: "green", Verdict.HOLDS_UNDER_CONDITIONS: "yellow", Verdict.DOES_NOT_HOLD: "red",
+                  Verdict.NOT_MEASURABLE: "dim"}
+
+
+def print_summary(results: list[Result], console: Console, *, verbose: bool = False) -> None:
+    """One line per check (rows held / failed, worst error against its bound, headline measurement), then the seed's
+    claims with what was measured and the verdict, then each crash's last line (the whole traceback with -v)."""
+    by_check: dict[str, list[Result]] = {}
+    for r in results:
+        by_check.setdefault(r.check, []).append(r)
+    table = Table(title="checks", title_justify="left", expand=False)
+    for col, justify in (("check", "left"), ("hold", "right"), ("fail", "right"),
+                         ("worst error ≤ bound", "left"), ("headline measurement", "left")):
+        table.add_column(col, justify=justify, no_wrap=True, overflow="ellipsis",
+                         max_width=70 if col.startswith("headline") else None)
+    for check, rows in by_check.items():
+        failed = sum(r.failed for r in rows)
+        worst = max(rows, key=_ratio)
+        if worst.error is not None:
+            cell = "[red]crashed[/red]"
+        elif worst.equivalence is None:
+            cell = "-"
+        else:
+            e = worst.equivalence
+            cell = f"{e.max_error:.2g} ≤ {e.bound:.2g}" if e.passed else f"[red]{e.max_error:.2g} > {e.bound:.2g}[/red]"
+        m = headline(rows)
+        table.add_row(check, str(len(rows) - failed), f"[red]{failed}[/red]" if failed else "0", cell,
+                      format_metric(m) if m else "-")
+    console.print(table)
+
+    claims = Table(title="the seed's claims", title_justify="left")
+    for col, width in (("claim", 46), ("claimed", 18), ("measured", 48), ("verdict", 36)):
+        claims.add_column(col, no_wrap=True, overflow="ellipsis", max_width=width)
+    for c in CLAIMS.values():
+        rows = [r for r in results if r.claim == c.id]
+        verdicts = list(dict.fromkeys(r.verdict for r in rows if r.verdict))
+        m = headline(rows)
+        measured = f"{m.name}: {_fmt_number(m.measured, m.unit)}" if m else ("-" if rows else "not run")
+        verdict = "; ".join(f"[{_VERDICT_STYLE[v]}]{v.value}[/]" for v in verdicts) or (
+            "-" if rows else "[dim]not run[/dim]")
+        claims.add_row(f"{c.technique}: {c.statement}", c.claimed, measured, verdict)
+    console.print(claims)
+    for r in results:
+        if r.error is not None:
+            text = r.error.rstrip() if verbose else r.error.rstrip().splitlines()[-1]
+            console.print(f"[red]{r.check} / {r.name}:[/red] {text}", highlight=False)
+
+
+def write_junit(results: list[Result], env: dict, path: Path) -> Path:
+    """JUnit XML for CI: one testcase per row (classname conformance.<check>), a <failure> for a failing
+    equivalence, an <error> for a crash, the measurements, claim and verdict as <property>s, the notes as
+    <system-out>."""
+    failures = sum(r.error is None and r.failed for r in results)
+    errors = sum(r.error is not None for r in results)
+    suites = ET.Element("testsuites")
+    suite = ET.SubElement(suites, "testsuite", name="conformance", tests=str(len(results)), failures=str(failures),
+                          errors=str(errors), skipped="0", time="0",
+                          timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    props = ET.SubElement(suite, "properties")
+    for k, v in env.items():
+        if v is not None:
+            ET.SubElement(props, "property", name=k, value=str(v))
+    for r in results:
+        case = ET.SubElement(suite, "testcase", classname=f"conformance.{r.check}", name=r.name, time="0")
+        props = ET.SubElement(case, "properties")
+        e = r.equivalence
+        values = [("world_size", r.world_size), ("reference", r.reference), ("optimized", r.optimized),
+                  ("peer", r.peer), ("claim", r.claim), ("verdict", r.verdict.value if r.verdict else None)]
+        if e is not None:
+            values += [("equivalence.max_error", e.max_error), ("equivalence.mean_error", e.mean_error),
+                       ("equivalence.bound", e.bound), ("equivalence.rule", e.rule)]
+        values += [(f"{kind}: {m.name} [{m.unit}]", m.measured)
+                   for kind, ms in (("memory", r.memory), ("speed", r.speed), ("metric", r.metrics)) for m in ms]
+        for name, value in values:
+            if value is not None:
+                ET.SubElement(props, "property", name=name, value=str(value))
+        if r.error is not None:
+            ET.SubElement(case, "error", message=r.error.rstrip().splitlines()[-1]).text = r.error
+        elif e is not None and not e.passed:
+            ET.SubElement(case, "failure", message=f"max error {e.max_error:.3g} > bound {e.bound:.3g}").text = (
+                f"{e.name}: {e.rule}")
+        if r.notes:
+            ET.SubElement(case, "system-out").text = r.notes
+    ET.indent(suites)
+    ET.ElementTree(suites).write(path, encoding="utf-8", xml_declaration=True)
+    return path
 
 
 def _md_escape(text: str) -> str:

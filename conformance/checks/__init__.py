@@ -86,9 +86,6 @@ class CheckSpec:
                              world_size=ctx.world_size, error=traceback.format_exc())]
 
 
-CheckFn = Callable[[Context], list[Result]]
-
-
 def _modules() -> list[ModuleType]:
     names = [m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")]
     return [importlib.import_module(f"{__name__}.{n}") for n in names]
@@ -111,15 +108,6 @@ def specs() -> list[CheckSpec]:
 def available() -> list[str]:
     """Names of all checks, in report order."""
     return [s.name for s in specs()]
-
-
-def spec(name: str) -> CheckSpec:
-    return _load(name).SPEC
-
-
-def load(name: str) -> CheckFn:
-    """The check's run function."""
-    return _load(name).run
 
 
 def _load(name: str) -> ModuleType:

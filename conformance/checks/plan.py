@@ -31,6 +31,7 @@ from conformance.checks import CheckSpec, Context
 from conformance.figure import Figure, Panel, Series
 from conformance.launch import spawn, under_torchrun
 from conformance.measure import SavedTensorBytes, tensor_bytes
+from conformance.peers import import_deepspeed
 from conformance.plan import GB, PRESETS, Cluster, Layout, estimate, workload
 from conformance.result import Metric, Result
 from conformance.tolerance import Equivalence
@@ -363,6 +364,7 @@ def deepspeed_rows(cases: list[tuple[str, int, int, int, int]]) -> list[Result]:
     """cases: (label, total params, largest module's params, nodes, GPUs per node). DeepSpeed is an optional peer:
     without it, one row says the comparison was not run."""
     try:
+        import_deepspeed("cpu")  # the estimators are arithmetic; quiet about the accelerator it would guess
         from deepspeed.runtime.zero.stage3 import (
             estimate_zero3_model_states_mem_needs,
             estimate_zero3_model_states_mem_needs_all_cold,

@@ -30,6 +30,7 @@ from conformance.claims import Verdict
 from conformance.figure import Figure, Panel, Series
 from conformance.launch import spawn, under_torchrun
 from conformance.measure import CollectiveCounter, tensor_bytes, time_fn
+from conformance.peers import import_deepspeed
 from conformance.result import Metric, Result
 from conformance.tolerance import allclose, combine
 from optimized.zero import ZeroOptimizer
@@ -75,6 +76,7 @@ def deepspeed_engine(model: torch.nn.Module, *, stage: int, offload: bool = Fals
     environment (its launchers set it); `__compatible_ops__ = {}` keeps it from compiling its shared-memory
     all-reduce op and from probing a compiler for every C++ op at start-up: with "torch_adam" no op is needed."""
     os.environ.setdefault("LOCAL_RANK", str(dist.get_rank() if device.type == "cpu" else device.index or 0))
+    import_deepspeed(device.type)  # told its accelerator, its deprecated torch collectives' warnings filtered
     import deepspeed
     import deepspeed.ops
 

@@ -1,0 +1,127 @@
+"""`python -m conformance compare OLD/report.json NEW/report.json`: what changed between two conformance reports.
+
+Rows are matched by (check, row name). Listed: rows whose equivalence or claim verdict changed, errors that grew past
+their bound or by more than `--factor`, memory and speed ratios (unit "x") that moved by more than `--tolerance`
+(relative), and rows added or gone. A regression, which makes the exit status 1, is a row that held and now fails
+(or crashes), a verdict that became "does not hold", or an error that grew by more than the factor. Ratios that
+moved and rows added or gone are reported but are no regression: which way is better depends on the ratio, and
+another stack or --only runs other rows. Exit status 2: a report that cannot be read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from conformance.flags import Parser, positive_float, run
+
+DOES_NOT_HOLD = "does not hold"
+
+
+@dataclass
+class Changes:
+    """What `compare` found; `regressions` decide the exit status."""
+
+    regressions: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
+    moved: list[str] = field(default_factory=list)
+    added: list[str] = field(default_factory=list)
+    gone: list[str] = field(default_factory=list)
+
+
+def _load(path: Path, parser: argparse.ArgumentParser, which: str) -> dict[tuple[str, str], dict]:
+    try:
+        data = json.loads(path.read_text())
+        return {(r["check"], r["name"]): r for r in data["results"]}
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        parser.error(f"argument {which}: cannot read a conformance report from {str(path)!r}: {error}")
+        raise AssertionError("unreachable") from error
+
+
+def _status(row: dict) -> str:
+    if row.get("error"):
+        return "crashed"
+    eq = row.get("equivalence")
+    if eq is None:
+        return "measured"
+    return "holds" if eq["passed"] else "fails"
+
+
+def _ratios(row: dict) -> dict[str, float]:
+    return {f"{kind}: {m['name']}": m["measured"] for kind in ("memory", "speed") for m in row.get(kind) or []
+            if m.get("unit") == "x"}
+
+
+def compare(old: dict[tuple[str, str], dict], new: dict[tuple[str, str], dict], *, factor: float = 10.0,
+            tolerance: float = 0.1) -> Changes:
+    """The differences between two reports' rows (see the module docstring)."""
+    out = Changes()
+    for key in old.keys() - new.keys():
+        out.gone.append(f"{key[0]} / {key[1]}")
+    for key in new.keys() - old.keys():
+        out.added.append(f"{key[0]} / {key[1]}")
+    for key in [k for k in old if k in new]:
+        a, b = old[key], new[key]
+        label = f"{key[0]} / {key[1]}"
+        sa, sb = _status(a), _status(b)
+        if sa != sb:
+            worse = sa in ("holds", "measured") and sb in ("fails", "crashed")
+            (out.regressions if worse else out.changed).append(f"{label}: {sa} -> {sb}")
+        if a.get("verdict") != b.get("verdict"):
+            line = f"{label}: claim {b.get('claim') or a.get('claim')} {a.get('verdict')} -> {b.get('verdict')}"
+            (out.regressions if b.get("verdict") == DOES_NOT_HOLD else out.changed).append(line)
+        ea, eb = a.get("equivalence"), b.get("equivalence")
+        if ea and eb and sb == "holds":
+            floor = 1e-3 * max(ea["bound"], eb["bound"])  # growth from ~0 counts from a thousandth of the bound
+            if eb["max_error"] > factor * max(ea["max_error"], floor) and eb["max_error"] > 0:
+                out.regressions.append(f"{label}: max error {ea['max_error']:.3g} -> {eb['max_error']:.3g} (more than "
+                                       f"{factor:g}x; bound {eb['bound']:.3g})")
+        ra, rb = _ratios(a), _ratios(b)
+        for name in ra.keys() & rb.keys():
+            x, y = ra[name], rb[name]
+            if abs(y - x) > tolerance * max(abs(x), 1e-12):
+                out.moved.append(f"{label}: {name} {x:.3g}x -> {y:.3g}x ({(y - x) / x:+.0%})" if x else
+                                 f"{label}: {name} {x:.3g}x -> {y:.3g}x")
+    for lst in (out.regressions, out.changed, out.moved, out.added, out.gone):
+        lst.sort()
+    return out
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="python -m conformance compare",
+                    description="Compare two conformance reports (report.json): rows whose verdict changed, errors "
+                    "that grew, memory and speed ratios that moved, rows added or gone. Exit status 1 on a "
+                    "regression (a row that held now fails, a verdict now 'does not hold', an error grown by more "
+                    "than --factor), 2 on unreadable input.")
+    parser.add_argument("old", type=Path, help="the earlier report.json (or the other stack's)")
+    parser.add_argument("new", type=Path, help="the report.json to judge")
+    parser.add_argument("--factor", type=positive_float, default=10.0,
+                        help="an error that grew by more than this factor is a regression, even within its bound "
+                        "(default: 10)")
+    parser.add_argument("--tolerance", type=positive_float, default=0.1,
+                        help="relative change of a memory or speed ratio worth listing (default: 0.1)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = run(parser, argv)
+    if isinstance(args, int):
+        return args
+    try:
+        old, new = _load(args.old, parser, "OLD"), _load(args.new, parser, "NEW")
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    changes = compare(old, new, factor=args.factor, tolerance=args.tolerance)
+    sections = (("REGRESSION", changes.regressions), ("changed", changes.changed), ("moved", changes.moved),
+                ("added", changes.added), ("gone", changes.gone))
+    for title, lines in sections:
+        for line in lines:
+            print(f"{title}: {line}")
+    common = len(old.keys() & new.keys())
+    print(f"{common} rows in both, {len(changes.added)} added, {len(changes.gone)} gone; "
+          f"{len(changes.regressions)} regression(s)", file=sys.stdout)
+    return 1 if changes.regressions else 0
