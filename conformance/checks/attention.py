@@ -145,6 +145,8 @@ CASES = (  # sizes above the blocked backend's 128-row tiles, so the online soft
 INTERPRETER_CASES = (  # Triton's interpreter runs every program in Python: tiny shapes only
     Case("bottom-right causal, padded, GQA, N=24 < M=40, d=16", B=1, H=2, Hkv=1, N=24, M=40, d=16, is_causal=True,
          causal_alignment="bottom_right", padding=True),
+    Case("window (5, 0) and softcap 3, N=M=40, d=16", B=1, H=2, Hkv=1, N=40, M=40, d=16, is_causal=True,
+         window_size=(5, 0), softcap=3.0, q_scale=4.0),
 )
 VARLEN_CASES = (
     VarlenCase("documents of 1, 7, 13, 130, 2, 97 tokens, causal GQA 4:2, d=32", (1, 7, 13, 130, 2, 97), H=4,
