@@ -89,9 +89,10 @@ def parser() -> argparse.ArgumentParser:
                         for k, v in PRESETS.items())
     parser = Parser(
         prog="python -m conformance plan",
-        description="Plan a parallel layout: for every way to split the model over the GPUs (tensor x pipeline x "
-        "data parallel, ZeRO-0/1/2/3, optimizer offload), the bytes per GPU of model states and activations (naive "
-        "and flash attention, with and without activation recomputation), whether it fits, the bytes communicated "
+        description="Plan a parallel layout: for every way to split the model over the GPUs (tensor x context x "
+        "pipeline x data parallel, ZeRO-0/1/2/3, optimizer offload), the bytes per GPU of model states and "
+        "activations (naive and flash attention, with and without activation recomputation), whether it fits, the "
+        "bytes communicated "
         "per step, the pipeline bubble and an estimated step time, computed from reference/memory.py; then a "
         "recommendation with its reasons.",
         epilog="Examples: python -m conformance plan --model 7b --gpus 64 --gpu-memory 80 | "
