@@ -1,21 +1,28 @@
 """Check `attention`: FlashAttention held to the naive spec, and its memory and speed claims measured.
 
-1. Equivalence, for every backend of `optimized.attention.flash_attention` that can run on the device (blocked
-   everywhere, SDPA, Triton on CUDA or under its interpreter, flash-attn on CUDA): the output, the LSE and dQ, dK, dV
-   against `reference.attention.attention` in float64, by the FlashAttention error rule (conformance/tolerance.py:
-   at most 2x the naive reference's own error in the same dtype for outputs, 3x for gradients, plus an ulp floor),
-   over cases covering GQA, both causal alignments, N != M, key padding and queries that see no key.
+1. Equivalence, for every backend of `optimized.attention.flash_attention` and `flash_attention_varlen` that can
+   run on the device (blocked everywhere, SDPA, Triton on CUDA or under its interpreter, flash-attn on CUDA): the
+   output, the LSE and dQ, dK, dV against `reference.attention.attention` / `attention_varlen` in float64, by the
+   FlashAttention error rule (conformance/tolerance.py: at most 2x the naive reference's own error in the same dtype
+   for outputs, 3x for gradients, plus an ulp floor), over cases covering GQA, both causal alignments, N != M, key
+   padding, queries that see no key, sliding windows, softcap and packed documents. Each row counts the cases that
+   hold the rule; a peer's failing case is reported in its row without failing the run, ours fail it.
+   FlexAttention (torch.nn.attention.flex_attention, mask_mod + score_mod) is a peer on every case, forward only
+   on CPU (it has no CPU backward).
 2. Memory, naive vs each fast implementation, attention forward + backward at growing N: bytes saved for backward
    (inputs included: what attention holds between forward and backward) and peak live bytes (fresh inputs
    included: the footprint of one attention call). Claims: FlashAttention paper Fig. 3, "10x at 2K, 20x at 4K"
    (flash.memory); the seed's "7.6x memory" (flash.memory_seed), which the paper reports as a speed-up.
 3. Speed, naive vs each fast implementation in the same run; on GPU in TFLOP/s with FA2's FLOP count
    (4·N·M·d·H forward, half when causal, backward 2.5x forward). Claim flash.speed (2-4x), made for GPUs.
+4. Packing: the same documents packed (varlen) vs padded to the longest, bytes saved for backward and time.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,12 +35,12 @@ from conformance.figure import Figure, Panel, Series
 from conformance.measure import cuda_peak_bytes, peak_live_bytes, saved_tensor_bytes, time_fn
 from conformance.result import Metric, Result
 from conformance.tolerance import GRADIENT_FACTOR, Equivalence, combine, error_ratio
-from optimized.attention import BACKENDS, flash_attention, unsupported
-from reference.attention import attention
+from optimized.attention import BACKENDS, flash_attention, flash_attention_varlen, unsupported, unsupported_varlen
+from reference.attention import attention, attention_varlen
 
 SPEC = CheckSpec(
     name="attention", technique="FlashAttention", reference="reference.attention.attention",
-    optimized="optimized.attention.flash_attention", order=20, peers=("torch SDPA", "flash-attn"),
+    optimized="optimized.attention.flash_attention", order=20, peers=("torch SDPA", "flash-attn", "FlexAttention"),
     claims=("flash.memory", "flash.memory_seed", "flash.speed"),
 )
 PEERS = {"sdpa": "torch SDPA", "flash_attn": "flash-attn"}
@@ -60,11 +67,17 @@ class Case:
     causal_alignment: str = "top_left"
     padding: bool = False
     """A random (B, M) key padding mask whose first batch row hides every key (queries that see no key)."""
+    window_size: tuple[int, int] = (-1, -1)
+    """Sliding window (left, right), -1 unbounded (flash-attn's convention)."""
+    softcap: float = 0.0
+    """Scores -> softcap · tanh(scores / softcap); 0 = off."""
+    q_scale: float = 1.0
+    """Multiplies q: large scores, where softcap matters."""
 
     def inputs(self, seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
         """q, k, v, d_out in float64 on the CPU, and the key padding mask (or None)."""
         gen = torch.Generator().manual_seed(seed)
-        q = torch.randn(self.B, self.H, self.N, self.d, generator=gen, dtype=torch.float64)
+        q = self.q_scale * torch.randn(self.B, self.H, self.N, self.d, generator=gen, dtype=torch.float64)
         k = torch.randn(self.B, self.Hkv, self.M, self.d, generator=gen, dtype=torch.float64)
         v = torch.randn(self.B, self.Hkv, self.M, self.d, generator=gen, dtype=torch.float64)
         d_out = torch.randn(self.B, self.H, self.N, self.d, generator=gen, dtype=torch.float64)
@@ -75,7 +88,44 @@ class Case:
         return q, k, v, d_out, mask
 
     def options(self, mask: Tensor | None) -> dict:
-        return dict(is_causal=self.is_causal, causal_alignment=self.causal_alignment, key_padding_mask=mask)
+        return dict(is_causal=self.is_causal, causal_alignment=self.causal_alignment, key_padding_mask=mask,
+                    window_size=self.window_size, softcap=self.softcap)
+
+
+@dataclass(frozen=True)
+class VarlenCase:
+    """Packed documents (flash-attn's varlen layout): their lengths, heads and options."""
+
+    name: str
+    lengths_q: tuple[int, ...]
+    """Query length of each document."""
+    lengths_k: tuple[int, ...] | None = None
+    """Key length of each document; None: the query lengths."""
+    H: int = 2
+    Hkv: int = 1
+    d: int = 16
+    is_causal: bool = False
+    window_size: tuple[int, int] = (-1, -1)
+    softcap: float = 0.0
+    q_scale: float = 1.0
+    max_seqlen_extra: int = 0
+    """max_seqlen_q and _k exceed the longest document by this much (flash-attn takes any upper bound)."""
+
+    def inputs(self, seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor, tuple]:
+        """q, k, v, d_out in float64 on the CPU, and (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)."""
+        lengths_k = self.lengths_k if self.lengths_k is not None else self.lengths_q
+        gen = torch.Generator().manual_seed(seed)
+        total_q, total_k = sum(self.lengths_q), sum(lengths_k)
+        q = self.q_scale * torch.randn(total_q, self.H, self.d, generator=gen, dtype=torch.float64)
+        k = torch.randn(total_k, self.Hkv, self.d, generator=gen, dtype=torch.float64)
+        v = torch.randn(total_k, self.Hkv, self.d, generator=gen, dtype=torch.float64)
+        d_out = torch.randn(total_q, self.H, self.d, generator=gen, dtype=torch.float64)
+        cu = [torch.tensor([0, *itertools.accumulate(n)], dtype=torch.int32) for n in (self.lengths_q, lengths_k)]
+        longest = [max(n) + self.max_seqlen_extra for n in (self.lengths_q, lengths_k)]
+        return q, k, v, d_out, (*cu, *longest)
+
+    def options(self) -> dict:
+        return dict(is_causal=self.is_causal, window_size=self.window_size, softcap=self.softcap)
 
 
 CASES = (  # sizes above the blocked backend's 128-row tiles, so the online softmax crosses tiles
@@ -85,23 +135,46 @@ CASES = (  # sizes above the blocked backend's 128-row tiles, so the online soft
     Case("non-causal, N=263 > M=71, d=20", B=1, H=3, Hkv=3, N=263, M=71, d=20),
     Case("bottom-right causal, N=200 > M=77 (empty rows), MQA", B=1, H=2, Hkv=1, N=200, M=77, d=16,
          is_causal=True, causal_alignment="bottom_right"),
+    Case("sliding window (64, 0), causal GQA 6:2, N=M=300, d=32", B=1, H=6, Hkv=2, N=300, M=300, d=32,
+         is_causal=True, window_size=(64, 0)),
+    Case("window (20, 20), bottom-right, N=90 < M=250, d=16", B=1, H=2, Hkv=1, N=90, M=250, d=16,
+         causal_alignment="bottom_right", window_size=(20, 20)),
+    Case("softcap 30, scores ~100, causal, N=M=200, d=32", B=1, H=2, Hkv=1, N=200, M=200, d=32, is_causal=True,
+         softcap=30.0, q_scale=8.0),
 )
 INTERPRETER_CASES = (  # Triton's interpreter runs every program in Python: tiny shapes only
     Case("bottom-right causal, padded, GQA, N=24 < M=40, d=16", B=1, H=2, Hkv=1, N=24, M=40, d=16, is_causal=True,
          causal_alignment="bottom_right", padding=True),
 )
+VARLEN_CASES = (
+    VarlenCase("documents of 1, 7, 13, 130, 2, 97 tokens, causal GQA 4:2, d=32", (1, 7, 13, 130, 2, 97), H=4,
+               Hkv=2, d=32, is_causal=True),
+    VarlenCase("window (16, 0) and softcap 20, keys longer than queries, max_seqlen + 3", (31, 64, 5), (40, 64, 9),
+               H=2, Hkv=1, d=16, is_causal=True, window_size=(16, 0), softcap=20.0, q_scale=6.0,
+               max_seqlen_extra=3),
+    VarlenCase("three documents of 64 (a plain batch), causal, d=16", (64, 64, 64), H=2, Hkv=2, d=16,
+               is_causal=True),
+)
+INTERPRETER_VARLEN_CASES = (
+    VarlenCase("two documents of 12, causal", (12, 12), H=2, Hkv=1, d=16, is_causal=True),
+)
 
 
 def _forward_backward(fn: Callable, q: Tensor, k: Tensor, v: Tensor, d_out: Tensor, *, dtype: torch.dtype,
-                      device: torch.device, want_lse: bool, key_padding_mask: Tensor | None,
-                      **options) -> dict[str, Tensor]:
-    """fn's out (and lse) and dq, dk, dv at `dtype` on `device`, returned on the CPU."""
-    q, k, v = (t.to(device=device, dtype=dtype).requires_grad_() for t in (q, k, v))
-    mask = key_padding_mask.to(device) if key_padding_mask is not None else None
-    result = fn(q, k, v, key_padding_mask=mask, return_lse=want_lse, **options)
+                      device: torch.device, want_lse: bool, grads: bool = True, key_padding_mask: Tensor | None = None,
+                      extra_args: tuple = (), **options) -> dict[str, Tensor]:
+    """fn's out (and lse) and, with grads=True, dq, dk, dv at `dtype` on `device`, returned on the CPU. Tensors in
+    `extra_args` (cu_seqlens) move to `device`, keeping their dtype."""
+    q, k, v = (t.to(device=device, dtype=dtype).requires_grad_(grads) for t in (q, k, v))
+    if key_padding_mask is not None:
+        options["key_padding_mask"] = key_padding_mask.to(device)
+    extra = tuple(a.to(device) if isinstance(a, Tensor) else a for a in extra_args)
+    result = fn(q, k, v, *extra, return_lse=want_lse, **options)
     out, lse = result if want_lse else (result, None)
-    dq, dk, dv = torch.autograd.grad(out, (q, k, v), d_out.to(device=device, dtype=dtype))
-    values = {"out": out, "dq": dq, "dk": dk, "dv": dv} | ({"lse": lse} if want_lse else {})
+    values = {"out": out} | ({"lse": lse} if want_lse else {})
+    if grads:
+        dq, dk, dv = torch.autograd.grad(out, (q, k, v), d_out.to(device=device, dtype=dtype))
+        values |= {"dq": dq, "dk": dk, "dv": dv}
     return {name: t.detach().cpu() for name, t in values.items()}
 
 
@@ -127,20 +200,49 @@ def compare(backend: str, case: Case, *, dtype: torch.dtype, device: torch.devic
 
 
 def compare_fn(fn: Callable, case: Case, *, dtype: torch.dtype, device: torch.device, want_lse: bool = True,
-               seed: int = 0) -> Equivalence:
-    """Any attention function `fn` (the reference's signature) held to the float64 reference by the error rule."""
+               grads: bool = True, seed: int = 0) -> Equivalence:
+    """Any attention function `fn` (the reference's signature) held to the float64 reference by the error rule
+    (forward only with grads=False)."""
     q, k, v, d_out, mask = case.inputs(seed)
-    run = functools.partial(_forward_backward, q=q, k=k, v=v, d_out=d_out, want_lse=want_lse,
+    run = functools.partial(_forward_backward, q=q, k=k, v=v, d_out=d_out, want_lse=want_lse, grads=grads,
                             **case.options(mask))
-    ref = run(attention, dtype=torch.float64, device=torch.device("cpu"))
-    base = run(attention, dtype=dtype, device=device)
+    return _error_rule(run, attention, fn, case.name, dtype=dtype, device=device, want_lse=want_lse, grads=grads)
+
+
+def compare_varlen(backend: str, case: VarlenCase, *, dtype: torch.dtype, device: torch.device,
+                   seed: int = 0) -> Equivalence:
+    """`flash_attention_varlen(backend=...)` at `dtype` vs the float64 `attention_varlen`, by the error rule."""
+    q, k, v, _, args = case.inputs(seed)
+    moved = (*(t.to(device, dtype) for t in (q, k, v)), *(a.to(device) for a in args[:2]), *args[2:])
+    want_lse = unsupported_varlen(backend, *moved, return_lse=True, **case.options()) is None
+    return compare_varlen_fn(functools.partial(flash_attention_varlen, backend=backend), case, dtype=dtype,
+                             device=device, want_lse=want_lse, seed=seed)
+
+
+def compare_varlen_fn(fn: Callable, case: VarlenCase, *, dtype: torch.dtype, device: torch.device,
+                      want_lse: bool = True, grads: bool = True, seed: int = 0) -> Equivalence:
+    """Any packed attention function `fn` (`attention_varlen`'s signature) held to it in float64 by the error
+    rule (forward only with grads=False)."""
+    q, k, v, d_out, args = case.inputs(seed)
+    run = functools.partial(_forward_backward, q=q, k=k, v=v, d_out=d_out, want_lse=want_lse, grads=grads,
+                            extra_args=args, **case.options())
+    return _error_rule(run, attention_varlen, fn, case.name, dtype=dtype, device=device, want_lse=want_lse,
+                       grads=grads)
+
+
+def _error_rule(run: Callable, spec: Callable, fn: Callable, name: str, *, dtype: torch.dtype,
+                device: torch.device, want_lse: bool, grads: bool = True) -> Equivalence:
+    """fn at `dtype` against `spec` in float64, with `spec` at `dtype` as the naive baseline: out (and lse) 2x,
+    dq, dk, dv 3x."""
+    ref = run(spec, dtype=torch.float64, device=torch.device("cpu"))
+    base = run(spec, dtype=dtype, device=device)
     opt = run(fn, dtype=dtype, device=device)
-    label = f"{case.name}, {str(dtype).removeprefix('torch.')}"
+    label = f"{name}, {str(dtype).removeprefix('torch.')}"
     parts = [error_ratio(opt["out"], ref["out"], base["out"], name=f"out, {label}")]
     if want_lse:
         parts.append(_lse_equivalence(opt["lse"], ref["lse"], base["lse"], name=f"lse, {label}", dtype=dtype))
     parts += [error_ratio(opt[g], ref[g], base[g], name=f"{g}, {label}", factor=GRADIENT_FACTOR)
-              for g in ("dq", "dk", "dv")]
+              for g in ("dq", "dk", "dv") if grads]
     return combine(label, parts)
 
 
@@ -152,40 +254,180 @@ def _dtypes(backend: str, device: torch.device) -> tuple[torch.dtype, ...]:
     return (torch.float32, torch.float16, torch.bfloat16)
 
 
+OURS = ("triton", "blocked")
+"""Backends this project wrote: a case outside the error rule fails the run. A peer's is reported in its row."""
+
+
+def _served(backend: str, case: Case | VarlenCase, dtype: torch.dtype, device: torch.device) -> str | None:
+    """Why `backend` cannot serve `case` at `dtype` on `device`, or None."""
+    if isinstance(case, VarlenCase):
+        q, k, v, _, args = case.inputs()
+        moved = (*(t.to(device, dtype) for t in (q, k, v)), *(a.to(device) for a in args[:2]), *args[2:])
+        return unsupported_varlen(backend, *moved, **case.options())
+    q, k, v, _, mask = case.inputs()
+    opts = case.options(mask.to(device) if mask is not None else None)
+    return unsupported(backend, *(t.to(device, dtype) for t in (q, k, v)), **opts)
+
+
+def _compare(backend: str, case: Case | VarlenCase, dtype: torch.dtype, device: torch.device) -> Equivalence:
+    if isinstance(case, VarlenCase):
+        return compare_varlen(backend, case, dtype=dtype, device=device)
+    return compare(backend, case, dtype=dtype, device=device)
+
+
+def _case_sets(backend: str, device: torch.device) -> dict[str, tuple]:
+    """{row label: cases}: the padded layout and packed documents (varlen)."""
+    if backend == "triton" and device.type == "cpu":
+        return {"": INTERPRETER_CASES, "varlen ": INTERPRETER_VARLEN_CASES}
+    return {"": CASES, "varlen ": VARLEN_CASES}
+
+
 def _equivalence_rows(ctx: Context) -> list[Result]:
-    """One row per backend and dtype: every case it serves, forward and backward, combined. A backend that serves
-    nothing here gets one row saying why."""
+    """One row per backend, layout (padded, varlen) and dtype: every case it serves, forward and backward,
+    combined, with how many hold the error rule. A backend that serves nothing here gets one row saying why."""
     rows = []
     for backend in BACKENDS:
-        cases = INTERPRETER_CASES if backend == "triton" and ctx.device.type == "cpu" else CASES
-        row = functools.partial(SPEC.row, ctx, optimized=f"optimized.attention.flash_attention(backend={backend!r})",
-                                peer=PEERS.get(backend))
         backend_rows, reasons = [], []
-        for dtype in _dtypes(backend, ctx.device):
-            parts, skipped = [], []
-            for case in cases:
-                q, k, v, _, mask = case.inputs()
-                opts = case.options(mask.to(ctx.device) if mask is not None else None)
-                reason = unsupported(backend, *(t.to(ctx.device, dtype) for t in (q, k, v)), **opts)
-                if reason is None:
-                    parts.append(compare(backend, case, dtype=dtype, device=ctx.device))
-                else:
-                    skipped.append(f"{case.name}: {reason}")
-                    reasons.append(reason)
-            if not parts:
-                continue
-            dt = str(dtype).removeprefix("torch.")
-            notes = f"{len(parts)} of {len(cases)} cases; out, lse (where returned), dq, dk, dv"
-            if skipped:
-                notes += "; not served: " + "; ".join(skipped)
-            if backend == "triton" and ctx.device.type == "cpu":
-                notes += "; run in Triton's interpreter (tiny shapes)"
-            backend_rows.append(row(name=f"{backend} {dt} vs float64 naive (error rule)",
-                                    equivalence=combine(f"{backend} {dt}", parts), notes=notes))
+        for layout, cases in _case_sets(backend, ctx.device).items():
+            function = "flash_attention_varlen" if layout else "flash_attention"
+            for dtype in _dtypes(backend, ctx.device):
+                results, skipped = [], []
+                for case in cases:
+                    reason = _served(backend, case, dtype, ctx.device)
+                    if reason is None:
+                        results.append((case.name, _compare(backend, case, dtype, ctx.device)))
+                    else:
+                        skipped.append(f"{case.name}: {reason}")
+                        reasons.append(reason)
+                if not results:
+                    continue
+                notes = "out, lse (where returned), dq, dk, dv"
+                if backend == "triton" and ctx.device.type == "cpu":
+                    notes += "; run in Triton's interpreter (tiny shapes)"
+                backend_rows.append(_rule_row(
+                    ctx, f"{layout}{backend} {_dt(dtype)} vs float64 naive (error rule)", results, len(cases),
+                    skipped, notes, optimized=f"optimized.attention.{function}(backend={backend!r})",
+                    peer=PEERS.get(backend), fails_run=backend in OURS))
         if not backend_rows:
-            backend_rows.append(row(name=f"{backend}: not run here",
-                                    notes="not available: " + "; ".join(dict.fromkeys(reasons))))
+            backend_rows.append(SPEC.row(ctx, f"{backend}: not run here", peer=PEERS.get(backend),
+                                         optimized=f"optimized.attention.flash_attention(backend={backend!r})",
+                                         notes="not available: " + "; ".join(dict.fromkeys(reasons))))
         rows += backend_rows
+    return rows + _flex_rows(ctx)
+
+
+def _dt(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _rule_row(ctx: Context, name: str, results: list[tuple[str, Equivalence]], n_cases: int, skipped: list[str],
+              notes: str, *, fails_run: bool, **fields) -> Result:
+    """A row of error-rule comparisons: the combined record, the count of cases that hold the rule and, for a
+    peer (fails_run=False), the failing cases in the notes instead of a failing record."""
+    held = [name for name, eq in results if eq.passed]
+    failing = [f"{case}: {eq.max_error:.3g} > bound {eq.bound:.3g} ({eq.rule.rsplit('worst of', 1)[-1].strip()})"
+               for case, eq in results if not eq.passed]
+    equivalence = combine(name, [eq for _, eq in results])
+    counts = Metric(f"cases within the error rule, of {len(results)} served ({n_cases} asked)", len(held), "cases")
+    notes = f"{len(held)} of {len(results)} served cases hold the rule ({n_cases} asked); {notes}"
+    if failing:
+        notes += "; OUTSIDE THE RULE: " + "; ".join(failing)
+    if skipped:
+        notes += "; not served: " + "; ".join(skipped)
+    if failing and not fails_run:
+        notes += " (a peer: reported here, not failing the run)"
+        equivalence = None
+    return SPEC.row(ctx, name, equivalence=equivalence, metrics=[counts], notes=notes, **fields)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# FlexAttention, a peer: the same masks as mask_mod, softcap as score_mod
+
+
+def flex_attention_fn(q: Tensor, k: Tensor, v: Tensor, *, is_causal: bool = False, scale: float | None = None,
+                      key_padding_mask: Tensor | None = None, causal_alignment: str = "top_left",
+                      window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                      return_lse: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    """`reference.attention.attention`'s arguments through torch.nn.attention.flex_attention (Dong et al. 2024,
+    arXiv 2412.05496): causal, window and padding as one mask_mod, softcap as a score_mod."""
+    B, H, N, _ = q.shape
+    M = k.shape[2]
+    offset = 0 if causal_alignment == "top_left" else M - N
+    left, right = window_size[0], 0 if is_causal else window_size[1]
+
+    def mask_mod(b, h, i, j):
+        keep = j >= 0
+        if left >= 0:
+            keep = keep & (j >= i + offset - left)
+        if right >= 0:
+            keep = keep & (j <= i + offset + right)
+        if key_padding_mask is not None:
+            keep = keep & key_padding_mask[b, j]
+        return keep
+
+    return _flex(q, k, v, mask_mod, B, scale, softcap, return_lse)
+
+
+def flex_attention_varlen_fn(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                             max_seqlen_q: int, max_seqlen_k: int, *, is_causal: bool = False,
+                             scale: float | None = None, window_size: tuple[int, int] = (-1, -1),
+                             softcap: float = 0.0, return_lse: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    """`reference.attention.attention_varlen`'s arguments through flex_attention: one packed row whose mask_mod
+    keeps a query to its own document (FlexAttention's "document masking"), bottom-right aligned within it."""
+    len_q, len_k = cu_seqlens_q.diff().long(), cu_seqlens_k.diff().long()
+    docs = torch.arange(len(len_q), device=q.device)
+    doc_q, doc_k = docs.repeat_interleave(len_q), docs.repeat_interleave(len_k)  # (total_q,), (total_k,)
+    pos_q = torch.arange(q.shape[0], device=q.device) - cu_seqlens_q.long()[doc_q]  # (total_q,) within its document
+    pos_k = torch.arange(k.shape[0], device=q.device) - cu_seqlens_k.long()[doc_k]  # (total_k,)
+    diag = pos_q + (len_k - len_q)[doc_q]  # (total_q,) the aligned key position of each query
+    left, right = window_size[0], 0 if is_causal else window_size[1]
+
+    def mask_mod(b, h, i, j):
+        keep = doc_q[i] == doc_k[j]
+        if left >= 0:
+            keep = keep & (pos_k[j] >= diag[i] - left)
+        if right >= 0:
+            keep = keep & (pos_k[j] <= diag[i] + right)
+        return keep
+
+    q1, k1, v1 = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # (1, heads, total, d)
+    result = _flex(q1, k1, v1, mask_mod, 1, scale, softcap, return_lse)
+    out, lse = result if return_lse else (result, None)
+    out = out[0].transpose(0, 1)  # (total_q, H, d)
+    return (out, lse[0]) if return_lse else out  # lse (H, total_q)
+
+
+def _flex(q, k, v, mask_mod, B, scale, softcap, return_lse):
+    from torch.nn.attention.flex_attention import AuxRequest, create_block_mask, flex_attention
+
+    H, N, M = q.shape[1], q.shape[2], k.shape[2]
+    block_mask = create_block_mask(mask_mod, B, None, N, M, device=q.device)
+    score_mod = (lambda score, b, h, i, j: softcap * torch.tanh(score / softcap)) if softcap else None
+    with warnings.catch_warnings():  # eager (uncompiled) flex_attention warns that it materialises the scores
+        warnings.simplefilter("ignore", UserWarning)
+        out, aux = flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
+                                  enable_gqa=H != k.shape[1], return_aux=AuxRequest(lse=True))
+    return (out, aux.lse.float()) if return_lse else out  # (B, H, N, d), (B, H, N)
+
+
+def _flex_rows(ctx: Context) -> list[Result]:
+    """FlexAttention on every case (padded and varlen), per dtype; forward only on CPU, where it has no backward."""
+    try:
+        from torch.nn.attention.flex_attention import AuxRequest  # noqa: F401
+    except ImportError as e:
+        return [SPEC.row(ctx, "flex_attention: not run here", peer="FlexAttention",
+                         optimized="torch.nn.attention.flex_attention", notes=f"not available in this torch: {e}")]
+    grads = ctx.device.type == "cuda"
+    rows = []
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        results = [(case.name, compare_fn(flex_attention_fn, case, dtype=dtype, device=ctx.device, grads=grads))
+                   for case in CASES]
+        results += [(case.name, compare_varlen_fn(flex_attention_varlen_fn, case, dtype=dtype, device=ctx.device,
+                                                  grads=grads)) for case in VARLEN_CASES]
+        what = "out, lse, dq, dk, dv" if grads else "out, lse (forward only: no flex_attention backward on CPU)"
+        rows.append(_rule_row(ctx, f"flex_attention {_dt(dtype)} vs float64 naive (error rule)", results,
+                              len(results), [], f"{what}; eager flex_attention with a mask_mod and a score_mod",
+                              optimized="torch.nn.attention.flex_attention", peer="FlexAttention", fails_run=False))
     return rows
 
 
@@ -356,6 +598,64 @@ def _speed_row(ctx: Context, w: Workload, impls: dict[str, Callable], n: int) ->
     )
 
 
+def _packed_lengths(device: torch.device, quick: bool) -> tuple[int, ...]:
+    """Documents packed into one row, longest first: a long one and a tail of short ones, as in pretraining data."""
+    if device.type == "cuda":
+        return (4096, 2048, 1024, 700, 300, 97, 64, 31, 13, 1) if quick else (8192, 4096, 2048, 1024, 700, 300, 97,
+                                                                              64, 31, 13, 1)
+    return (512, 256, 200, 97, 64, 31, 13, 7, 1) if quick else (2048, 1024, 700, 300, 97, 64, 31, 13, 7, 1)
+
+
+def _packing_row(ctx: Context, w: Workload) -> Result:
+    """The same documents packed (varlen, cu_seqlens) and padded to the longest (a (D, Lmax) batch with a key
+    padding mask): bytes saved for backward and time of forward + backward, both through the blocked backend so the
+    layouts, not the kernels, differ."""
+    lengths = _packed_lengths(ctx.device, ctx.quick)
+    D, total, longest = len(lengths), sum(lengths), max(lengths)
+    gen = torch.Generator().manual_seed(0)
+    packed = [torch.randn(total, w.H, w.d, generator=gen).to(ctx.device, w.dtype) for _ in range(3)]  # (total, H, d)
+    cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=ctx.device)  # (D + 1,)
+    keep = torch.arange(longest, device=ctx.device) < torch.tensor(lengths, device=ctx.device)[:, None]  # (D, Lmax)
+    padded = []
+    for t in packed:
+        p = torch.zeros(D, longest, w.H, w.d, device=ctx.device, dtype=w.dtype)  # (D, Lmax, H, d)
+        p[keep] = t
+        padded.append(p.transpose(1, 2))  # (D, H, Lmax, d)
+
+    def varlen(q, k, v):
+        return flash_attention_varlen(q, k, v, cu, cu, longest, longest, is_causal=True, backend="blocked")
+
+    def padding(q, k, v):
+        return flash_attention(q, k, v, is_causal=True, key_padding_mask=keep, backend="blocked")
+
+    def fwd_bwd(fn, tensors):
+        q, k, v = (t.clone().requires_grad_() for t in tensors)
+        out = fn(q, k, v)
+        out.backward(torch.ones_like(out))
+
+    saved = {name: saved_tensor_bytes(fn, *(t.clone().requires_grad_() for t in tensors))[1]
+             for name, fn, tensors in (("varlen", varlen, packed), ("padded", padding, padded))}
+    warmup, reps = (1, 2) if ctx.quick else (2, 5)
+    device = ctx.device if ctx.device.type == "cuda" else None
+    times = {name: time_fn(functools.partial(fwd_bwd, fn, tensors), warmup=warmup, reps=reps, device=device).median_s
+             for name, fn, tensors in (("varlen", varlen, packed), ("padded", padding, padded))}
+    pairs = sum(n * (n + 1) // 2 for n in lengths)
+    return SPEC.row(
+        ctx, f"packing: varlen vs padding {D} documents to the longest ({longest})",
+        optimized="optimized.attention.flash_attention_varlen(backend='blocked')",
+        memory=[Metric("saved, padded / varlen", saved["padded"] / saved["varlen"], "x"),
+                Metric("saved, varlen", saved["varlen"], "bytes"), Metric("saved, padded", saved["padded"], "bytes")],
+        speed=[Metric("time, padded / varlen", times["padded"] / times["varlen"], "x"),
+               Metric("varlen", times["varlen"], "s"), Metric("padded", times["padded"], "s")],
+        metrics=[Metric("tokens, padded / packed", D * longest / total, "x"),
+                 Metric("causal query-key pairs, padded / packed", D * longest * (longest + 1) / 2 / pairs, "x")],
+        notes=f"documents of {', '.join(map(str, lengths))} tokens ({total} packed, {D * longest} padded); H={w.H}, "
+        f"d={w.d}, {_dt(w.dtype)}, causal, forward + backward, median of {reps} after {warmup} warm-up. Saved "
+        "bytes scale with tokens (q, k, v, out, lse); time with the query-key tiles visited, which the blocked path "
+        "limits to each document in the packed layout.",
+    )
+
+
 def _figure(memory: dict, w: Workload) -> Figure:
     """Saved-for-backward and peak bytes against N, one line per implementation (log-log)."""
     panels = []
@@ -381,4 +681,5 @@ def run(ctx: Context) -> list[Result]:
     rows += _memory_rows(ctx, w, memory, _figure(memory, w))
     speed_n = lengths[-2] if ctx.device.type == "cpu" and ctx.quick else lengths[-1]
     rows.append(_speed_row(ctx, w, impls, speed_n))
+    rows.append(_packing_row(ctx, w))
     return rows

@@ -3,6 +3,7 @@ allowed, raised before any work is done."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -32,7 +33,17 @@ class Problem:
     scale: float
     """Multiplier of Q Kᵀ (1/sqrt(d) unless given)."""
     causal_offset: int | None
-    """Query i sees keys j <= i + causal_offset; None when not causal (0 top-left, M - N bottom-right)."""
+    """The right edge: query i sees keys j <= i + causal_offset; None when no key is hidden that way. Causal
+    masking puts it on the aligned diagonal (0 top-left, M - N bottom-right), a window's right size r moves it r
+    keys further."""
+    left_offset: int | None = None
+    """The left edge of a sliding window: query i sees keys j >= i + left_offset; None when unbounded."""
+    softcap: float = 0.0
+    """Scores S -> softcap · tanh(S / softcap) before masking; 0 = off."""
+    windowed: bool = False
+    """Does a sliding window hide keys that the causal mask alone would not?"""
+    documents: Documents | None = None
+    """Packed sequences (varlen): B = 1 and the rows of q and of k split into documents; None otherwise."""
 
     @property
     def group(self) -> int:
@@ -41,8 +52,44 @@ class Problem:
 
     @property
     def rows_can_be_empty(self) -> bool:
-        """Can a query see no key from the causal mask alone (bottom-right alignment with N > M, or M = 0)?"""
-        return self.M == 0 or (self.causal_offset is not None and self.causal_offset < 0)
+        """Can a query see no key from the masks alone (before key padding)?"""
+        if self.M == 0 or self.documents is not None:
+            return True
+        right_empty = self.causal_offset is not None and self.causal_offset < 0
+        left_empty = self.left_offset is not None and self.N - 1 + self.left_offset > self.M - 1
+        return right_empty or left_empty
+
+    @property
+    def masked_beyond_causal(self) -> str | None:
+        """What this problem asks beyond a plain causal (or full) mask: the reason a backend without windows,
+        softcap or documents cannot serve it; None when there is nothing beyond."""
+        if self.documents is not None:
+            return "packed documents (varlen)"
+        if self.windowed:
+            return "sliding window"
+        if self.softcap:
+            return "softcap"
+        return None
+
+
+@dataclass(frozen=True)
+class Documents:
+    """How packed rows split into documents (flash-attn's varlen layout), as Python ints read once per call."""
+
+    cu_seqlens_q: tuple[int, ...]
+    """Document b is query rows cu_seqlens_q[b]:cu_seqlens_q[b + 1]."""
+    cu_seqlens_k: tuple[int, ...]
+    """Document b is key rows cu_seqlens_k[b]:cu_seqlens_k[b + 1]."""
+    left: int
+    """Window left size within each document, -1 unbounded."""
+    right: int
+    """Window right size within each document (0 when causal), -1 unbounded; bottom-right aligned per document."""
+
+    @property
+    def lengths(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Query and key lengths of each document."""
+        diff = lambda cu: tuple(b - a for a, b in zip(cu[:-1], cu[1:], strict=True))  # noqa: E731
+        return diff(self.cu_seqlens_q), diff(self.cu_seqlens_k)
 
 
 def check_inputs(
@@ -55,8 +102,12 @@ def check_inputs(
     key_padding_mask: Tensor | None,
     causal_alignment: str,
     return_lse: bool,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
 ) -> Problem:
-    """Validate the arguments of an attention call and return its `Problem`."""
+    """Validate the arguments of an attention call and return its `Problem`, with the causal mask and the window
+    folded into two edges (key j visible to query i iff i + left_offset <= j <= i + causal_offset) and every edge
+    that hides no key dropped, so equal masks give equal problems."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -103,7 +154,88 @@ def check_inputs(
                              f"got {tuple(key_padding_mask.shape)}")
         if key_padding_mask.device != q.device:
             raise ValueError(f"key_padding_mask.device must equal q.device={q.device}, got {key_padding_mask.device}")
-    offset = None
-    if is_causal:
-        offset = 0 if causal_alignment == "top_left" else M - N
-    return Problem(B, H, Hkv, N, M, d, 1.0 / math.sqrt(d) if scale is None else float(scale), offset)
+    left, right = check_window_and_softcap(window_size, softcap)
+    align = 0 if causal_alignment == "top_left" else M - N
+    edges = _edges(N, M, align, left, 0 if is_causal else right)
+    windowed = edges != _edges(N, M, align, -1, 0 if is_causal else -1)
+    return Problem(B, H, Hkv, N, M, d, 1.0 / math.sqrt(d) if scale is None else float(scale), *edges,
+                   float(softcap), windowed)
+
+
+def _edges(N: int, M: int, align: int, left: int, right: int) -> tuple[int | None, int | None]:
+    """(right edge, left edge): query i sees keys i + left_edge <= j <= i + right_edge; causal is right = 0
+    (flash-attn's convention); an edge that hides no key of any query is None, so equal masks give equal edges."""
+    right_edge = align + right if right >= 0 and align + right < M - 1 else None  # j <= i + edge, some i hides one
+    left_edge = align - left if left >= 0 and N - 1 + align - left > 0 else None  # j >= i + edge, some i hides one
+    return right_edge, left_edge
+
+
+def check_window_and_softcap(window_size, softcap) -> tuple[int, int]:
+    """window_size: (left, right), ints >= -1; softcap: a finite number >= 0. Returns (left, right)."""
+    if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
+            or any(isinstance(w, bool) or not isinstance(w, int) or w < -1 for w in window_size)):
+        raise ValueError(f"window_size must be (left, right), two ints >= -1 (-1 = unbounded), got {window_size!r}")
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not math.isfinite(softcap) or softcap < 0:
+        raise ValueError(f"softcap must be a finite number >= 0 (0 = off), got {softcap!r}")
+    return int(window_size[0]), int(window_size[1])
+
+
+def check_varlen_inputs(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    *,
+    is_causal: bool,
+    scale: float | None,
+    window_size: tuple[int, int],
+    softcap: float,
+    return_lse: bool,
+) -> Problem:
+    """Validate a packed (varlen) attention call and return its `Problem` (B = 1, N = total_q, M = total_k).
+
+    Reads cu_seqlens once (one device sync on CUDA), as every check of the documents needs their values."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor) or t.dim() != 3:
+            got = f"shape {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be a packed (total, heads, d) tensor, got {got}")
+    if v.shape != k.shape:
+        raise ValueError(f"v shape must equal k shape {tuple(k.shape)} (total_k, Hkv, d), got {tuple(v.shape)}")
+    # The per-tensor checks of the padded layout, on the (1, heads, total, d) views the backends run on.
+    problem = check_inputs(*(t.transpose(0, 1).unsqueeze(0) for t in (q, k, v)), is_causal=False, scale=scale,
+                           key_padding_mask=None, causal_alignment="top_left", return_lse=return_lse,
+                           window_size=window_size, softcap=softcap)
+    starts = {}
+    for which, cu, total, longest in (("q", cu_seqlens_q, q.shape[0], max_seqlen_q),
+                                      ("k", cu_seqlens_k, k.shape[0], max_seqlen_k)):
+        name = f"cu_seqlens_{which}"
+        if not isinstance(cu, Tensor) or cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 2:
+            got = f"{cu.dtype} of shape {tuple(cu.shape)}" if isinstance(cu, Tensor) else type(cu).__name__
+            raise ValueError(f"{name} must be a 1-D torch.int32 tensor of D + 1 >= 2 cumulative lengths "
+                             f"(flash-attn's layout), got {got}")
+        if cu.device != q.device:
+            raise ValueError(f"{name}.device must equal q.device={q.device}, got {cu.device}")
+        cu_list = tuple(cu.tolist())
+        lengths = [b - a for a, b in zip(cu_list[:-1], cu_list[1:], strict=True)]
+        if cu_list[0] != 0:
+            raise ValueError(f"{name} must start at 0, got {list(cu_list)}")
+        if min(lengths) < 0:
+            at = lengths.index(min(lengths))
+            raise ValueError(f"{name} must never decrease, got {list(cu_list)} (entry {at + 1} < entry {at})")
+        if cu_list[-1] != total:
+            raise ValueError(f"{name} must end at the packed length of {which}, {total}, got {cu_list[-1]}")
+        if isinstance(longest, bool) or not isinstance(longest, int) or longest < max(lengths):
+            raise ValueError(f"max_seqlen_{which} must be an int >= the longest document ({max(lengths)}), "
+                             f"got {longest!r}")
+        starts[which] = cu_list
+    if len(starts["q"]) != len(starts["k"]):
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must list the same number of documents, got "
+                         f"{len(starts['q']) - 1} and {len(starts['k']) - 1}")
+    if not isinstance(is_causal, bool):
+        raise ValueError(f"is_causal must be a bool, got {is_causal!r}")
+    left, right = window_size
+    documents = Documents(starts["q"], starts["k"], left, 0 if is_causal else right)
+    return dataclasses.replace(problem, causal_offset=None, left_offset=None, windowed=False, documents=documents)

@@ -26,6 +26,9 @@ first imported: `triton.jit` reads it when it decorates a kernel), in which case
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
@@ -38,9 +41,12 @@ from optimized.attention._inputs import Problem, check_inputs
 MAX_HEAD_DIM = 256
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2E = 1.4426950408889634
+_SIZES = ["H", "HKV", "N", "M", "GROUP", "causal_offset"]
+"""Integer arguments Triton's JIT must not specialise (on == 1 or on divisibility by 16): one build serves every
+length, head count and GQA group, so the ahead-of-time build (conformance/triton_build.py) covers every launch."""
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SIZES)
 def _fwd_kernel(
     Q, K, V, O, LSE, PAD,
     sqb, sqh, sqn, sqd,
@@ -49,7 +55,7 @@ def _fwd_kernel(
     sob, soh, son, sod,
     spb, spm,
     H, N, M, HEAD_DIM, GROUP, qk_scale, causal_offset,
-    IS_CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -61,7 +67,7 @@ def _fwd_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < N
-    d_ok = offs_d < HEAD_DIM
+    d_ok = (offs_d < HEAD_DIM) | EVEN_D  # EVEN_D: no padded head-dim columns, no mask along d
     last_key = offs_m + causal_offset  # causal: query i sees keys j <= i + offset
 
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
@@ -70,34 +76,38 @@ def _fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2(s - m)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)  # running unnormalised output
 
-    kT_ptrs = K + b * skb + hk * skh + offs_n[None, :] * skn + offs_d[:, None] * skd  # (BLOCK_D, BLOCK_N)
-    v_ptrs = V + b * svb + hk * svh + offs_n[:, None] * svn + offs_d[None, :] * svd  # (BLOCK_N, BLOCK_D)
-    pad_ptrs = PAD + b * spb + offs_n * spm
+    # Scalar pointers to the current key tile, advanced per tile; the tile offsets stay loop-invariant int32
+    # (pointer tensors carried through the loop cost two registers per element).
+    k_tile = K + b * skb + hk * skh
+    v_tile = V + b * svb + hk * svh
+    pad_tile = PAD + b * spb
+    kT_offs = offs_n[None, :] * skn + offs_d[:, None] * skd  # (BLOCK_D, BLOCK_N)
+    v_offs = offs_n[:, None] * svn + offs_d[None, :] * svd  # (BLOCK_N, BLOCK_D)
     hi = M
     if IS_CAUSAL:  # key tiles past the last key the tile's last query may see are never loaded
         hi = tl.minimum(M, (pid_m + 1) * BLOCK_M + causal_offset)
     for start_n in range(0, hi, BLOCK_N):  # FA2 Alg. 1 line 6
         cols = start_n + offs_n
         col_ok = cols < M
-        kT = tl.load(kT_ptrs, mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+        kT = tl.load(k_tile + kT_offs, mask=col_ok[None, :] & d_ok[:, None], other=0.0)
         s = tl.dot(q, kT, input_precision="ieee") * qk_scale  # S = Q Kᵀ · scale · log2(e)  (BLOCK_M, BLOCK_N)
         keep = col_ok[None, :] & row_ok[:, None]
         if IS_CAUSAL:
             keep = keep & (cols[None, :] <= last_key[:, None])
         if HAS_PAD:
-            keep = keep & (tl.load(pad_ptrs, mask=col_ok, other=0) != 0)[None, :]
+            keep = keep & (tl.load(pad_tile + offs_n * spm, mask=col_ok, other=0) != 0)[None, :]
         s = tl.where(keep, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))  # line 9: online softmax
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no visible key yet: exp2(-inf) = 0
         p = tl.math.exp2(s - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")  # line 10
+        v = tl.load(v_tile + v_offs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision="ieee")  # line 10, in place
         m_i = m_new
-        kT_ptrs += BLOCK_N * skn
-        v_ptrs += BLOCK_N * svn
-        pad_ptrs += BLOCK_N * spm
+        k_tile += BLOCK_N * skn
+        v_tile += BLOCK_N * svn
+        pad_tile += BLOCK_N * spm
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # a row that saw no key: O = 0 / 1 = 0
     out = acc / l_safe[:, None]  # line 12
@@ -107,13 +117,13 @@ def _fwd_kernel(
     tl.store(LSE + pid_bh * N + offs_m, lse, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SIZES)
 def _bwd_preprocess(
     O, DO, DELTA,
     sob, soh, son, sod,
     sdb, sdh, sdn, sdd,
     H, N, HEAD_DIM,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -121,14 +131,14 @@ def _bwd_preprocess(
     h = (pid_bh % H).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m < N)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    mask = (offs_m < N)[:, None] & ((offs_d < HEAD_DIM) | EVEN_D)[None, :]
     o = tl.load(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod, mask=mask, other=0.0)
     do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdn + offs_d[None, :] * sdd, mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # FA2 Alg. 2 line 3: D = rowsum(dO ∘ O)
     tl.store(DELTA + pid_bh * N + offs_m, delta, mask=offs_m < N)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SIZES)
 def _bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, PAD, DK, DV,
     sqb, sqh, sqn, sqd,
@@ -139,7 +149,7 @@ def _bwd_dkdv_kernel(
     sdkb, sdkh, sdkn, sdkd,
     sdvb, sdvh, sdvn, sdvd,
     H, HKV, N, M, HEAD_DIM, GROUP, qk_scale, sm_scale, causal_offset,
-    IS_CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -150,7 +160,7 @@ def _bwd_dkdv_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     col_ok = offs_n < M
-    d_ok = offs_d < HEAD_DIM
+    d_ok = (offs_d < HEAD_DIM) | EVEN_D
     kv_mask = col_ok[:, None] & d_ok[None, :]
     first_query = offs_n - causal_offset  # causal: key j is seen by queries i >= j - offset
     # FA2 Alg. 2 lines 5-6: load K_j, V_j; dK_j = dV_j = 0
@@ -162,37 +172,37 @@ def _bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
+    qT_offs = offs_m[None, :] * sqn + offs_d[:, None] * sqd  # (BLOCK_D, BLOCK_M), loop-invariant
+    do_offs = offs_m[:, None] * sdn + offs_d[None, :] * sdd  # (BLOCK_M, BLOCK_D)
     lo = 0
     if IS_CAUSAL:  # query tiles before the first query that may see this key tile are skipped
         lo = tl.maximum(0, pid_n * BLOCK_N - causal_offset)
         lo = (lo // BLOCK_M) * BLOCK_M
     for g in range(0, GROUP):  # the G query heads that read this key/value head, in a fixed order
         h = hk * GROUP + g
-        qT_ptrs = Q + b * sqb + h * sqh + (lo + offs_m)[None, :] * sqn + offs_d[:, None] * sqd  # (BLOCK_D, BLOCK_M)
-        do_ptrs = DO + b * sdb + h * sdh + (lo + offs_m)[:, None] * sdn + offs_d[None, :] * sdd  # (BLOCK_M, BLOCK_D)
-        lse_ptrs = LSE + (b * H + h) * N + lo + offs_m
-        delta_ptrs = DELTA + (b * H + h) * N + lo + offs_m
+        q_tile = Q + b * sqb + h * sqh + lo * sqn  # scalar pointers to the current query tile
+        do_tile = DO + b * sdb + h * sdh + lo * sdn
+        row_stats = (b * H + h) * N + lo  # LSE and DELTA offset of the tile's first row
         for start_m in range(lo, N, BLOCK_M):  # line 7
             rows = start_m + offs_m
             row_ok = rows < N
-            qT = tl.load(qT_ptrs, mask=row_ok[None, :] & d_ok[:, None], other=0.0)
-            do = tl.load(do_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-            lse = tl.load(lse_ptrs, mask=row_ok, other=0.0) * 1.4426950408889634  # base 2
+            qT = tl.load(q_tile + qT_offs, mask=row_ok[None, :] & d_ok[:, None], other=0.0)
+            lse = tl.load(LSE + row_stats + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634  # base 2
             lse = tl.where(lse == float("-inf"), float("inf"), lse)  # a row that saw no key: P = 0
-            delta = tl.load(delta_ptrs, mask=row_ok, other=0.0)
             sT = tl.dot(k, qT, input_precision="ieee") * qk_scale  # line 9, transposed: Sᵀ (BLOCK_N, BLOCK_M)
             keep = keep_cols[:, None] & row_ok[None, :]
             if IS_CAUSAL:
                 keep = keep & (rows[None, :] >= first_query[:, None])
             pT = tl.where(keep, tl.math.exp2(sT - lse[None, :]), 0.0)  # line 10: Pᵀ = exp(Sᵀ - L)
-            dv += tl.dot(pT.to(do.dtype), do, input_precision="ieee")  # line 11: dV_j += Pᵀ dO_i
+            do = tl.load(do_tile + do_offs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            dv = tl.dot(pT.to(do.dtype), do, dv, input_precision="ieee")  # line 11: dV_j += Pᵀ dO_i
+            delta = tl.load(DELTA + row_stats + offs_m, mask=row_ok, other=0.0)
             dpT = tl.dot(v, tl.trans(do), input_precision="ieee")  # line 12: dPᵀ = V_j dO_iᵀ
             dsT = pT * (dpT - delta[None, :])  # line 13: dSᵀ = Pᵀ ∘ (dPᵀ - D_i)
-            dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision="ieee")  # line 15: dK_j += dSᵀ Q_i
-            qT_ptrs += BLOCK_M * sqn
-            do_ptrs += BLOCK_M * sdn
-            lse_ptrs += BLOCK_M
-            delta_ptrs += BLOCK_M
+            dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision="ieee")  # line 15: dK_j += dSᵀ Q_i
+            q_tile += BLOCK_M * sqn
+            do_tile += BLOCK_M * sdn
+            row_stats += BLOCK_M
     dk = dk * sm_scale  # S = scale · Q Kᵀ
     tl.store(DK + b * sdkb + hk * sdkh + offs_n[:, None] * sdkn + offs_d[None, :] * sdkd,
              dk.to(DK.dtype.element_ty), mask=kv_mask)  # line 17
@@ -200,7 +210,7 @@ def _bwd_dkdv_kernel(
              dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SIZES)
 def _bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, PAD, DQ,
     sqb, sqh, sqn, sqd,
@@ -210,7 +220,7 @@ def _bwd_dq_kernel(
     spb, spm,
     sdqb, sdqh, sdqn, sdqd,
     H, N, M, HEAD_DIM, GROUP, qk_scale, sm_scale, causal_offset,
-    IS_CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -222,7 +232,7 @@ def _bwd_dq_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < N
-    d_ok = offs_d < HEAD_DIM
+    d_ok = (offs_d < HEAD_DIM) | EVEN_D
     q_mask = row_ok[:, None] & d_ok[None, :]
     last_key = offs_m + causal_offset
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=q_mask, other=0.0)
@@ -232,30 +242,33 @@ def _bwd_dq_kernel(
     delta = tl.load(DELTA + pid_bh * N + offs_m, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    k_ptrs = K + b * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :] * skd  # (BLOCK_N, BLOCK_D)
-    vT_ptrs = V + b * svb + hk * svh + offs_n[None, :] * svn + offs_d[:, None] * svd  # (BLOCK_D, BLOCK_N)
-    pad_ptrs = PAD + b * spb + offs_n * spm
+    k_tile = K + b * skb + hk * skh  # scalar pointers to the current key tile
+    v_tile = V + b * svb + hk * svh
+    pad_tile = PAD + b * spb
+    kT_offs = offs_n[None, :] * skn + offs_d[:, None] * skd  # (BLOCK_D, BLOCK_N), loop-invariant
+    vT_offs = offs_n[None, :] * svn + offs_d[:, None] * svd  # (BLOCK_D, BLOCK_N)
     hi = M
     if IS_CAUSAL:
         hi = tl.minimum(M, (pid_m + 1) * BLOCK_M + causal_offset)
     for start_n in range(0, hi, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < M
-        k = tl.load(k_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        vT = tl.load(vT_ptrs, mask=col_ok[None, :] & d_ok[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale  # S, base 2  (BLOCK_M, BLOCK_N)
+        kT = tl.load(k_tile + kT_offs, mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+        s = tl.dot(q, kT, input_precision="ieee") * qk_scale  # S, base 2  (BLOCK_M, BLOCK_N)
         keep = col_ok[None, :] & row_ok[:, None]
         if IS_CAUSAL:
             keep = keep & (cols[None, :] <= last_key[:, None])
         if HAS_PAD:
-            keep = keep & (tl.load(pad_ptrs, mask=col_ok, other=0) != 0)[None, :]
+            keep = keep & (tl.load(pad_tile + offs_n * spm, mask=col_ok, other=0) != 0)[None, :]
         p = tl.where(keep, tl.math.exp2(s - lse[:, None]), 0.0)  # P = exp(S - L)
+        vT = tl.load(v_tile + vT_offs, mask=col_ok[None, :] & d_ok[:, None], other=0.0)
         dp = tl.dot(do, vT, input_precision="ieee")  # dP = dO Vᵀ
         ds = p * (dp - delta[:, None])  # dS = P ∘ (dP - D)
-        dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")  # FA2 Alg. 2 line 14, without the atomic add
-        k_ptrs += BLOCK_N * skn
-        vT_ptrs += BLOCK_N * svn
-        pad_ptrs += BLOCK_N * spm
+        # FA2 Alg. 2 line 14, without the atomic add: dQ_i += dS Kᵀᵀ
+        dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision="ieee")
+        k_tile += BLOCK_N * skn
+        v_tile += BLOCK_N * svn
+        pad_tile += BLOCK_N * spm
     dq = dq * sm_scale
     tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqn + offs_d[None, :] * sdqd,
              dq.to(DQ.dtype.element_ty), mask=q_mask)
@@ -287,23 +300,151 @@ def unsupported(q: Tensor, p: Problem) -> str | None:
     return None
 
 
-def _config(p: Problem, dtype: torch.dtype) -> dict:
-    """Tile sizes and warps: tiles shrink as the head dim grows so K, V and the accumulators fit on chip."""
-    block_d = max(16, triton.next_power_of_2(p.d))
-    if interpreted():  # every program is run in Python: small tiles, but >= 16 for tl.dot
-        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=block_d, num_warps=1, num_stages=1)
-    wide = block_d * (4 if dtype == torch.float32 else 2)  # bytes of one row of a tile
+@dataclass(frozen=True)
+class Tiles:
+    """One kernel's tile shape and launch options."""
+
+    block_m: int
+    """Query rows per tile."""
+    block_n: int
+    """Key rows per tile."""
+    num_warps: int
+    """Warps per program."""
+    num_stages: int
+    """Software-pipelining depth of the inner loop (shared-memory buffers per streamed tile)."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """The tiles of the four kernels for one (architecture, dtype, padded head dim)."""
+
+    block_d: int
+    """The head dim padded to a power of two >= 16 (tl.dot's minimum)."""
+    fwd: Tiles
+    preprocess: Tiles
+    dkdv: Tiles
+    dq: Tiles
+
+
+_T = Tiles
+_HALF_TILES: dict[tuple[str, int], tuple[Tiles, Tiles, Tiles]] = {
+    # (architecture, BLOCK_D): forward, dK/dV, dQ tiles for float16 / bfloat16. Hopper takes larger query tiles
+    # and more warps (wgmma works per 4-warp group on 64-row slices); dK/dV keeps two fp32 accumulators and
+    # K_j, V_j live, so its key tile is the smallest and its warps the most.
+    ("hopper", 16): (_T(128, 64, 4, 3), _T(32, 128, 8, 3), _T(128, 32, 8, 3)),
+    ("hopper", 32): (_T(128, 64, 4, 3), _T(32, 128, 8, 3), _T(128, 32, 8, 3)),
+    ("hopper", 64): (_T(128, 64, 4, 3), _T(32, 128, 8, 3), _T(128, 32, 8, 3)),
+    ("hopper", 128): (_T(128, 64, 8, 3), _T(32, 64, 8, 3), _T(128, 32, 8, 3)),
+    ("hopper", 256): (_T(64, 32, 8, 3), _T(32, 32, 8, 2), _T(64, 32, 8, 2)),
+    ("ampere", 16): (_T(128, 64, 8, 3), _T(32, 64, 8, 3), _T(64, 32, 4, 3)),
+    ("ampere", 32): (_T(128, 64, 8, 3), _T(32, 64, 8, 3), _T(64, 32, 4, 3)),
+    ("ampere", 64): (_T(128, 64, 8, 3), _T(32, 64, 8, 3), _T(64, 32, 4, 3)),
+    ("ampere", 128): (_T(64, 32, 4, 3), _T(32, 64, 8, 3), _T(64, 32, 4, 3)),
+    ("ampere", 256): (_T(64, 32, 8, 3), _T(32, 32, 8, 2), _T(64, 32, 8, 2)),
+}
+"""Per-architecture tiles, each checked ahead of time (conformance/triton_build.py): no register spills on
+sm_80 / sm_90, shared memory within the chip."""
+
+
+def config(d: int, dtype: torch.dtype, capability: tuple[int, int] | None) -> Config:
+    """The tiles the launcher uses for head dim `d` and `dtype` on a GPU of compute `capability` (None: the
+    interpreter). Half precision: the per-architecture table `_HALF_TILES` (compute capability 9 and above take
+    Hopper's tiles). float32 (IEEE dot products on CUDA cores, the accurate path): small tiles that fit any chip."""
+    block_d = max(16, triton.next_power_of_2(d))
+    if capability is None:  # the interpreter runs every program in Python: small tiles, but >= 16 for tl.dot
+        t = Tiles(16, 16, 1, 1)
+        return Config(block_d, t, t, t, t)
+    preprocess = Tiles(64, 1, 4, 1)  # one pass over O and dO: no dot products, no loop to pipeline
+    if dtype != torch.float32:
+        fwd, dkdv, dq = _HALF_TILES["hopper" if capability >= (9, 0) else "ampere", block_d]
+        return Config(block_d, fwd, preprocess, dkdv, dq)
+    wide = block_d * 4  # bytes of one float32 row of a tile
     if wide <= 128:
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=block_d, num_warps=4, num_stages=2)
-    if wide <= 256:
-        return dict(BLOCK_M=64, BLOCK_N=32, BLOCK_D=block_d, num_warps=4, num_stages=2)
-    if wide <= 512:
-        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=block_d, num_warps=4, num_stages=1)
-    return dict(BLOCK_M=32, BLOCK_N=16, BLOCK_D=block_d, num_warps=8, num_stages=1)
+        t = Tiles(64, 64, 4, 2)
+    elif wide <= 256:
+        t = Tiles(64, 32, 4, 2)
+    elif wide <= 512:
+        t = Tiles(32, 32, 4, 1)
+    else:
+        t = Tiles(32, 16, 8, 1)
+    return Config(block_d, t, preprocess, t, t)
 
 
-def _strides(t: Tensor) -> tuple[int, ...]:
-    return tuple(t.stride())
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch as data: what the autograd function runs and what the ahead-of-time build compiles."""
+
+    kernel: Any
+    """The @triton.jit function."""
+    grid: tuple[int, int]
+    """Programs along (tiles, batch x heads)."""
+    args: tuple
+    """Positional arguments (tensors, strides, sizes, scales)."""
+    meta: dict
+    """Constexprs and launch options (num_warps, num_stages)."""
+
+    def run(self) -> None:
+        self.kernel[self.grid](*self.args, **self.meta)
+
+
+def _opts(t: Tiles) -> dict:
+    return dict(num_warps=t.num_warps, num_stages=t.num_stages)
+
+
+def _pad_args(pad: Tensor | None, lse: Tensor) -> tuple:
+    """The pad pointer and its strides; without a mask any float32 tensor stands in (never read: HAS_PAD=False)."""
+    return (pad, *pad.stride()) if pad is not None else (lse, 0, 0)
+
+
+def _fwd_launch(q, k, v, out, lse, pad, p: Problem, cfg: Config) -> Launch:
+    t = cfg.fwd
+    pad_ptr, *pad_strides = _pad_args(pad, lse)
+    return Launch(
+        _fwd_kernel, (triton.cdiv(p.N, t.block_m), p.B * p.H),
+        (q, k, v, out, lse, pad_ptr, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *pad_strides,
+         p.H, p.N, p.M, p.d, p.group, p.scale * _LOG2E, p.causal_offset or 0),
+        dict(IS_CAUSAL=p.causal_offset is not None, HAS_PAD=pad is not None, EVEN_D=p.d == cfg.block_d,
+             BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=cfg.block_d, **_opts(t)),
+    )
+
+
+def _bwd_launches(q, k, v, out, d_out, lse, delta, pad, dq, dk, dv, p: Problem, cfg: Config) -> list[Launch]:
+    pad_ptr, *pad_strides = _pad_args(pad, lse)
+    flags = dict(IS_CAUSAL=p.causal_offset is not None, HAS_PAD=pad is not None, EVEN_D=p.d == cfg.block_d,
+                 BLOCK_D=cfg.block_d)
+    scales = (p.scale * _LOG2E, p.scale, p.causal_offset or 0)
+    pre, dkdv, dqt = cfg.preprocess, cfg.dkdv, cfg.dq
+    return [
+        Launch(_bwd_preprocess, (triton.cdiv(p.N, pre.block_m), p.B * p.H),
+               (out, d_out, delta, *out.stride(), *d_out.stride(), p.H, p.N, p.d),
+               dict(EVEN_D=p.d == cfg.block_d, BLOCK_M=pre.block_m, BLOCK_D=cfg.block_d, **_opts(pre))),
+        Launch(_bwd_dkdv_kernel, (triton.cdiv(p.M, dkdv.block_n), p.B * p.Hkv),
+               (q, k, v, d_out, lse, delta, pad_ptr, dk, dv,
+                *q.stride(), *k.stride(), *v.stride(), *d_out.stride(), *pad_strides, *dk.stride(), *dv.stride(),
+                p.H, p.Hkv, p.N, p.M, p.d, p.group, *scales),
+               dict(BLOCK_M=dkdv.block_m, BLOCK_N=dkdv.block_n, **flags, **_opts(dkdv))),
+        Launch(_bwd_dq_kernel, (triton.cdiv(p.N, dqt.block_m), p.B * p.H),
+               (q, k, v, d_out, lse, delta, pad_ptr, dq,
+                *q.stride(), *k.stride(), *v.stride(), *d_out.stride(), *pad_strides, *dq.stride(),
+                p.H, p.N, p.M, p.d, p.group, *scales),
+               dict(BLOCK_M=dqt.block_m, BLOCK_N=dqt.block_n, **flags, **_opts(dqt))),
+    ]
+
+
+def launches(p: Problem, dtype: torch.dtype, has_pad: bool, capability: tuple[int, int]) -> list[Launch]:
+    """The four launches of one forward and backward at `p`, on tensors of the "meta" device (shapes, strides and
+    dtypes without data), as the autograd function would make them on a GPU of compute `capability`."""
+    cfg = config(p.d, dtype, capability)
+    q, out, dq, d_out = (torch.empty(p.B, p.H, p.N, p.d, dtype=dtype, device="meta") for _ in range(4))
+    k, v, dk, dv = (torch.empty(p.B, p.Hkv, p.M, p.d, dtype=dtype, device="meta") for _ in range(4))
+    lse, delta = (torch.empty(p.B, p.H, p.N, dtype=torch.float32, device="meta") for _ in range(2))
+    pad = torch.empty(p.B, p.M, dtype=torch.int8, device="meta") if has_pad else None
+    return [_fwd_launch(q, k, v, out, lse, pad, p, cfg),
+            *_bwd_launches(q, k, v, out, d_out, lse, delta, pad, dq, dk, dv, p, cfg)]
+
+
+def _capability(t: Tensor) -> tuple[int, int] | None:
+    return torch.cuda.get_device_capability(t.device) if t.is_cuda else None
 
 
 class TritonAttention(torch.autograd.Function):
@@ -312,19 +453,11 @@ class TritonAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, pad, problem: Problem):
         p = problem
-        cfg = _config(p, q.dtype)
         out = torch.empty(p.B, p.H, p.N, p.d, dtype=q.dtype, device=q.device)  # (B, H, N, d)
         lse = torch.empty(p.B, p.H, p.N, dtype=torch.float32, device=q.device)  # (B, H, N)
-        pad_arg, pad_strides = (pad, pad.stride()) if pad is not None else (lse, (0, 0))
-        grid = (triton.cdiv(p.N, cfg["BLOCK_M"]), p.B * p.H)
         if lse.numel() > 0:
             with _device(q):
-                _fwd_kernel[grid](
-                    q, k, v, out, lse, pad_arg,
-                    *_strides(q), *_strides(k), *_strides(v), *_strides(out), *pad_strides,
-                    p.H, p.N, p.M, p.d, p.group, p.scale * _LOG2E, p.causal_offset or 0,
-                    IS_CAUSAL=p.causal_offset is not None, HAS_PAD=pad is not None, **cfg,
-                )
+                _fwd_launch(q, k, v, out, lse, pad, p, config(p.d, q.dtype, _capability(q))).run()
         ctx.save_for_backward(q, k, v, out, lse, pad)
         ctx.problem = p
         ctx.mark_non_differentiable(lse)
@@ -335,7 +468,6 @@ class TritonAttention(torch.autograd.Function):
     def backward(ctx, d_out, _d_lse):
         q, k, v, out, lse, pad = ctx.saved_tensors
         p: Problem = ctx.problem
-        cfg = _config(p, q.dtype)
         dq = torch.empty_like(q)
         dk = torch.empty_like(k)
         dv = torch.empty_like(v)
@@ -343,26 +475,10 @@ class TritonAttention(torch.autograd.Function):
             return dq.zero_(), dk.zero_(), dv.zero_(), None, None
         d_out = d_out.contiguous() if d_out.stride(-1) != 1 else d_out
         delta = torch.empty_like(lse)  # (B, H, N)
-        pad_arg, pad_strides = (pad, pad.stride()) if pad is not None else (lse, (0, 0))
-        flags = dict(IS_CAUSAL=p.causal_offset is not None, HAS_PAD=pad is not None)
+        cfg = config(p.d, q.dtype, _capability(q))
         with _device(q):
-            _bwd_preprocess[(triton.cdiv(p.N, cfg["BLOCK_M"]), p.B * p.H)](
-                out, d_out, delta, *_strides(out), *_strides(d_out), p.H, p.N, p.d,
-                BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
-            )
-            _bwd_dkdv_kernel[(triton.cdiv(p.M, cfg["BLOCK_N"]), p.B * p.Hkv)](
-                q, k, v, d_out, lse, delta, pad_arg, dk, dv,
-                *_strides(q), *_strides(k), *_strides(v), *_strides(d_out), *pad_strides,
-                *_strides(dk), *_strides(dv),
-                p.H, p.Hkv, p.N, p.M, p.d, p.group, p.scale * _LOG2E, p.scale, p.causal_offset or 0,
-                **flags, **cfg,
-            )
-            _bwd_dq_kernel[(triton.cdiv(p.N, cfg["BLOCK_M"]), p.B * p.H)](
-                q, k, v, d_out, lse, delta, pad_arg, dq,
-                *_strides(q), *_strides(k), *_strides(v), *_strides(d_out), *pad_strides, *_strides(dq),
-                p.H, p.N, p.M, p.d, p.group, p.scale * _LOG2E, p.scale, p.causal_offset or 0,
-                **flags, **cfg,
-            )
+            for launch in _bwd_launches(q, k, v, out, d_out, lse, delta, pad, dq, dk, dv, p, cfg):
+                launch.run()
         return dq, dk, dv, None, None
 
 

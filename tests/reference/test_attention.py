@@ -9,11 +9,11 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reference.attention import attention
+from reference.attention import attention, attention_varlen, visible_keys
 
 
-def _textbook(q, k, v, keep, scale):
-    """softmax(QKᵀ·scale) V one (b, h, i) at a time, over the keys `keep` allows; zeros for a row with none."""
+def _textbook(q, k, v, keep, scale, cap=0.0):
+    """softmax(cap(QKᵀ·scale)) V one (b, h, i) at a time, over the keys `keep` allows; zeros for a row with none."""
     B, H, N, d = q.shape
     G = H // k.shape[1]
     out = torch.zeros_like(q)
@@ -25,6 +25,8 @@ def _textbook(q, k, v, keep, scale):
                 if not js:
                     continue
                 scores = torch.stack([q[b, h, i] @ k[b, h // G, j] * scale for j in js])
+                if cap:
+                    scores = cap * torch.tanh(scores / cap)
                 weights = torch.exp(scores - scores.max())
                 out[b, h, i] = sum(w * v[b, h // G, j] for w, j in zip(weights / weights.sum(), js, strict=True))
                 lse[b, h, i] = scores.max() + torch.log(weights.sum())
@@ -162,3 +164,116 @@ def _bad_inputs():
 def test_bad_input_raises_value_error_naming_the_argument(message, args, kwargs):
     with pytest.raises(ValueError, match=message):
         attention(*args, **kwargs)
+
+
+windows = st.tuples(st.integers(-1, 9), st.integers(-1, 9))
+
+
+@settings(max_examples=15, deadline=None)
+@given(N=st.integers(1, 8), M=st.integers(1, 8), is_causal=st.booleans(),
+       alignment=st.sampled_from(["top_left", "bottom_right"]), window=windows,
+       cap=st.sampled_from([0.0, 0.5, 3.0]), seed=st.integers(0, 2**16))
+def test_windows_and_softcap_match_the_textbook_formula(N, M, is_causal, alignment, window, cap, seed):
+    gen = torch.Generator().manual_seed(seed)
+    q = 4 * torch.randn(1, 2, N, 3, generator=gen, dtype=torch.float64)  # large scores: softcap matters
+    k = torch.randn(1, 1, M, 3, generator=gen, dtype=torch.float64)
+    v = torch.randn(1, 1, M, 3, generator=gen, dtype=torch.float64)
+    off = 0 if alignment == "top_left" else M - N
+    left, right = window
+
+    def keep(b, i, j):  # flash-attn's docstring: keys [i + off - left, i + off + right], causal = right 0
+        return ((left < 0 or j >= i + off - left) and (right < 0 or j <= i + off + right)
+                and (not is_causal or j <= i + off))
+
+    out, lse = attention(q, k, v, is_causal=is_causal, causal_alignment=alignment, window_size=window,
+                         softcap=cap, return_lse=True)
+    want_out, want_lse = _textbook(q, k, v, keep, 1 / math.sqrt(3), cap)
+    torch.testing.assert_close(out, want_out)
+    torch.testing.assert_close(lse, want_lse)
+
+
+def test_the_causal_masks_of_flash_attns_docstring():
+    # flash_attn_varlen_func's docstring: seqlen_q = 2, seqlen_k = 5 and seqlen_q = 5, seqlen_k = 2
+    assert visible_keys(2, 5, is_causal=True, causal_alignment="bottom_right").int()[0, 0].tolist() == [
+        [1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
+    assert visible_keys(5, 2, is_causal=True, causal_alignment="bottom_right").int()[0, 0].tolist() == [
+        [0, 0], [0, 0], [0, 0], [1, 0], [1, 1]]
+    # window (1, 0): the diagonal key and one to its left
+    assert visible_keys(3, 3, is_causal=False, window_size=(1, 0)).int()[0, 0].tolist() == [
+        [1, 0, 0], [1, 1, 0], [0, 1, 1]]
+
+
+def test_softcap_caps_large_scores_and_its_gradient_is_tanhs():
+    q = torch.randn(1, 1, 3, 2, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 1, 4, 2, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, 1, 4, 2, dtype=torch.float64, requires_grad=True)
+    fn = lambda q, k, v: attention(q, k, v, softcap=0.7, window_size=(1, 1))  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (q * 50, k, v))  # scores ~ 50: deep in tanh's saturation
+    _, lse = attention(q * 1e4, k, v, softcap=2.0, return_lse=True)
+    assert lse.max() <= 2.0 + math.log(4)  # every capped score < 2
+
+
+@settings(max_examples=12, deadline=None)
+@given(lengths=st.lists(st.sampled_from([0, 1, 2, 3, 5, 7]), min_size=1, max_size=5),
+       extra=st.lists(st.integers(0, 3), min_size=5, max_size=5), is_causal=st.booleans(), window=windows,
+       cap=st.sampled_from([0.0, 1.0]), seed=st.integers(0, 2**16))
+def test_varlen_is_each_document_on_its_own(lengths, extra, is_causal, window, cap, seed):
+    lengths_k = [n + e for n, e in zip(lengths, extra, strict=False)]
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(sum(lengths), 4, 3, generator=gen, dtype=torch.float64)  # (total_q, H, d)
+    k = torch.randn(sum(lengths_k), 2, 3, generator=gen, dtype=torch.float64)  # (total_k, Hkv, d)
+    v = torch.randn(sum(lengths_k), 2, 3, generator=gen, dtype=torch.float64)
+    cu_q, cu_k = (torch.tensor([0, *torch.tensor(n).cumsum(0).tolist()], dtype=torch.int32)
+                  for n in (lengths, lengths_k))
+    doc_q = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))  # document of each row
+    doc_k = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths_k))
+    left, right = window
+
+    def keep(b, i, j):  # same document; causal and window bottom-right aligned within it
+        d = int(doc_q[i])
+        if int(doc_k[j]) != d:
+            return False
+        i, j, off = i - int(cu_q[d]), j - int(cu_k[d]), lengths_k[d] - lengths[d]
+        return ((left < 0 or j >= i + off - left) and (right < 0 or j <= i + off + right)
+                and (not is_causal or j <= i + off))
+
+    out, lse = attention_varlen(q, k, v, cu_q, cu_k, max(lengths), max(lengths_k), is_causal=is_causal,
+                                window_size=window, softcap=cap, return_lse=True)
+    as_batch = lambda t: t.transpose(0, 1).unsqueeze(0)  # noqa: E731  (total, H, d) -> (1, H, total, d)
+    want_out, want_lse = _textbook(as_batch(q), as_batch(k), as_batch(v), keep, 1 / math.sqrt(3), cap)
+    torch.testing.assert_close(out, want_out[0].transpose(0, 1))
+    torch.testing.assert_close(lse, want_lse[0])  # (H, total_q), flash-attn's layout
+
+
+def _bad_varlen():
+    q, k = torch.randn(6, 2, 4), torch.randn(7, 1, 4)
+    cu_q, cu_k = torch.tensor([0, 2, 6], dtype=torch.int32), torch.tensor([0, 3, 7], dtype=torch.int32)
+    return [
+        ("cu_seqlens_q must be a 1-D int32", (q, k, k, cu_q.long(), cu_k, 4, 4), {}),
+        ("cu_seqlens_k must start at 0", (q, k, k, cu_q, torch.tensor([1, 3, 7], dtype=torch.int32), 4, 4), {}),
+        ("cu_seqlens_q must start at 0, never decrease", (q, k, k, torch.tensor([0, 4, 3, 6], dtype=torch.int32),
+                                                           torch.tensor([0, 3, 5, 7], dtype=torch.int32), 4, 4), {}),
+        ("end at the packed length 6", (q, k, k, torch.tensor([0, 2, 5], dtype=torch.int32), cu_k, 4, 4), {}),
+        ("max_seqlen_q must be an int >= the longest document \\(4\\)", (q, k, k, cu_q, cu_k, 3, 4), {}),
+        ("same documents", (q, k, k, cu_q, torch.tensor([0, 7], dtype=torch.int32), 4, 7), {}),
+        ("packed \\(total, heads, d\\)", (q[None], k, k, cu_q, cu_k, 4, 4), {}),
+        ("window_size must be", (q, k, k, cu_q, cu_k, 4, 4), {"window_size": (-2, 0)}),
+        ("softcap must be a finite number >= 0", (q, k, k, cu_q, cu_k, 4, 4), {"softcap": -1.0}),
+    ]
+
+
+@pytest.mark.parametrize("message, args, kwargs", _bad_varlen(), ids=[b[0][:30] for b in _bad_varlen()])
+def test_bad_varlen_input_raises_value_error_naming_the_argument(message, args, kwargs):
+    with pytest.raises(ValueError, match=message):
+        attention_varlen(*args, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, message", [({"window_size": (3,)}, "window_size must be"),
+                                             ({"window_size": (0, -5)}, "window_size must be"),
+                                             ({"window_size": (1.5, 0)}, "window_size must be"),
+                                             ({"softcap": float("inf")}, "softcap must be"),
+                                             ({"softcap": -0.5}, "softcap must be")])
+def test_bad_window_or_softcap_raises(kwargs, message):
+    q = torch.randn(1, 2, 4, 8)
+    with pytest.raises(ValueError, match=message):
+        attention(q, q, q, **kwargs)

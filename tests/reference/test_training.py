@@ -85,7 +85,7 @@ def test_data_structure_and_determinism():
         (lambda: split_batch((torch.zeros(6, 4), torch.zeros(6, 4)), 4), "batch size 6 must be divisible"),
         (lambda: split_batch((torch.zeros(6, 4), torch.zeros(6, 4)), 0), "accumulation_steps must be >= 1"),
         (lambda: make_batches(1, batch_size=2, seq_len=8, vocab_size=9, task="sort"), "task must be one of"),
-        (lambda: make_batches(1, batch_size=2, seq_len=8, vocab_size=2), "vocab_size must exceed 2"),
+        (lambda: make_batches(1, batch_size=2, seq_len=8, vocab_size=2), "vocab_size must be an integer >= 3"),
     ],
 )
 def test_bad_input_is_refused(call, message):
