@@ -12,7 +12,7 @@ import sys
 
 from rich.console import Console
 
-from conformance.flags import Parser, fraction, positive_float, positive_int, run, writable_file
+from conformance.flags import Parser, fraction, parse, positive_float, positive_int, writable_file
 from conformance.plan.model import (
     CHECKPOINTING,
     GB,
@@ -212,7 +212,7 @@ def _build(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[W
 def main(argv: list[str] | None = None) -> int:
     """`python -m conformance plan ...`: print (and optionally write as JSON) a plan. 0 on success, 2 on bad input."""
     p = parser()
-    args = run(p, argv)
+    args = parse(p, argv)
     if isinstance(args, int):
         return args
     try:
