@@ -11,13 +11,10 @@ triton = pytest.importorskip("triton", reason="triton is not installed")
 from conformance import triton_build as tb  # noqa: E402
 from optimized.attention import triton as kernels  # noqa: E402
 
-SUBSET = (tb.specs(full=False, dtypes=("bfloat16",))
-          + tb.specs(full=False, dtypes=("float16", "float32"), block_ds=(128,)))
-
 
 @pytest.fixture(scope="module")
 def builds():
-    return tb.build_all(SUBSET, workers=2)
+    return tb.build_all(tb.quick_specs(), workers=2)
 
 
 def test_every_kernel_and_head_dim_builds_for_ampere_and_hopper_without_spilling(builds):
