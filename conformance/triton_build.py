@@ -25,6 +25,7 @@ interpreter off even when the caller has it on); Triton's cache (~/.triton/cache
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import multiprocessing
 import os
@@ -113,6 +114,14 @@ def specs(*, full: bool = True, archs: tuple[int, ...] = ARCHS, dtypes: tuple[st
     return out
 
 
+def quick_specs() -> list[Spec]:
+    """The CI subset: every kernel, architecture and padded head dim in bfloat16 with both masks on (the most live
+    values), plus float16 and float32 at d=128 (56 builds; the test suite and the quick report row share them, so
+    the second finds them in Triton's cache)."""
+    return (specs(full=False, dtypes=("bfloat16",))
+            + specs(full=False, dtypes=("float16", "float32"), block_ds=(128,)))
+
+
 def build_all(todo: list[Spec], *, workers: int | None = None) -> list[Build]:
     """Build every Spec in worker processes (default: one per CPU), in order."""
     if workers is not None and workers < 1:
@@ -120,7 +129,7 @@ def build_all(todo: list[Spec], *, workers: int | None = None) -> list[Build]:
     workers = workers or os.cpu_count() or 1
     ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked CUDA or thread state
     with ProcessPoolExecutor(min(workers, max(1, len(todo))), mp_context=ctx, initializer=_worker_init) as pool:
-        return list(pool.map(build, todo))
+        return [judge(b) for b in pool.map(build, todo)]
 
 
 def _worker_init() -> None:
@@ -129,7 +138,8 @@ def _worker_init() -> None:
 
 
 def build(spec: Spec) -> Build:
-    """Compile one Spec with the installed Triton and read what it uses. Needs Triton's interpreter off."""
+    """Compile one Spec with the installed Triton and read what it uses (`judge` says whether it passes). Needs
+    Triton's interpreter off."""
     import torch
     import triton
     from triton.backends.compiler import GPUTarget
@@ -162,14 +172,12 @@ def build(spec: Spec) -> Build:
                                   options=options.__dict__)
     except Exception as e:  # noqa: BLE001 - a compile error is a result to report, whatever its type
         first = str(e).strip().splitlines()
-        return Build(spec, tiles, error=f"{type(e).__name__}: {first[0] if first else ''}"[:300],
-                     problems=("compile error",))
+        return Build(spec, tiles, error=f"{type(e).__name__}: {first[0] if first else ''}"[:300])
     seconds = time.perf_counter() - start
     usage = _resource_usage(compiled.asm["cubin"], os.path.dirname(triton.__file__))
     ptx = compiled.asm["ptx"]
     mma = "wgmma" if "wgmma.mma_async" in ptx else "mma" if "mma.sync" in ptx else "none"
-    found = Build(spec, tiles, usage["REG"], usage["STACK"], usage["LOCAL"], compiled.metadata.shared, mma, seconds)
-    return Build(**{**found.__dict__, "problems": _problems(found)})
+    return Build(spec, tiles, usage["REG"], usage["STACK"], usage["LOCAL"], compiled.metadata.shared, mma, seconds)
 
 
 def _resource_usage(cubin: bytes, triton_dir: str) -> dict[str, int]:
@@ -185,7 +193,14 @@ def _resource_usage(cubin: bytes, triton_dir: str) -> dict[str, int]:
     return usage
 
 
+def judge(b: Build) -> Build:
+    """`b` with its `problems` filled in by the rules of this module (in the caller's process, with its limits)."""
+    return dataclasses.replace(b, problems=_problems(b))
+
+
 def _problems(b: Build) -> tuple[str, ...]:
+    if b.error is not None:
+        return ("compile error",)
     out = []
     limit = SHARED_LIMIT[b.spec.arch]
     if b.shared > limit:
@@ -229,30 +244,29 @@ def summary(builds: list[Build]) -> dict[str, float]:
     return out
 
 
-def report_row(out_dir, *, full: bool, workers: int | None = None):
-    """One row for the `attention` check: build `specs(full=full)`, write the table to out_dir/triton_build.txt,
-    and return a Result whose `error` lists the failing builds (None when all pass)."""
+def report_row(spec, ctx, *, workers: int | None = None):
+    """One row of a check (`spec`, a conformance.checks.CheckSpec): build every variant (`specs()`) or, when
+    ctx.quick, `quick_specs()`; write the table to ctx.out_dir/triton_build.txt; the row's `error` lists the failing
+    builds (None when all pass). The builds run on the CPU whatever ctx.device is."""
     import triton
 
-    from conformance.result import Metric, Result
+    from conformance.result import Metric
 
     start = time.perf_counter()
-    builds = build_all(specs(full=full), workers=workers)
+    builds = build_all(quick_specs() if ctx.quick else specs(), workers=workers)
     seconds = time.perf_counter() - start
     bad = failures(builds)
-    path = os.path.join(out_dir, "triton_build.txt")
-    os.makedirs(out_dir, exist_ok=True)
-    with open(path, "w") as f:
+    os.makedirs(ctx.out_dir, exist_ok=True)
+    with open(os.path.join(ctx.out_dir, "triton_build.txt"), "w") as f:
         f.write(table(builds) + "\n")
-    numbers = summary(builds)
-    scope = "every variant" if full else "causal + padded"
-    metrics = [Metric(name, value, "bytes" if "bytes" in name else "count") for name, value in numbers.items()]
+    scope = "bf16 at every head dim, fp16 / fp32 at d=128, causal + padded" if ctx.quick else "every variant"
+    metrics = [Metric(name, value, "bytes" if "bytes" in name else "count") for name, value in summary(builds).items()]
     metrics.append(Metric("build time, wall clock", seconds, "s"))
-    return Result(
-        check="attention", name=f"Triton kernels built ahead of time for {', '.join(f'sm_{a}' for a in ARCHS)}",
-        technique="FlashAttention", reference="no spills at half precision; shared memory within the chip",
-        optimized="optimized.attention.triton kernels", device="cpu", metrics=metrics,
-        notes=f"triton {triton.__version__}; {len(builds)} builds ({scope}) in {seconds:.0f} s on "
-              f"{os.cpu_count()} CPUs; table in triton_build.txt",
-        error=("builds failing: " + " | ".join(bad)) if bad else None,
+    return spec.row(
+        ctx, f"Triton kernels built ahead of time for {', '.join(f'sm_{a}' for a in ARCHS)}",
+        optimized="optimized.attention.triton (its kernels at the tiles config() picks)", device="cpu",
+        metrics=metrics, error=("builds failing: " + " | ".join(bad)) if bad else None,
+        notes=f"triton {triton.__version__}; {len(builds)} builds ({scope}) in {seconds:.0f} s on {os.cpu_count()} "
+              "CPUs; fails on a compile error, shared memory over the chip's limit or a stack frame at fp16 / bf16; "
+              "table in triton_build.txt",
     )

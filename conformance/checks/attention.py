@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
 import itertools
 import warnings
 from collections.abc import Callable
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from conformance import triton_build
 from conformance.checks import CheckSpec, Context
 from conformance.claims import Verdict
 from conformance.figure import Figure, Panel, Series
@@ -693,4 +695,6 @@ def run(ctx: Context) -> list[Result]:
     speed_n = lengths[-2] if ctx.device.type == "cpu" and ctx.quick else lengths[-1]
     rows.append(_speed_row(ctx, w, impls, speed_n))
     rows.append(_packing_row(ctx, w))
+    if importlib.util.find_spec("triton") is not None:  # the Triton kernels compiled for sm_80 / sm_90, no GPU needed
+        rows.append(triton_build.report_row(SPEC, ctx))
     return rows
