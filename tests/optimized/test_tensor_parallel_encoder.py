@@ -2,9 +2,10 @@
 an nn.MultiheadAttention with a bare in_proj_weight), parallelised with the ready plan (`parallelize(model)` ->
 transformer_encoder_plan: self_attn "mha", linear1 colwise, linear2 rowwise) on 2 and 3 gloo ranks against the same
 model in one process, float64: the logits and every all-gathered gradient, with the causal mask and a key padding
-mask, batch_first True and False, post- and pre-norm layers; in eval under no_grad (where torch's fused encoder paths
-would run on the dense model); the attention alone with a per-head 3-D bool mask and cross-attention. Bad input: heads
-not divisible by the TP degree, need_weights=True, the style on a module that is not an nn.MultiheadAttention."""
+mask, batch_first True and False, post- and pre-norm layers; a differently initialised parallel model loading the
+unsplit state dict; eval under no_grad (where torch's fused and nested-tensor encoder paths run on the dense model);
+the attention alone with a per-head 3-D bool mask and cross-attention. Bad input: heads not divisible by the TP
+degree, need_weights=True, the style on a module that is not an nn.MultiheadAttention or with its children planned."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from conformance.launch import spawn
-from optimized.tensor_parallel import ParallelMultiheadAttention, gather_full, parallelize, plan_for
+from optimized.tensor_parallel import ParallelMultiheadAttention, gather_full, load_full, parallelize, plan_for
 
 TIMEOUT = 120.0
 VOCAB = 40
@@ -25,10 +26,11 @@ VOCAB = 40
 class EncoderLM(nn.Module):
     """A causal LM on torch's nn.TransformerEncoder: embedding, causal encoder, head (biases everywhere)."""
 
-    def __init__(self, heads: int = 6, width: int = 24, batch_first: bool = True, norm_first: bool = False) -> None:
+    def __init__(self, heads: int = 6, width: int = 24, batch_first: bool = True, norm_first: bool = False,
+                 seed: int = 0) -> None:
         super().__init__()
-        torch.manual_seed(0)
-        self.batch_first = batch_first
+        torch.manual_seed(seed)
+        self.batch_first, self.norm_first = batch_first, norm_first
         self.embed = nn.Embedding(VOCAB, width)
         layer = nn.TransformerEncoderLayer(width, nhead=heads, dim_feedforward=36, dropout=0.0,
                                            batch_first=batch_first, norm_first=norm_first)
@@ -59,9 +61,11 @@ def _inputs() -> tuple[torch.Tensor, torch.Tensor]:
 
 def _train_errors(dense: nn.Module) -> dict[str, float]:
     tp = parallelize(copy.deepcopy(dense))
+    fresh = parallelize(EncoderLM(batch_first=dense.batch_first, norm_first=dense.norm_first, seed=5).double())
+    load_full(fresh, dense.state_dict())  # a checkpoint of the unsplit model, by its own names
+    errors = {f"load_full:{n}": (p - dense.get_parameter(n)).abs().max().item() for n, p in gather_full(fresh).items()}
     idx, pad = _inputs()
     weights = torch.randn(3, 7, VOCAB, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    errors = {}
     for kpm in (None, pad):
         dense.zero_grad()
         tp.zero_grad()
