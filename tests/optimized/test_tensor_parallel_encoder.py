@@ -14,6 +14,8 @@ import copy
 import pytest
 import torch
 import torch.distributed as dist
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from conformance.launch import spawn
@@ -125,6 +127,72 @@ def test_encoder_lm_equals_one_process(world_size):
     for rank, errors in enumerate(spawn(_worker, world_size, timeout=TIMEOUT)):
         bad = {k: e for k, e in errors.items() if not e < 1e-10}
         assert not bad and len(errors) > 40, f"rank {rank}: {bad}"
+
+
+def _attention_worker(heads_per_rank: int, head_dim: int, B: int, T: int, S: int, batch_first: bool, mask: str,
+                      bias: bool) -> dict[str, float]:
+    """ParallelMultiheadAttention alone vs nn.MultiheadAttention: output, input and parameter gradients; and built
+    from scratch, its shards are the slices of the whole layer drawn from the same seed."""
+    t, rank = dist.get_world_size(), dist.get_rank()
+    H = heads_per_rank * t
+    E = H * head_dim
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(E, H, bias=bias, batch_first=batch_first).double()
+    with torch.no_grad():
+        for p in mha.parameters():
+            if p.dim() == 1:
+                p.normal_()
+    par = ParallelMultiheadAttention.from_dense(mha)
+    q = torch.randn(B, T, E, dtype=torch.float64, requires_grad=True)
+    kv = q if S == T else torch.randn(B, S, E, dtype=torch.float64, requires_grad=True)
+    kw = {"causal": dict(attn_mask=nn.Transformer.generate_square_subsequent_mask(T, dtype=torch.float64),
+                         is_causal=True),
+          "bool2d": dict(attn_mask=(torch.rand(T, S) < 0.5).index_fill(1, torch.tensor([0]), False)),
+          "float3d": dict(attn_mask=torch.randn(B * H, T, S, dtype=torch.float64)),
+          "padding": dict(key_padding_mask=(torch.rand(B, S) < 0.5).index_fill(1, torch.tensor([0]), False)),
+          "none": {}}[mask]
+    weight = torch.randn(B, T, E, dtype=torch.float64)
+    errors, grads = {}, {}
+    for name, module in (("dense", mha), ("parallel", par)):
+        x, mem = (q, kv) if batch_first else (q.transpose(0, 1), kv.transpose(0, 1))
+        y = module(x, mem, mem, need_weights=False, **kw)[0]
+        y = y if batch_first else y.transpose(0, 1)  # (B, T, E)
+        (y * weight).sum().backward()
+        grads[name] = {"output": y.detach(), "query grad": q.grad.clone(), "key grad": kv.grad.clone()}
+        q.grad = kv.grad = None
+    grads["parallel"].update({f"{n} grad": g for n, g in gather_full(par, grads=True).items()})
+    grads["dense"].update({f"{n} grad": p.grad for n, p in mha.named_parameters()})
+    for name, want in grads["dense"].items():
+        errors[name] = ((grads["parallel"][name] - want).abs().max() / want.abs().max().clamp(min=1e-300)).item()
+    single = dist.new_group([rank])
+    whole = gather_full(ParallelMultiheadAttention(E, H, bias, seed=3, process_group=single))
+    for name, p in gather_full(ParallelMultiheadAttention(E, H, bias, seed=3)).items():
+        errors[f"init {name}"] = (p - whole[name]).abs().max().item()
+    return errors
+
+
+@settings(max_examples=2, deadline=None)
+@given(
+    world_size=st.sampled_from([2, 3]),
+    heads_per_rank=st.integers(1, 2),
+    head_dim=st.integers(1, 4),
+    B=st.integers(1, 3),
+    T=st.integers(1, 5),
+    S=st.integers(1, 5),
+    batch_first=st.booleans(),
+    mask=st.sampled_from(["none", "causal", "bool2d", "float3d", "padding"]),
+    bias=st.booleans(),
+)
+@example(world_size=3, heads_per_rank=2, head_dim=3, B=2, T=4, S=4, batch_first=False, mask="float3d", bias=True)
+@example(world_size=2, heads_per_rank=1, head_dim=2, B=3, T=3, S=5, batch_first=True, mask="padding", bias=False)
+def test_attention_equals_nn_multihead_attention(world_size, heads_per_rank, head_dim, B, T, S, batch_first, mask,
+                                                 bias):
+    S = T if mask == "causal" else S  # the causal mask is square
+    errors = spawn(_attention_worker, world_size, heads_per_rank, head_dim, B, T, S, batch_first, mask, bias,
+                   timeout=TIMEOUT)
+    for rank, errs in enumerate(errors):
+        bad = {k: e for k, e in errs.items() if not e < 1e-10}
+        assert not bad and len(errs) >= 6, f"rank {rank}: {bad}"
 
 
 def _bad_input_worker() -> list[str]:
