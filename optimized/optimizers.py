@@ -52,17 +52,17 @@ def param_groups(
     return [g for g in groups if g["params"]]
 
 
-def _params(model: Any) -> list[Any]:
+def _params(model: Any, name: str = "model", allowed: str = "an nn.Module, or ") -> list[Any]:
     """model as a list of parameters or param-group dicts (what torch.optim.Optimizer takes), checked."""
     if isinstance(model, (Tensor, str, bytes)) or not isinstance(model, Iterable):
-        raise check.fail("model", model, "an nn.Module, or an iterable of parameters or param-group dicts")
+        raise check.fail(name, model, f"{allowed}an iterable of parameters or param-group dicts")
     groups = list(model)
     for i, g in enumerate(groups):
         if isinstance(g, dict) and "params" in g:
             # Listed once here, so a generator of parameters is not used up before torch reads it.
-            groups[i] = {**g, "params": check.tensors(f"model[{i}]['params']", g["params"])}
+            groups[i] = {**g, "params": check.tensors(f"{name}[{i}]['params']", g["params"])}
         elif not isinstance(g, Tensor):
-            raise check.ArgumentError(f"model must hold parameters or param-group dicts with a 'params' entry, got "
+            raise check.ArgumentError(f"{name} must hold parameters or param-group dicts with a 'params' entry, got "
                                       f"{g!r} at position {i}")
     return groups
 
@@ -156,7 +156,7 @@ class Lion(torch.optim.Optimizer):
         lr = check.real("lr", lr, minimum=0.0)
         betas = check.pair("betas", betas, minimum=0.0, maximum=1.0, max_open=True)
         weight_decay = check.real("weight_decay", weight_decay, minimum=0.0)
-        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay))
+        super().__init__(_params(params, "params", ""), dict(lr=lr, betas=betas, weight_decay=weight_decay))
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:

@@ -28,10 +28,10 @@ FIRST_CONTENT = 2
 TASKS = ("copy", "reverse", "modadd")
 
 
-def _integer(name: str, value: Any, minimum: int, why: str = "") -> int:
+def _integer(name: str, value: Any, minimum: int, allowed: str = "") -> int:
     """An int (not a bool, not a float such as 2.0) >= minimum, or an error naming the argument."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}{why}, got {value!r}")
+        raise ValueError(f"{name} must {allowed or f'be an integer >= {minimum}'}, got {value!r}")
     return value
 
 
@@ -46,8 +46,9 @@ def make_batch(
 ) -> tuple[Tensor, Tensor]:
     """One batch: idx (B, T) int64 and targets (B, T) int64 with IGNORE_INDEX where nothing is scored."""
     _integer("batch_size", batch_size, 1)
-    _integer("seq_len", seq_len, 2, " (content, SEP, answer)")
-    _integer("vocab_size", vocab_size, FIRST_CONTENT + 1, f" (ids 0..{FIRST_CONTENT - 1} are PAD and SEP)")
+    _integer("seq_len", seq_len, 2, "be an integer >= 2 (content, SEP, answer)")
+    _integer("vocab_size", vocab_size, FIRST_CONTENT + 1,
+             f"be an integer >= {FIRST_CONTENT + 1} (ids 0..{FIRST_CONTENT - 1} are PAD and SEP)")
     if not isinstance(generator, torch.Generator) or generator.device.type != "cpu":
         raise ValueError(f"generator must be a CPU torch.Generator, got {generator!r}")
     if not isinstance(task, str) or task not in TASKS:

@@ -240,6 +240,11 @@ def test_lion_refuses_bad_arguments(kwargs, argument, shown):
     _refused(lambda: Lion(torch.nn.Linear(2, 2).parameters(), **kwargs), argument, shown)
 
 
+@pytest.mark.parametrize("params, shown", [(None, None), (3, 3), ([1.0], 1.0)])
+def test_lion_refuses_what_is_not_parameters(params, shown):
+    _refused(lambda: Lion(params), "params", shown)
+
+
 @pytest.mark.parametrize("args, argument, shown", [
     ((None, 0.1), "model", None), ((torch.nn.Linear(2, 2), None), "weight_decay", None),
     ((torch.nn.Linear(2, 2), True), "weight_decay", True), ((torch.nn.Linear(2, 2), 0.1, "x"), "no_decay", "x"),
