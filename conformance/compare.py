@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from conformance.flags import Parser, positive_float, run
+from conformance.flags import Parser, parse, positive_float
 
 DOES_NOT_HOLD = "does not hold"
 
@@ -108,7 +108,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    args = run(parser, argv)
+    args = parse(parser, argv)
     if isinstance(args, int):
         return args
     try:

@@ -82,7 +82,7 @@ def writable_file(text: str) -> Path:
     return path
 
 
-def run(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace | int:
+def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace | int:
     """parse_args, with --help and errors returned as an exit status instead of raised (for `main() -> int`)."""
     try:
         return parser.parse_args(sys.argv[1:] if argv is None else argv)

@@ -21,7 +21,8 @@ optimized.data_parallel.DataParallel) AVERAGES gradients over the group: the ave
 is sum over all tokens / n. `no_sync` (e.g. `ddp.no_sync`) wraps the backward of every micro-batch but the last,
 so the gradients are all-reduced once per batch instead of once per micro-batch.
 
-    loss = accumulate_gradients(ddp_model, split(batch, 4), no_sync=ddp_model.no_sync, process_group=None or pg)
+    micro_batches = list(zip(idx.chunk(4), targets.chunk(4)))  # 4 micro-batches of (idx, targets)
+    loss = accumulate_gradients(ddp_model, micro_batches, no_sync=ddp_model.no_sync, process_group=None or pg)
     loss = accumulate_gradients(hf_model, micro_batches, loss_fn=causal_lm_loss)
     opt.step()
 """

@@ -71,15 +71,9 @@ def apply_activation_checkpointing(
     blocks = _select_blocks(model, layers)
     targets: list[tuple[str, nn.Module]] = []
     for name, block in blocks:
-        if _is_checkpointed(block):
+        if _is_checkpointed(block) or any(_core_is_checkpointed(m) for m in block.modules()):
             raise ValueError(f"layers: module {name!r} is already checkpointed")
-        if policy == "selective":
-            owner = _attention_core_owner(name, block)
-            if isinstance(owner.attention, functools.partial) and owner.attention.func is _checkpointed_core:
-                raise ValueError(f"layers: module {name!r} is already checkpointed (selective)")
-            targets.append((name, owner))
-        else:
-            targets.append((name, block))
+        targets.append((name, _attention_core_owner(name, block) if policy == "selective" else block))
     for _, module in targets:  # every check passed: change the model
         if policy == "full":
             module.forward = types.MethodType(_checkpointed_forward, module)
@@ -90,12 +84,7 @@ def apply_activation_checkpointing(
 
 def checkpointed_modules(model: nn.Module) -> list[str]:
     """Names of the modules of `model` whose forward (full) or attention core (selective) is checkpointed."""
-    out = []
-    for name, module in model.named_modules():
-        core = getattr(module, "attention", None)
-        if _is_checkpointed(module) or (isinstance(core, functools.partial) and core.func is _checkpointed_core):
-            out.append(name)
-    return out
+    return [name for name, module in model.named_modules() if _is_checkpointed(module) or _core_is_checkpointed(module)]
 
 
 # --- finding the blocks ---------------------------------------------------------------------------------------------
@@ -151,6 +140,11 @@ def _attention_core_owner(name: str, block: nn.Module) -> nn.Module:
 def _is_checkpointed(module: nn.Module) -> bool:
     forward = module.__dict__.get("forward")
     return isinstance(forward, types.MethodType) and forward.__func__ is _checkpointed_forward
+
+
+def _core_is_checkpointed(module: nn.Module) -> bool:
+    core = module.__dict__.get("attention")
+    return isinstance(core, functools.partial) and core.func is _checkpointed_core
 
 
 # --- the wrappers ---------------------------------------------------------------------------------------------------

@@ -144,6 +144,39 @@ def assign_buckets(nbytes: Sequence[int], dtypes: Sequence[object], cap_bytes: f
     return buckets
 
 
+class GradReadyHooks:
+    """Post-accumulate-grad hooks on `params`: on_grad(p) runs the moment autograd has accumulated p's gradient into
+    p.grad, on_start() before the first of a backward and on_end() once that backward has finished (queued on
+    autograd's engine at its first gradient). The one mechanism behind DataParallel's buckets and ZeRO's gradient
+    reduction (optimized.zero.reduction), which differ only in what they do with each gradient."""
+
+    def __init__(self, params: Sequence[nn.Parameter], on_grad, on_end, on_start=None) -> None:
+        self.on_grad, self.on_end, self.on_start = on_grad, on_end, on_start
+        self.pending = False
+        """A backward has produced a gradient and its end has not run yet (True after a backward that raised)."""
+        self.handles: list = []
+        self.add(params)
+
+    def add(self, params: Sequence[nn.Parameter]) -> None:
+        self.handles += [p.register_post_accumulate_grad_hook(self._ready) for p in params]
+
+    def _ready(self, p: nn.Parameter) -> None:
+        if not self.pending:
+            self.pending = True
+            if self.on_start is not None:
+                self.on_start()
+            Variable._execution_engine.queue_callback(self._end)
+        self.on_grad(p)
+
+    def _end(self) -> None:
+        self.pending = False
+        self.on_end()
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
 @dataclass
 class _Bucket:
     params: list[nn.Parameter]
@@ -257,16 +290,16 @@ class DataParallel(nn.Module):
                 self._where[id(p)] = (b, j)
         self._next_bucket = 0
         self._pending_total = len(named)
-        self._callback_queued = False
         self._require_sync = True
         self._sync_next_backward = True
         self.stats = BackwardStats()
-        self._hook_handles = [p.register_post_accumulate_grad_hook(self._on_grad_ready) for _, p in named]
+        self._hooks = GradReadyHooks([p for _, p in named], self._on_grad_ready, self._finish_backward,
+                                     on_start=self._start_backward)
 
     # --- public ------------------------------------------------------------------------------------------------
 
     def forward(self, *args, **kwargs):
-        if self._callback_queued:
+        if self._hooks.pending:
             # A backward raised midway and never reached its end-of-backward callback: start clean, or the next
             # backward would never synchronise.
             self._reset()
@@ -296,13 +329,13 @@ class DataParallel(nn.Module):
 
     # --- backward ----------------------------------------------------------------------------------------------
 
+    def _start_backward(self) -> None:
+        if self._sync_next_backward:
+            self.stats = BackwardStats()
+
     def _on_grad_ready(self, param: Tensor) -> None:
         if not self._sync_next_backward:
             return
-        if not self._callback_queued:
-            self._callback_queued = True
-            self.stats = BackwardStats()
-            Variable._execution_engine.queue_callback(self._finish_backward)
         b, j = self._where[id(param)]
         bucket = self._buckets[b]
         if bucket.ready[j]:
@@ -330,6 +363,8 @@ class DataParallel(nn.Module):
     @torch.no_grad()
     def _finish_backward(self) -> None:
         """Runs once autograd has finished: launch what is left, wait for everything, write the means back."""
+        if not self._sync_next_backward:
+            return
         unused: list[nn.Parameter] = []
         for bucket in self._buckets[self._next_bucket :]:
             for j, p in enumerate(bucket.params):
@@ -379,7 +414,7 @@ class DataParallel(nn.Module):
             bucket.reset()
         self._next_bucket = 0
         self._pending_total = sum(len(b.params) for b in self._buckets)
-        self._callback_queued = False
+        self._hooks.pending = False
 
 
 class NaiveDataParallel(nn.Module):

@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from optimized.accumulation import Batch, LossFn, accumulate_gradients, batch_device, gpt_loss
 from optimized.clipping import clip_grad_norm_, global_grad_norm
+from optimized.data_parallel import GradReadyHooks
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 IGNORE_INDEX = -100  # the targets convention of torch.nn.functional.cross_entropy
@@ -373,9 +374,9 @@ class MasterWeightOptimizer(torch.optim.Optimizer):
                                 device=first.device if first is not None else torch.device("cpu"))
         """S and its update rule (shared with optimized.zero.ZeroOptimizer)."""
         self._copied: dict[int, tuple[int, int]] = {}  # id(master) -> (id, version) of the model grad it copies
-        self._hooks: list[Any] = []
-        self._backward_queued = False
         groups = [self._master_group(g) for g in given]
+        self._hooks = GradReadyHooks([p for g in given for p in g["params"] if p.requires_grad], lambda p: None,
+                                     self._end_of_backward)
         self.optimizer = optimizer_class(groups, **optimizer_kwargs)
         """The fp32 optimizer over the masters."""
         self._registering = True  # Optimizer.__init__ calls add_param_group for groups that are already built
@@ -403,20 +404,11 @@ class MasterWeightOptimizer(torch.optim.Optimizer):
                 )
         self.model_params.append(params)
         masters = [p.detach().to(torch.float32, copy=True).requires_grad_(True) for p in params]
-        for p in params:
-            if p.requires_grad:
-                self._hooks.append(p.register_post_accumulate_grad_hook(self._on_grad_ready))
         return {**group, "params": masters}
-
-    def _on_grad_ready(self, _: Tensor) -> None:
-        if not self._backward_queued:
-            self._backward_queued = True
-            torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
 
     def _end_of_backward(self) -> None:
         """Give the masters their fp32 gradients as soon as backward ends, so that torch.amp.GradScaler.unscale_
         (which reads `param_groups`, i.e. the masters) finds, unscales and checks them."""
-        self._backward_queued = False
         self._master_grads()
 
     @torch.no_grad()
@@ -440,7 +432,9 @@ class MasterWeightOptimizer(torch.optim.Optimizer):
         if self._registering:
             super().add_param_group(param_group)
             return
-        self.optimizer.add_param_group(self._master_group(_as_groups([param_group])[0]))
+        group = _as_groups([param_group])[0]
+        self.optimizer.add_param_group(self._master_group(group))
+        self._hooks.add([p for p in group["params"] if p.requires_grad])
 
     # ---- the loss scale ---------------------------------------------------------------------------------------------
 

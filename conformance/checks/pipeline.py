@@ -3,7 +3,8 @@ claims about pipelines measured rather than recited.
 
 1. Equivalence (per schedule): the tiny GPT split into stages, one step of m micro-batches over p gloo ranks; the
    loss on the last stage and every parameter's gradient on every rank against one process on the whole batch
-   (reference.training.accumulate_gradients). Full mode adds 10 AdamW steps, held to a float64 run by the
+   (reference.training.accumulate_gradients); the Llama-style workload (RMSNorm, RoPE, SwiGLU, GQA, untied head)
+   through 1F1B (quick) or every schedule (full). Full mode adds 10 AdamW steps, held to a float64 run by the
    FlashAttention rule with the single-process fp32 run on the same micro-batches as the baseline.
 2. Bubble (claim pipeline.bubble): the simulator with equal stage costs (backward = 2x forward) against
    (p-1)/(m+p-1), and the real run's bubble from the timestamps of every forward and backward on every rank
@@ -66,6 +67,22 @@ def _sizes(p: int, quick: bool) -> dict:
                 m=4 * p, rows=4, seq_len=64, timed_steps=5, adam_steps=10)
 
 
+FAMILIES = {"gpt2": "GPT", "llama": "Llama-style GPT"}
+"""reference.model families: GPTConfig(...) (tied head) and GPTConfig.llama(...) (RMSNorm, RoPE, SwiGLU, GQA 4:2,
+untied head)."""
+
+
+def _config(sizes: dict, family: str) -> GPTConfig:
+    if family == "llama":
+        return GPTConfig.llama(**sizes["config"], n_kv_head=sizes["config"]["n_head"] // 2)
+    return GPTConfig(**sizes["config"])
+
+
+def _llama_names(quick: bool) -> tuple[str, ...]:
+    """Schedules the Llama-style workload runs: one in quick mode (it costs a launch's worth of steps), all in full."""
+    return ("1f1b",) if quick else ("gpipe", "1f1b", "interleaved-1f1b")
+
+
 def _schedule(name: str, p: int, m: int):
     if name == "gpipe":
         return gpipe(p, m)
@@ -85,9 +102,9 @@ def _gloo_group():
     return None if backend == "gloo" or "cpu:gloo" in backend else dist.new_group(backend="gloo")
 
 
-def _executor(name: str, sizes: dict, group):
+def _executor(name: str, sizes: dict, group, family: str = "gpt2"):
     rank, p = dist.get_rank(group), dist.get_world_size(group)
-    model = GPT(GPTConfig(**sizes["config"]))
+    model = GPT(_config(sizes, family))
     schedule = _schedule(name, p, sizes["m"])
     stages = split(model, schedule.num_stages)
     mine = [stages[s] for s in schedule.stages_of(rank)]
@@ -99,15 +116,16 @@ def _mine(model, executor) -> dict:
     return {n: q for n, q in model.named_parameters() if id(q) in ids}
 
 
-def _worker(sizes: dict, names: tuple[str, ...]) -> dict:
+def _worker(sizes: dict, names: tuple[str, ...], llama_names: tuple[str, ...]) -> dict:
     """Everything measured on one rank, in one launch."""
-    out: dict = {"equivalence": {}, "timelines": {}, "memory": {}, "adam": {}}
+    out: dict = {"equivalence": {"gpt2": {}, "llama": {}}, "timelines": {}, "memory": {}, "adam": {}}
     group = _gloo_group()
     idx, targets = _batches(sizes, 1, seed=1)[0]
-    for name in names:
-        model, _, executor = _executor(name, sizes, group)
-        loss = executor.step(idx, targets).loss
-        out["equivalence"][name] = (loss, {n: q.grad.clone() for n, q in _mine(model, executor).items()})
+    for family, family_names in (("gpt2", names), ("llama", llama_names)):
+        for name in family_names:
+            model, _, executor = _executor(name, sizes, group, family)
+            loss = executor.step(idx, targets).loss
+            out["equivalence"][family][name] = (loss, {n: q.grad.clone() for n, q in _mine(model, executor).items()})
 
     for name in ("gpipe", "1f1b"):
         model, stages, executor = _executor(name, sizes, group)
@@ -143,22 +161,26 @@ def _worker(sizes: dict, names: tuple[str, ...]) -> dict:
     return out
 
 
-def _equivalence_row(ctx, name, p, sizes, per_rank, ref_loss, ref_grads) -> Result:
+def _equivalence_row(ctx, name, p, sizes, per_rank, ref_loss, ref_grads, family: str = "gpt2") -> Result:
     schedule = _schedule(name, p, sizes["m"])
     last = schedule.rank_of(schedule.num_stages - 1)
-    parts = [allclose(per_rank[last]["equivalence"][name][0], ref_loss, name="loss")]
-    for rank, res in enumerate(per_rank):
-        parts += [allclose(g, ref_grads[n], name=f"rank {rank} {n}") for n, g in res["equivalence"][name][1].items()]
-    covered = {n for res in per_rank for n in res["equivalence"][name][1]}
+    results = [res["equivalence"][family][name] for res in per_rank]
+    parts = [allclose(results[last][0], ref_loss, name="loss")]
+    for rank, res in enumerate(results):
+        parts += [allclose(g, ref_grads[n], name=f"rank {rank} {n}") for n, g in res[1].items()]
+    covered = {n for res in results for n in res[1]}
     parts.append(allclose(torch.tensor(float(len(covered))), torch.tensor(float(len(ref_grads))),
                           name="parameters held by some rank"))
     eq = combine(f"{name} p={p} m={sizes['m']} vs one process", parts)
     notes = (f"one step, {sizes['m']} micro-batches of {sizes['rows']} rows with uneven padding (token-weighted); "
-             f"loss and all {len(covered)} parameters' gradients; tied wte/lm_head weight on the first and last "
-             "stage, gradients exchanged between them")
+             f"loss and all {len(covered)} parameters' gradients; " + (
+                 "tied wte/lm_head weight on the first and last stage, gradients exchanged between them"
+                 if family == "gpt2" else "Llama-style: RMSNorm, RoPE computed inside each stage's attention, "
+                 "SwiGLU, GQA 4:2, untied head"))
     if ctx.device.type != "cpu":
         notes += "; ranks ran on CPU with gloo (the executor's tagged messages are not NCCL-ordered)"
-    return SPEC.row(None, f"{schedule.name}: loss and gradients", optimized=f"{OPTIMIZED} + {schedule.name}",
+    label = "" if family == "gpt2" else f", {FAMILIES[family]}"
+    return SPEC.row(None, f"{schedule.name}: loss and gradients{label}", optimized=f"{OPTIMIZED} + {schedule.name}",
                     peer="torch.distributed.pipelining (in tests)", device="cpu", world_size=p, equivalence=eq,
                     notes=notes)
 
@@ -314,11 +336,15 @@ def run(ctx: Context) -> list[Result]:
         return [SPEC.row(ctx, "pipeline rows", world_size=p, notes="a pipeline needs two ranks; torchrun started one")]
     sizes = _sizes(p, ctx.quick)
     names = ("gpipe", "1f1b", "interleaved-1f1b")
-    per_rank = spawn(_worker, p, sizes, names, backend="gloo", device="cpu", timeout=ctx.timeout)
-    ref_model = GPT(GPTConfig(**sizes["config"]))
-    ref_loss = accumulate_gradients(ref_model, _batches(sizes, 1, seed=1))
-    ref_grads = {n: q.grad for n, q in ref_model.named_parameters()}
-    rows = [_equivalence_row(ctx, name, p, sizes, per_rank, ref_loss, ref_grads) for name in names]
+    llama_names = _llama_names(ctx.quick)
+    per_rank = spawn(_worker, p, sizes, names, llama_names, backend="gloo", device="cpu", timeout=ctx.timeout)
+    rows = []
+    for family, family_names in (("gpt2", names), ("llama", llama_names)):
+        ref_model = GPT(_config(sizes, family))
+        ref_loss = accumulate_gradients(ref_model, _batches(sizes, 1, seed=1))
+        ref_grads = {n: q.grad for n, q in ref_model.named_parameters()}
+        rows += [_equivalence_row(ctx, name, p, sizes, per_rank, ref_loss, ref_grads, family)
+                 for name in family_names]
     if sizes["adam_steps"]:
         rows.append(_adam_row(p, sizes, per_rank))
     rows += [_bubble_row(ctx, name, p, sizes, per_rank) for name in ("gpipe", "1f1b")]

@@ -1,15 +1,18 @@
-"""Check `tensor_parallel`: the tiny GPT parallelised with optimized.tensor_parallel (Megatron-LM, arXiv 1909.08053,
-Sec. 3) on t = ctx.world_size ranks, against one process training the same model on the same batches.
+"""Check `tensor_parallel`: the tiny GPT, in both families (GPT-2-style and Llama-style: RMSNorm, RoPE, SwiGLU, GQA,
+untied head), parallelised with optimized.tensor_parallel (Megatron-LM, arXiv 1909.08053, Sec. 3) on
+t = ctx.world_size ranks, against one process training the same model on the same batches.
 
 Every step is compared from the same state: before each step of the reference's AdamW run, the parallel model loads
 its parameters shard by shard (`load_full`); a whole run with the parallel model's own AdamW is compared by its
 losses (see conformance/checks/data_parallel.py for why fp32 trajectories are not held tighter).
 
 Rows
-1. TP vs one process: the loss and every (all-gathered) gradient at every AdamW step; the losses of a whole run.
+1. TP vs one process, each family: the loss and every (all-gathered) gradient at every AdamW step; the losses of a
+   whole run.
 2. Communication (claim tensor_parallel.communication): all-reduces per transformer layer in forward and backward
    (Megatron: 2 + 2), and the bytes of a whole training step against the formula: per layer 2 forward + 2 backward
-   all-reduces of B*T*C activations, the embedding's g, the head's f and the vocab-parallel loss's 3 numbers per token.
+   all-reduces of B*T*C activations, the embedding's g, the head's f and the vocab-parallel loss's 3 numbers per token;
+   each family (SwiGLU's gate and up share one f, as q, k and v do).
 3. Memory (claim tensor_parallel.memory): parameter bytes per rank of the split layers against 1/t of the full
    layers, of the whole model (LayerNorms, position embedding and row-parallel biases stay replicated), and the
    logits one rank holds with the vocab-parallel loss against gathered logits.
@@ -47,15 +50,24 @@ SPEC = CheckSpec(
     claims=("tensor_parallel.communication", "tensor_parallel.memory"),
 )
 LR, WD = 1e-2, 0.1
+FAMILIES = {"gpt2": "GPT", "llama": "Llama-style GPT"}
+"""reference.model families checked: GPTConfig(...) and GPTConfig.llama(...)."""
 
 
-def _sizes(quick: bool, t: int) -> dict:
-    """A GPT whose heads, MLP width and vocabulary all divide by t (12 heads cover t = 1, 2, 3, 4, 6, 12)."""
+def _sizes(quick: bool, t: int, family: str = "gpt2") -> dict:
+    """A GPT whose heads, MLP width and vocabulary all divide by t (12 heads cover t = 1, 2, 3, 4, 6, 12); the
+    Llama-style one with GQA (half as many key/value heads when t divides them)."""
     n_head = 12 if 12 % t == 0 else 4 * t
     head_dim = 4 if quick else 16
     config = dict(vocab_size=(24 if quick else 96) * t, block_size=16 if quick else 64, n_layer=2 if quick else 4,
                   n_head=n_head, n_embd=n_head * head_dim)
-    return dict(config=config, rows=4, seq=config["block_size"], steps=3 if quick else 10)
+    if family == "llama":
+        config["n_kv_head"] = n_head // 2 if (n_head // 2) % t == 0 else n_head
+    return dict(config=config, family=family, rows=4, seq=config["block_size"], steps=3 if quick else 10)
+
+
+def _config(sizes: dict) -> GPTConfig:
+    return GPTConfig.llama(**sizes["config"]) if sizes["family"] == "llama" else GPTConfig(**sizes["config"])
 
 
 def _batches(sizes: dict) -> list:
@@ -65,7 +77,7 @@ def _batches(sizes: dict) -> list:
 
 def _reference(sizes: dict) -> tuple[list[dict], list[float], list[dict]]:
     """One process, AdamW: the parameters before each step, its loss and its gradients."""
-    model = GPT(GPTConfig(**sizes["config"]))
+    model = GPT(_config(sizes))
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WD)
     states, losses, grads = [], [], []
     for batch in _batches(sizes):
@@ -84,7 +96,7 @@ def _build(sizes: dict, device: torch.device, dp_size: int):
     """(model, what to call, dp rank): TP over the world, or DP over the columns of a dp_size x (world/dp_size) grid
     of TP rows."""
     world = dist.get_world_size()
-    model = GPT(GPTConfig(**sizes["config"])).to(device)
+    model = GPT(_config(sizes)).to(device)
     if dp_size == 1:
         return model, parallelize(model, megatron_plan(model)), 0
     grid = make_process_grid(dp_size, world // dp_size)
@@ -123,6 +135,7 @@ def _per_step(sizes: dict, device: torch.device, dp_size: int, states: list[dict
         sharded, _ = split_parameters(model)
         out["param_bytes"] = tensor_bytes(model.parameters())
         out["split_param_bytes"] = tensor_bytes(sharded)
+        out["split_names"] = [n for n, p in model.named_parameters() if any(p is q for q in sharded)]
     return out
 
 
@@ -141,13 +154,17 @@ def _trajectory(sizes: dict, device: torch.device, dp_size: int) -> list[float]:
     return losses
 
 
-def _worker(quick: bool, device_type: str, states: list[dict]) -> dict:
+def _worker(quick: bool, device_type: str, states: dict[str, list[dict]]) -> dict:
     world = dist.get_world_size()
     device = torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
+    out = {}
+    for family in FAMILIES:
+        sizes = _sizes(quick, world, family)
+        out[family] = {"tp": _per_step(sizes, device, 1, states[family]),
+                       "tp_trajectory": _trajectory(sizes, device, 1)}
     sizes = _sizes(quick, world)
-    out = {"tp": _per_step(sizes, device, 1, states), "tp_trajectory": _trajectory(sizes, device, 1)}
     if world >= 4 and world % 2 == 0:
-        out["dp_tp"] = _per_step(sizes, device, 2, states)
+        out["dp_tp"] = _per_step(sizes, device, 2, states["gpt2"])
         out["dp_tp_trajectory"] = _trajectory(sizes, device, 2)
     return out
 
@@ -157,17 +174,17 @@ def _worker(quick: bool, device_type: str, states: list[dict]) -> dict:
 
 
 
-def run(ctx: Context) -> list[Result]:
+def _family_rows(ctx: Context, family: str, label: str, per_rank: list[dict], reference: tuple) -> list[Result]:
+    """Equivalence and communication rows of one model family."""
     t = ctx.world_size
-    sizes = _sizes(ctx.quick, t)
-    states, ref_losses, ref_grads = _reference(sizes)
-    per_rank = spawn(_worker, t, ctx.quick, ctx.device.type, states, device=ctx.device.type,
-                     timeout=ctx.timeout)
+    sizes = _sizes(ctx.quick, t, family)
+    _, ref_losses, ref_grads = reference
     tp = per_rank[0]["tp"]
-    cfg = GPTConfig(**sizes["config"])
+    cfg = _config(sizes)
     B, T, C, L, V = sizes["rows"], sizes["seq"], cfg.n_embd, cfg.n_layer, cfg.vocab_size
     common = dict(world_size=t)
-    shape = f"{L} layers, C={C}, {cfg.n_head} heads, V={V}, B={B}, T={T}"
+    shape = (f"{L} layers, C={C}, {cfg.n_head} heads" + (f" ({cfg.n_kv_head} key/value)" if family == "llama" else "")
+             + f", V={V}, B={B}, T={T}")
     rows = []
 
     # 1. equivalence
@@ -177,7 +194,7 @@ def run(ctx: Context) -> list[Result]:
                  step_by_step(tp["loss"], tp["grads"], ref_losses, ref_grads, name="per step") + same_loss
                  + series_close(per_rank[0]["tp_trajectory"], ref_losses, name="own AdamW loss", rtol=TRAJECTORY_RTOL))
     rows.append(SPEC.row(
-        ctx, f"Megatron TP GPT vs one process, t={t}",
+        ctx, f"Megatron TP {label} vs one process, t={t}",
         optimized="optimized.tensor_parallel.parallelize(model, megatron_plan(model))", equivalence=eq,
         notes=f"{shape}; {sizes['steps']} AdamW steps; each step from the reference's state: loss (vocab-parallel "
               f"cross-entropy) and every all-gathered gradient (rtol 1e-5, atol 1e-5 x the step's largest "
@@ -199,9 +216,11 @@ def run(ctx: Context) -> list[Result]:
         verdict = Verdict.HOLDS if holds else Verdict.DOES_NOT_HOLD
         note = (f"per layer (one Block alone): {layer_fwd} all-reduces forward, {layer_bwd} backward, and no other "
                 f"collective; whole step: {fwd[0]} forward ({1 + 2 * L} of B*T*C activations + 2 for the loss) and "
-                f"{bwd[0]} backward (2 per layer + the head's f); q, k and v share one f")
+                f"{bwd[0]} backward (2 per layer + the head's f); q, k and v share one f"
+                + ("; so do SwiGLU's gate and up" if family == "llama" else ""))
     rows.append(SPEC.row(
-        ctx, f"collectives per layer and per step, t={t}", claim="tensor_parallel.communication", verdict=verdict,
+        ctx, f"collectives per layer and per step, {label}, t={t}", claim="tensor_parallel.communication",
+        verdict=verdict,
         metrics=[Metric("all-reduces per layer, forward", layer_fwd, "count", claimed="2"),
                  Metric("all-reduces per layer, backward", layer_bwd, "count", claimed="2"),
                  Metric("all-reduce payload per step, forward", fwd[1], "bytes",
@@ -213,11 +232,28 @@ def run(ctx: Context) -> list[Result]:
         notes=f"{shape}; " + note, **common,
     ))
 
+    return rows
+
+
+def run(ctx: Context) -> list[Result]:
+    t = ctx.world_size
+    references = {family: _reference(_sizes(ctx.quick, t, family)) for family in FAMILIES}
+    per_rank = spawn(_worker, t, ctx.quick, ctx.device.type, {f: r[0] for f, r in references.items()},
+                     device=ctx.device.type, timeout=ctx.timeout)
+    common = dict(world_size=t)
+    rows = []
+    for family, label in FAMILIES.items():
+        rows += _family_rows(ctx, family, label, [r[family] for r in per_rank], references[family])
+    sizes = _sizes(ctx.quick, t)
+    states, ref_losses, ref_grads = references["gpt2"]
+    tp = per_rank[0]["gpt2"]["tp"]
+    cfg = _config(sizes)
+    B, T, C, L, V = sizes["rows"], sizes["seq"], cfg.n_embd, cfg.n_layer, cfg.vocab_size
+    shape = f"{L} layers, C={C}, {cfg.n_head} heads, V={V}, B={B}, T={T}"
+
     # 3. memory
     full_model = GPT(cfg)
-    plan = megatron_plan(full_model)
-    full_split = tensor_bytes(p for n, p in full_model.named_parameters() if n.rpartition(".")[0] in plan
-                              and not (plan[n.rpartition(".")[0]] == "rowwise" and n.endswith(".bias")))
+    full_split = tensor_bytes(p for n, p in full_model.named_parameters() if n in tp["split_names"])
     full_bytes = tensor_bytes(full_model.parameters())
     split_ratio = full_split / tp["split_param_bytes"]
     whole_ratio = full_bytes / tp["param_bytes"]

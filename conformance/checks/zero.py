@@ -1,18 +1,21 @@
-"""Check `zero`: ZeRO-1/2/3 and offload (optimized.zero) held to unsharded AdamW and to DeepSpeed; the seed's
-"ZeRO-1 4x", "ZeRO-2 8x" and the paper's 2Ψ / 3Ψ measured.
+"""Check `zero`: ZeRO-1/2/3 and offload (optimized.zero) held to unsharded AdamW and to its peers (DeepSpeed,
+FSDP2, torch's ZeroRedundancyOptimizer); the seed's "ZeRO-1 4x", "ZeRO-2 8x" and the paper's 2Ψ / 3Ψ measured.
 
 1. Equivalence. On ctx.world_size ranks, each rank trains the tiny GPT on its slice of every batch with our
    ZeroOptimizer (stages 1, 2, 3; stage 2 with offload) and with DeepSpeed's ZeRO of the same stage (CPU + gloo:
    `"torch_adam": true`, so none of DeepSpeed's C++ ops is compiled), same model, data, AdamW and clipping.
    Rows: our parameters vs the unsharded reference (AdamW + clip_grad_norm_ on the whole batch, one process), and
-   vs DeepSpeed's, within torch.testing's fp32 defaults.
+   vs DeepSpeed's, within torch.testing's fp32 defaults. The same for the torch-native peers: FSDP2
+   (`torch.distributed.fsdp.fully_shard` on every block and the root; reshard_after_forward=False is ZeRO-2's
+   layout, True ZeRO-3's) and ZeroRedundancyOptimizer over DDP (ZeRO-1).
 2. Memory (claims zero1/2/3.memory). Model-state bytes each rank holds (parameters, gradients, optimizer state;
    unique storages, counted by conformance.measure after a backward) for world sizes 1 to 4 (quick: 1 and
    ctx.world_size), fp32 and bf16-with-fp32-master, must equal reference.memory.zero_rank_bytes to the byte. The
    formula, so confirmed, is carried to Nd = 64 and set beside the seed's 4x / 8x, with the accounting stated.
 3. Communication (claim zero.communication): bytes our collectives carry in one step, counted at the call, over
    Ψ times the element size, vs 2 (stages 1-2) and 3 (stage 3).
-4. Speed (claim zero.speed): step time ours / DeepSpeed for the same stage in the same run, and ours / torch DDP.
+4. Speed (claim zero.speed): step time ours / DeepSpeed and ours / FSDP2 (ZeroRedundancyOptimizer for stage 1)
+   for the same stage in the same run, and ours / torch DDP.
 5. Plot: model-state bytes per rank vs world size for DP and each stage, measured and by formula.
 """
 
@@ -41,7 +44,8 @@ from reference.training import accumulate_gradients
 
 SPEC = CheckSpec(
     name="zero", technique="ZeRO", reference="torch.optim.AdamW + clip_grad_norm_, whole batch, one process",
-    optimized="optimized.zero", order=120, peers=("deepspeed",),
+    optimized="optimized.zero", order=120,
+    peers=("deepspeed", "torch.distributed.fsdp.fully_shard", "torch.distributed.optim.ZeroRedundancyOptimizer"),
     claims=("zero1.memory", "zero2.memory", "zero3.memory", "zero.communication", "zero.speed"),
 )
 # Untied embeddings: every parameter belongs to one module, so stage 3 gathers each exactly once per pass and the
@@ -52,7 +56,9 @@ MAX_NORM = 1.0
 SEQ_LEN = 32
 LOCAL_BATCH = 4
 PEER_CONFIGS = ((1, False), (2, False), (3, False), (2, True))
-"""(stage, offload) compared with the reference and DeepSpeed."""
+"""(stage, offload) compared with the reference and DeepSpeed (and, without offload, torch's peer)."""
+TORCH_PEERS = {1: "ZeroRedundancyOptimizer (DDP)", 2: "FSDP2 (reshard_after_forward=False)",
+               3: "FSDP2 (reshard_after_forward=True)"}
 
 
 def _batches(world_size: int, steps: int):
@@ -108,7 +114,58 @@ def _deepspeed_state(engine) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().clone() for k, v in engine.module.state_dict().items()}
 
 
-# --- the worker: ours and DeepSpeed, same data ------------------------------------------------------------------
+# --- the torch-native peers: FSDP2 (ZeRO-2/3 layouts) and ZeroRedundancyOptimizer (ZeRO-1) -----------------------
+
+
+def torch_peer(stage: int, device: torch.device):
+    """(model, step function, state function) of torch's own ZeRO of `stage`: ZeroRedundancyOptimizer over DDP for
+    stage 1; FSDP2 (fully_shard on each block, then the root) for 2 (reshard_after_forward=False: parameters stay
+    gathered from forward to backward, gradients reduce-scattered) and 3 (reshard_after_forward=True)."""
+    model = GPT(GPTConfig(**CONFIG)).to(device)
+    if stage == 1:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        wrapped = torch.nn.parallel.DistributedDataParallel(model)
+        opt = ZeroRedundancyOptimizer(wrapped.parameters(), optimizer_class=torch.optim.AdamW, **ADAMW)
+        clip = lambda: torch.nn.utils.clip_grad_norm_(wrapped.parameters(), MAX_NORM)  # noqa: E731
+
+        def state():
+            return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    else:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.tensor import DTensor
+
+        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+        for block in model.blocks:
+            fully_shard(block, mesh=mesh, reshard_after_forward=stage == 3)
+        fully_shard(model, mesh=mesh, reshard_after_forward=stage == 3)
+        wrapped = model
+        opt = torch.optim.AdamW(model.parameters(), **ADAMW)
+
+        def clip():  # the global norm of DTensor gradients (as torchtitan clips)
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            total = torch.nn.utils.get_total_norm(grads, 2.0)
+            total = total.full_tensor() if isinstance(total, DTensor) else total
+            torch.nn.utils.clip_grads_with_norm_(model.parameters(), MAX_NORM, total)
+
+        def state():
+            return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu().clone()
+                    for k, v in model.state_dict().items()}
+
+    def step(batch, rank, world):
+        idx, targets = _local(batch, rank, world, device)
+        _, loss = wrapped(idx, targets)
+        loss.backward()
+        clip()
+        opt.step()
+        opt.zero_grad()
+        return loss
+
+    return step, state
+
+
+# --- the worker: ours and the peers, same data -------------------------------------------------------------------
 
 
 def _ours_step(model, opt, batch, rank, world, device):
@@ -136,8 +193,8 @@ def peer_worker(configs, steps: int, timing_reps: int, device_type: str, memory_
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device(device_type, torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
     batches = _batches(world, steps)
-    out: dict = {"ours": {}, "deepspeed": {}, "comm": {}, "time_ours": {}, "time_ds": {}, "time_ddp": None,
-                 "memory": memory_worker(memory_cases, device_type)}
+    out: dict = {"ours": {}, "deepspeed": {}, "torch": {}, "comm": {}, "time_ours": {}, "time_ds": {},
+                 "time_torch": {}, "time_ddp": None, "memory": memory_worker(memory_cases, device_type)}
     for stage, offload in configs:
         model = GPT(GPTConfig(**CONFIG)).to(device)
         opt = ZeroOptimizer(model, torch.optim.AdamW, stage=stage, offload=offload, **ADAMW)
@@ -155,6 +212,15 @@ def peer_worker(configs, steps: int, timing_reps: int, device_type: str, memory_
             out["time_ours"][(stage, offload)] = time_fn(
                 lambda model=model, opt=opt: _ours_step(model, opt, batches[0], rank, world, device), warmup=1,
                 reps=timing_reps, device=device).median_s
+
+        if not offload:
+            torch_step, torch_state = torch_peer(stage, device)
+            for batch in batches:
+                torch_step(batch, rank, world)
+            out["torch"][stage] = torch_state()
+            if timing_reps:
+                out["time_torch"][stage] = time_fn(lambda s=torch_step: s(batches[0], rank, world), warmup=1,
+                                                   reps=timing_reps, device=device).median_s
 
         if not with_deepspeed:
             continue
@@ -370,6 +436,15 @@ def run(ctx: Context) -> list[Result]:
         rows.append(SPEC.row(ctx, f"{label}: parameters after {steps} steps vs unsharded AdamW",
                              equivalence=vs_ref, notes="each rank its slice of every batch, gradients averaged; "
                              "fp32, clipping 1.0", **common))
+        if not offload:
+            theirs = peer[0]["torch"][stage]
+            torch_name = TORCH_PEERS[stage]
+            vs_torch = combine(f"{label} vs {torch_name}", [allclose(ours[k], theirs[k], name=k) for k in ref])
+            torch_ref = max(float((theirs[k] - ref[k]).abs().max()) for k in ref)
+            rows.append(SPEC.row(ctx, f"{label}: parameters after {steps} steps vs {torch_name}",
+                                 reference=torch_name, peer=f"torch {torch.__version__}", equivalence=vs_torch,
+                                 notes=f"same model, data, AdamW and clipping; max |{torch_name} - reference| = "
+                                 f"{torch_ref:.3g}", **common))
         if not with_ds:
             continue
         ds = ds_all[(stage, offload)]
@@ -398,8 +473,7 @@ def run(ctx: Context) -> list[Result]:
               "reduces the gradients (Ψ); the all-reduce of the norm (a scalar) is left out. With ring "
               "collectives a rank sends (Nd-1)/Nd of each."))
 
-    if with_ds:
-        rows.append(_speed_row(ctx, peer[0], reps, ds_version))
+    rows.append(_speed_row(ctx, peer[0], reps, ds_version))
 
     measured = {ws: [r["memory"] for r in peer]}
     for w in worlds:
@@ -411,12 +485,17 @@ def run(ctx: Context) -> list[Result]:
     return rows
 
 
-def _speed_row(ctx: Context, peer: dict, reps: int, ds_version: str) -> Result:
+def _speed_row(ctx: Context, peer: dict, reps: int, ds_version: str | None) -> Result:
     speed = []
     for stage, offload in PEER_CONFIGS:
-        t_ours, t_ds = peer["time_ours"][(stage, offload)], peer["time_ds"][(stage, offload)]
+        t_ours = peer["time_ours"][(stage, offload)]
         tag = f"ZeRO-{stage}{' offload' if offload else ''}"
-        speed.append(Metric(f"{tag} step time ours / DeepSpeed", t_ours / t_ds, "x"))
+        if ds_version is not None:
+            speed.append(Metric(f"{tag} step time ours / DeepSpeed", t_ours / peer["time_ds"][(stage, offload)],
+                                "x"))
+        if not offload:
+            speed.append(Metric(f"{tag} step time ours / {TORCH_PEERS[stage]}", t_ours / peer["time_torch"][stage],
+                                "x"))
         if stage < 3 and not offload:
             speed.append(Metric(f"{tag} step time ours / torch DDP", t_ours / peer["time_ddp"], "x",
                                 claimed="slight"))
@@ -424,8 +503,10 @@ def _speed_row(ctx: Context, peer: dict, reps: int, ds_version: str) -> Result:
              "a tiny model measures mostly per-collective latency." if ctx.device.type == "cuda" else
              "Measured off the claim's hardware (CPU + gloo, where per-collective latency dominates a tiny model); "
              "the claim is about GPUs.")
+    peers = ([f"DeepSpeed {ds_version}"] if ds_version else []) + ["FSDP2", "ZeroRedundancyOptimizer", "torch DDP"]
     return SPEC.row(
-        ctx, "step time", reference=f"DeepSpeed {ds_version}; torch DDP", peer=f"deepspeed {ds_version}",
+        ctx, "step time", reference="; ".join(peers),
+        peer=f"deepspeed {ds_version}" if ds_version else f"torch {torch.__version__}",
         world_size=ctx.world_size, speed=speed, claim="zero.speed", verdict=Verdict.NOT_MEASURABLE,
         notes=f"median of {reps} steps after warm-up, tiny GPT, {ctx.world_size} ranks, same run. " + where)
 

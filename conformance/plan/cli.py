@@ -12,7 +12,7 @@ import sys
 
 from rich.console import Console
 
-from conformance.flags import Parser, fraction, positive_float, positive_int, run, writable_file
+from conformance.flags import Parser, fraction, parse, positive_float, positive_int, writable_file
 from conformance.plan.model import (
     CHECKPOINTING,
     GB,
@@ -89,9 +89,10 @@ def parser() -> argparse.ArgumentParser:
                         for k, v in PRESETS.items())
     parser = Parser(
         prog="python -m conformance plan",
-        description="Plan a parallel layout: for every way to split the model over the GPUs (tensor x pipeline x "
-        "data parallel, ZeRO-0/1/2/3, optimizer offload), the bytes per GPU of model states and activations (naive "
-        "and flash attention, with and without activation recomputation), whether it fits, the bytes communicated "
+        description="Plan a parallel layout: for every way to split the model over the GPUs (tensor x context x "
+        "pipeline x data parallel, ZeRO-0/1/2/3, optimizer offload), the bytes per GPU of model states and "
+        "activations (naive and flash attention, with and without activation recomputation), whether it fits, the "
+        "bytes communicated "
         "per step, the pipeline bubble and an estimated step time, computed from reference/memory.py; then a "
         "recommendation with its reasons.",
         epilog="Examples: python -m conformance plan --model 7b --gpus 64 --gpu-memory 80 | "
@@ -211,7 +212,7 @@ def _build(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[W
 def main(argv: list[str] | None = None) -> int:
     """`python -m conformance plan ...`: print (and optionally write as JSON) a plan. 0 on success, 2 on bad input."""
     p = parser()
-    args = run(p, argv)
+    args = parse(p, argv)
     if isinstance(args, int):
         return args
     try:

@@ -40,8 +40,6 @@ class Problem:
     """The left edge of a sliding window: query i sees keys j >= i + left_offset; None when unbounded."""
     softcap: float = 0.0
     """Scores S -> softcap · tanh(S / softcap) before masking; 0 = off."""
-    windowed: bool = False
-    """Does a sliding window hide keys that the causal mask alone would not?"""
     documents: Documents | None = None
     """Packed sequences (varlen): B = 1 and the rows of q and of k split into documents; None otherwise."""
 
@@ -58,18 +56,6 @@ class Problem:
         right_empty = self.causal_offset is not None and self.causal_offset < 0
         left_empty = self.left_offset is not None and self.N - 1 + self.left_offset > self.M - 1
         return right_empty or left_empty
-
-    @property
-    def masked_beyond_causal(self) -> str | None:
-        """What this problem asks beyond a plain causal (or full) mask: the reason a backend without windows,
-        softcap or documents cannot serve it; None when there is nothing beyond."""
-        if self.documents is not None:
-            return "packed documents (varlen)"
-        if self.windowed:
-            return "sliding window"
-        if self.softcap:
-            return "softcap"
-        return None
 
 
 @dataclass(frozen=True)
@@ -157,9 +143,8 @@ def check_inputs(
     left, right = check_window_and_softcap(window_size, softcap)
     align = 0 if causal_alignment == "top_left" else M - N
     edges = _edges(N, M, align, left, 0 if is_causal else right)
-    windowed = edges != _edges(N, M, align, -1, 0 if is_causal else -1)
     return Problem(B, H, Hkv, N, M, d, 1.0 / math.sqrt(d) if scale is None else float(scale), *edges,
-                   float(softcap), windowed)
+                   float(softcap))
 
 
 def _edges(N: int, M: int, align: int, left: int, right: int) -> tuple[int | None, int | None]:
@@ -238,4 +223,4 @@ def check_varlen_inputs(
         raise ValueError(f"is_causal must be a bool, got {is_causal!r}")
     left, right = window_size
     documents = Documents(starts["q"], starts["k"], left, 0 if is_causal else right)
-    return dataclasses.replace(problem, causal_offset=None, left_offset=None, windowed=False, documents=documents)
+    return dataclasses.replace(problem, causal_offset=None, left_offset=None, documents=documents)

@@ -13,8 +13,9 @@ Backends, in the order "auto" tries them:
                 all have one length (then they are a batch). On CPU "auto" skips it for float16/bfloat16: there its
                 kernels fail the error rule this project holds every backend to (see `CPU_HALF_SDPA`).
     triton      our Triton kernels (optimized/attention/triton.py): everything the reference does on CUDA, fp16 /
-                bf16 / fp32, d <= 256. Also runs on CPU tensors under Triton's interpreter, which "auto" never
-                picks (it is a debugging tool, far slower than "blocked").
+                bf16 / fp32, d <= 256, windows and softcap included; packed documents only when they all have one
+                length (a batch). Also runs on CPU tensors under Triton's interpreter, which "auto" never picks (it
+                is a debugging tool, far slower than "blocked").
     blocked     our FlashAttention-2 in PyTorch (optimized/attention/blocked.py): everything, on any device.
 
 "auto" takes the first backend that can serve the inputs; `select_backend` names it and says why the ones before it
@@ -245,9 +246,6 @@ def _unsupported(name: str, q: Tensor, p: Problem, *, auto: bool = False, key_pa
             return "the triton package is not installed"
         if auto and q.device.type != "cuda":
             return f"needs CUDA tensors, got device {q.device} (Triton's interpreter is for tests, never 'auto')"
-        beyond = p.masked_beyond_causal
-        if beyond is not None:
-            return f"our Triton kernel has no {beyond} yet"
         from optimized.attention import triton as triton_backend
 
         return triton_backend.unsupported(q, p)
@@ -430,10 +428,10 @@ def _run_sdpa(q, k, v, p: Problem, **_):
                                           enable_gqa=p.Hkv != p.H)  # (B, H, N, d)
 
 
-def _run_triton(q, k, v, p: Problem, *, window_size, softcap, **kwargs):
+def _run_triton(q, k, v, p: Problem, **kwargs):
     from optimized.attention.triton import triton_attention
 
-    return triton_attention(q, k, v, **kwargs)  # windows and softcap were refused above
+    return triton_attention(q, k, v, **kwargs)
 
 
 def _run_blocked(q, k, v, p: Problem, *, key_padding_mask, return_lse, **_):

@@ -166,51 +166,55 @@ def _weight_split_dim(style: Style, module: nn.Module) -> int | None:
     return 0 if isinstance(style, VocabEmbedding) else None
 
 
+def _check_module(name: str, style: Style, m: nn.Module, styles: dict[str, Style], t: int) -> None:
+    """Does `style` fit module `m`, and does t divide what it splits?"""
+    shape = linear_like(m)
+    kind = type(m).__name__
+    if isinstance(style, (ColumnParallel, RowParallel, VocabHead)):
+        if shape is None:
+            raise ValueError(f"plan[{name!r}] = {type(style).__name__} needs a torch.nn.Linear or a "
+                             f"transformers Conv1D, but {name!r} is a {kind}")
+        in_f, out_f, _ = shape
+        if isinstance(style, RowParallel):
+            check_divisible(in_f, t, f"{name}.in_features")
+        else:
+            what = " (vocabulary size)" if isinstance(style, VocabHead) else ""
+            check_divisible(out_f, t, f"{name}.out_features{what}")
+        if isinstance(style, ColumnParallel) and style.sections is not None:
+            if sum(style.sections) != out_f:
+                raise ValueError(f"plan[{name!r}]: sections {style.sections} must sum to its out_features={out_f}")
+            for j, s in enumerate(style.sections):
+                check_divisible(s, t, f"{name} section {j} width")
+    elif isinstance(style, VocabEmbedding):
+        if not isinstance(m, nn.Embedding):
+            raise ValueError(f"plan[{name!r}] = 'embedding' needs an nn.Embedding, but {name!r} is a {kind}")
+        check_divisible(m.num_embeddings, t, f"{name}.num_embeddings (vocabulary size)")
+    elif isinstance(style, LocalHeads):
+        kv = style.num_heads if style.num_kv_heads is None else style.num_kv_heads
+        if style.num_heads % t or kv % t:
+            raise ValueError(f"attention {name!r}: n_head={style.num_heads} query heads and n_kv_head={kv} "
+                             f"key/value heads must both be divisible by the tensor-parallel size {t} (whole "
+                             f"heads per rank)")
+        for attr in style.attributes:
+            value = getattr(m, attr, None)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"LocalHeads on {name!r}: attribute {attr!r} must be an int of the module, got "
+                                 f"{value!r}")
+            check_divisible(value, t, f"{name}.{attr}")
+        unplanned = [c for c, child in m.named_children() if linear_like(child) and f"{name}.{c}" not in styles]
+        if unplanned:
+            raise ValueError(f"attention {name!r}: heads split only when all its projections are in the plan "
+                             f"(column-parallel in, row-parallel out); missing {unplanned}")
+    shares_f = isinstance(style, SharedInput) or (isinstance(style, LocalHeads) and style.shared_input)
+    if shares_f and not any(n.startswith(name + ".") and isinstance(s, ColumnParallel) for n, s in styles.items()):
+        raise ValueError(f"plan[{name!r}] shares f at its input, but the plan makes none of its children "
+                         f"column-parallel")
+
+
 def _check(model: nn.Module, styles: dict[str, Style], t: int) -> None:
     modules = dict(model.named_modules())
     for name, style in styles.items():
-        m = modules[name]
-        shape = linear_like(m)
-        kind = type(m).__name__
-        if isinstance(style, (ColumnParallel, RowParallel, VocabHead)):
-            if shape is None:
-                raise ValueError(f"plan[{name!r}] = {type(style).__name__} needs a torch.nn.Linear or a "
-                                 f"transformers Conv1D, but {name!r} is a {kind}")
-            in_f, out_f, _ = shape
-            if isinstance(style, RowParallel):
-                check_divisible(in_f, t, f"{name}.in_features")
-            else:
-                what = " (vocabulary size)" if isinstance(style, VocabHead) else ""
-                check_divisible(out_f, t, f"{name}.out_features{what}")
-            if isinstance(style, ColumnParallel) and style.sections is not None:
-                if sum(style.sections) != out_f:
-                    raise ValueError(f"plan[{name!r}]: sections {style.sections} must sum to its out_features={out_f}")
-                for j, s in enumerate(style.sections):
-                    check_divisible(s, t, f"{name} section {j} width")
-        elif isinstance(style, VocabEmbedding):
-            if not isinstance(m, nn.Embedding):
-                raise ValueError(f"plan[{name!r}] = 'embedding' needs an nn.Embedding, but {name!r} is a {kind}")
-            check_divisible(m.num_embeddings, t, f"{name}.num_embeddings (vocabulary size)")
-        elif isinstance(style, LocalHeads):
-            kv = style.num_heads if style.num_kv_heads is None else style.num_kv_heads
-            if style.num_heads % t or kv % t:
-                raise ValueError(f"attention {name!r}: n_head={style.num_heads} query heads and n_kv_head={kv} "
-                                 f"key/value heads must both be divisible by the tensor-parallel size {t} (whole "
-                                 f"heads per rank)")
-            for attr in style.attributes:
-                value = getattr(m, attr, None)
-                if not isinstance(value, int) or isinstance(value, bool):
-                    raise ValueError(f"LocalHeads on {name!r}: attribute {attr!r} must be an int of the module, got "
-                                     f"{value!r}")
-                check_divisible(value, t, f"{name}.{attr}")
-            unplanned = [c for c, child in m.named_children() if linear_like(child) and f"{name}.{c}" not in styles]
-            if unplanned:
-                raise ValueError(f"attention {name!r}: heads split only when all its projections are in the plan "
-                                 f"(column-parallel in, row-parallel out); missing {unplanned}")
-        shares_f = isinstance(style, SharedInput) or (isinstance(style, LocalHeads) and style.shared_input)
-        if shares_f and not any(n.startswith(name + ".") and isinstance(s, ColumnParallel) for n, s in styles.items()):
-            raise ValueError(f"plan[{name!r}] shares f at its input, but the plan makes none of its children "
-                                 f"column-parallel")
+        _check_module(name, style, modules[name], styles, t)
     # Megatron pairs: a column-parallel layer's split output must be read by a row-parallel layer of the same module
     # (MLP: fc_in -> fc_out; attention: q/k/v -> out_proj), or the next layer would see a slice.
     by_parent: dict[str, set[str]] = {}

@@ -191,8 +191,10 @@ class Gathering:
             return
         raise ReleasedParameterError(
             f"ZeRO-3 parameter {self.names[id(p)]!r} is released (its values live sharded over the ranks) and was "
-            f"read by {what!r} outside any forward; read parameters inside `with opt.gathered_parameters():` "
-            f"(ZeroOptimizer.gathered_parameters), e.g. for model.state_dict(), copy.deepcopy(model) or printing"
+            f"read by {what!r} outside the forward of any module holding parameters; read parameters inside "
+            f"`with opt.gathered_parameters():` (ZeroOptimizer.gathered_parameters), e.g. for model.state_dict(), "
+            f"copy.deepcopy(model) or printing; for a module whose forward reads it, call "
+            f"opt.register_external_parameter(module, parameter)"
         )
 
     # --- module hooks ------------------------------------------------------------------------------------------

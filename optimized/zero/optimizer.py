@@ -51,7 +51,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
 from optimized.clipping import clip_grads_with_norm_, global_grad_norm
-from optimized.data_parallel import check_replicas_agree, refuse_meta
+from optimized.data_parallel import GradReadyHooks, check_replicas_agree, refuse_meta
 from optimized.mixed_precision import LossScale, unscale_and_check_
 from optimized.zero import checkpoint
 from optimized.zero.comm import Group
@@ -218,12 +218,11 @@ class ZeroOptimizer(torch.optim.Optimizer):
         else:
             self._reduction = Buckets(self._flats, self._where, group, offload, self._bucket_bytes, device)
         self._gathering = Gathering(model, self._flats, self._where, group, device, names) if stage == 3 else None
-        self._hooks: list[Any] = []
-        for flat in self._flats:
-            for p in flat.params:
-                self._hooks.append(p.register_hook(partial_clear(p)))
-                self._hooks.append(p.register_post_accumulate_grad_hook(self._on_grad_ready))
-        self._backward_queued = False
+        trainable = [p for flat in self._flats for p in flat.params]
+        self._stand_ins = [(p, sharded_grad(p)) for p in trainable]  # what p.grad shows after backward
+        self._hooks: list[Any] = [p.register_hook(partial_clear(p)) for p in trainable]
+        self._grad_hooks = GradReadyHooks(trainable, self._on_grad_ready, self._end_of_backward,
+                                          on_start=self._start_backward)
         self._require_sync = True
         self._syncing = True
         self._reduced = False
@@ -360,30 +359,27 @@ class ZeroOptimizer(torch.optim.Optimizer):
         finally:
             self._require_sync = previous
 
+    def _start_backward(self) -> None:
+        self._syncing = self._require_sync
+        if self._reduced:  # a further backward before step(): its gradients add to the reduced ones
+            self._reduced = False
+            self._norm_cache = None
+
     def _on_grad_ready(self, p: nn.Parameter) -> None:
         """Called by autograd once p.grad holds this backward's gradient: hand it to the reduction, free it."""
-        if not self._backward_queued:
-            self._backward_queued = True
-            self._syncing = self._require_sync
-            if self._reduced:  # a further backward before step(): its gradients add to the reduced ones
-                self._reduced = False
-                self._norm_cache = None
-            torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
         self._reduction.add(p, p.grad)
         p.grad = None
         if self._gathering is not None:
             self._gathering.on_grad_ready(p)
 
     def _end_of_backward(self) -> None:
-        self._backward_queued = False
         if self._gathering is not None:
             self._gathering.finish_backward()
         if self._syncing:
             self._reduction.finish()
             self._after_reduction()
-        for flat in self._flats:
-            for p in flat.params:
-                p.grad = sharded_grad(p)
+        for p, stand_in in self._stand_ins:
+            p.grad = stand_in
 
     def _ensure_reduced(self) -> None:
         """step() or clip_grad_norm_ without a synchronised backward since the last step (no backward at all, or

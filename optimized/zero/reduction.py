@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from optimized.data_parallel import assign_buckets
 from optimized.zero.comm import Group
 from optimized.zero.partition import FlatBuffers, Slot
 
@@ -86,7 +87,7 @@ class WholeBuffer:
             flat.grads[start + owned :].zero_()
             flat.grads[start : start + owned].div_(n)
             if self.offload:  # the host slice accumulates averages; the device buffer starts again from zero
-                flat.host_grad.add_(flat.grads[start : start + owned].to(flat.host_grad.dtype))
+                flat.host_grad.add_(flat.grads[start : start + owned].to(flat.host_grad.device, flat.host_grad.dtype))
                 flat.grads.zero_()
         self._divided = not self.offload
 
@@ -125,16 +126,11 @@ class Buckets:
         self.flats, self.where, self.group, self.offload, self.device = flats, where, group, offload, device
         self.buckets: list[_Bucket] = []
         self.bucket_of: dict[int, _Bucket] = {}
-        for flat in flats:  # reverse model order, one flat at a time
-            cap = max(1, bucket_bytes // flat.buffer.element_size())
-            current: list[tuple[nn.Parameter, Slot]] = []
-            for p, slot in reversed(list(zip(flat.params, flat.layout.slots, strict=True))):
-                if current and current[0][1].end - slot.offset > cap:
-                    self._add_bucket(flat, current)
-                    current = []
-                current.append((p, slot))
-            if current:
-                self._add_bucket(flat, current)
+        for flat in flats:  # reverse model order, one flat at a time, packed as DataParallel packs its buckets
+            members = list(reversed(list(zip(flat.params, flat.layout.slots, strict=True))))
+            nbytes = [slot.numel * flat.buffer.element_size() for _, slot in members]
+            for indices in assign_buckets(nbytes, [flat.layout.dtype] * len(members), bucket_bytes):
+                self._add_bucket(flat, [members[i] for i in indices])
 
     def _add_bucket(self, flat: FlatBuffers, members: list[tuple[nn.Parameter, Slot]]) -> None:
         bucket = _Bucket(flat, members[-1][1].offset, members[0][1].end, [p for p, _ in members])

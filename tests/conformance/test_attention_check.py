@@ -127,3 +127,24 @@ def test_a_failing_peer_is_reported_and_ours_fails_the_run():
     assert "case c: why" in peer.notes and "not failing the run" in peer.notes
     ours = check._rule_row(ctx, "blocked float16", [("case a", ok), ("case b", bad)], 2, [], "", fails_run=True)
     assert ours.failed and "OUTSIDE THE RULE" in ours.notes
+
+
+def test_a_peer_that_raises_is_reported_not_a_crash(small, monkeypatch):
+    """On an H200 (torch 2.11) flex_attention raised inside torch.compile for a varlen mask and took the whole check
+    with it: a raising peer case is now named in its row's notes, the other cases still compared."""
+    real = check.flex_attention_varlen_fn
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("PendingUnbackedSymbolNotFound: simulated\nsecond line")
+
+    monkeypatch.setattr(check, "flex_attention_varlen_fn", boom)
+    rows = check._flex_rows(Context(device=torch.device("cpu"), world_size=1, quick=True, out_dir=Path(".")))
+    assert len(rows) == 3 and not [r.name for r in rows if r.failed]
+    assert all("raised RuntimeError: PendingUnbackedSymbolNotFound: simulated" in r.notes for r in rows)
+    assert all("second line" not in r.notes for r in rows)
+    monkeypatch.setattr(check, "flex_attention_varlen_fn", real)
+    monkeypatch.setattr(check, "flex_attention_fn", boom)
+    monkeypatch.setattr(check, "VARLEN_CASES", ())
+    rows = check._flex_rows(Context(device=torch.device("cpu"), world_size=1, quick=True, out_dir=Path(".")))
+    dtypes = ("float32", "float16", "bfloat16")
+    assert [r.name for r in rows] == [f"flex_attention {d}: every case raised" for d in dtypes]

@@ -1,5 +1,5 @@
-"""The checks `checkpointing` and `context_parallel` on quick sizes: their equivalence rows pass, the measured bytes
-equal the formulas (the verdicts say so), and their figures are returned as data."""
+"""The checks `checkpointing` and `context_parallel` on quick sizes: the measured bytes equal the formulas (the
+verdicts say so), ring attention's equivalence rows pass, and the figures are returned as data."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from conformance.claims import Verdict
 CTX = Context(device=torch.device("cpu"), world_size=2, quick=True, out_dir=Path("."), timeout=240.0)
 
 
-def test_checkpointing_check_rows():
-    rows = ckpt_check._equivalence_rows(CTX) + ckpt_check._memory_rows(CTX)
+def test_checkpointing_check_memory_rows():
+    rows = ckpt_check._memory_rows(CTX)  # (its equivalence rows are what tests/optimized/test_checkpointing.py runs)
     assert rows and not any(r.failed for r in rows), [r.error or str(r.equivalence) for r in rows if r.failed]
     memory = next(r for r in rows if r.claim == "checkpointing.memory")
     assert memory.verdict == Verdict.HOLDS_UNDER_CONDITIONS

@@ -75,3 +75,18 @@ def test_accumulation_and_amp_step_equal_a_hand_written_loop(family, hf_labels):
     with torch.no_grad():
         for (name, p), q in zip(stepped.named_parameters(), reference.parameters(), strict=True):
             torch.testing.assert_close(p, q - 0.1 * q.grad, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_amp_step_in_bf16_equals_the_same_loop_under_autocast():
+    """bf16 autocast on HF Llama (fp32 weights): amp_step gives the loss and update of the hand-written loop run
+    under the same autocast, to fp32 rounding (the loop sums its losses in Python floats)."""
+    batch = _batch()
+    stepped, reference = _model("llama").float(), _model("llama").float()
+    opt = torch.optim.SGD(stepped.parameters(), lr=0.1)
+    result = amp_step(stepped, opt, batch, dtype=torch.bfloat16, accumulation_steps=2, loss_fn=causal_lm_loss)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = _hand_written(reference, [_rows(batch, 0, 2), _rows(batch, 2, 4)], hf_labels=False)
+    assert result.loss == pytest.approx(want.item(), rel=1e-6)
+    with torch.no_grad():
+        for (name, p), q in zip(stepped.named_parameters(), reference.parameters(), strict=True):
+            torch.testing.assert_close(p, q - 0.1 * q.grad, rtol=1e-6, atol=1e-7, msg=name)

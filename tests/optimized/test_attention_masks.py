@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import optimized.attention.blocked as blocked_module
-from conformance.checks.attention import Case, VarlenCase, compare_fn, compare_varlen, compare_varlen_fn
+from conformance.checks.attention import Case, VarlenCase, compare, compare_fn, compare_varlen, compare_varlen_fn
 from conformance.tolerance import assert_equivalent
 from optimized.attention import (
     BackendUnavailable,
@@ -192,7 +192,6 @@ def test_select_backend_with_windows_and_softcap_on_cpu():
     k = torch.randn(1, 2, 40, 8)
     window = select_backend(q, k, k, is_causal=True, window_size=(8, 0))
     assert window.backend == "blocked" and "sliding window" in window.rejected["sdpa"]
-    assert "sliding window" in unsupported("triton", q, k, k, window_size=(8, 0))
     assert "softcap" in select_backend(q, k, k, softcap=5.0).rejected["sdpa"]
     # A window that is exactly causal, or wider than the sequence, is SDPA's own mask.
     assert select_backend(q, k, k, window_size=(-1, 0)).backend == "sdpa"
@@ -221,6 +220,7 @@ def test_select_backend_varlen_on_cpu():
     choice = select_backend_varlen(q, k, k, uneven, uneven, 7, 7, is_causal=True)
     assert choice.backend == "blocked" and "different lengths" in choice.rejected["sdpa"]
     assert "CUDA" in choice.rejected["flash_attn"]
+    assert "different lengths" in unsupported_varlen("triton", q, k, k, uneven, uneven, 7, 7)
     assert "log-sum-exp" in unsupported_varlen("sdpa", q, k, k, even, even, 4, 4, return_lse=True)
     with pytest.raises(BackendUnavailable, match="'sdpa' cannot serve.*different lengths"):
         flash_attention_varlen(q, k, k, uneven, uneven, 7, 7, backend="sdpa")
@@ -251,3 +251,75 @@ def test_bad_varlen_input_raises_value_error_before_work(fn):
         fn(q, k, k, cu_q, i32([0, 7]), 4, 7)
     with pytest.raises(ValueError, match="multiple of k/v heads"):
         fn(q, torch.randn(7, 3, 4), torch.randn(7, 3, 4), cu_q, cu_k, 4, 4)
+
+
+def _triton_device() -> torch.device:
+    kernels = pytest.importorskip("optimized.attention.triton", reason="triton is not installed")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if kernels.interpreted():
+        return CPU
+    pytest.skip("no CUDA device, and TRITON_INTERPRET=1 was not set before triton compiled the kernels")
+
+
+@settings(max_examples=4, deadline=None)
+@given(n=st.integers(1, 40), m=st.integers(1, 40), is_causal=st.booleans(),
+       alignment=st.sampled_from(["top_left", "bottom_right"]), data=st.data(), softcap=st.sampled_from([0.0, 2.0]),
+       padding=st.booleans(), seed=st.integers(0, 2**16))
+def test_triton_windows_and_softcap_by_the_error_rule(n, m, is_causal, alignment, data, softcap, padding, seed):
+    # Under the interpreter (tiles of 16) on CPU, compiled on CUDA. float16: a window (0, 0) leaves each query one
+    # key, where dK is exactly 0 and naive float32 hits it to the bit, so float32's one-ulp floor would judge the
+    # rounding of D = rowsum(dO ∘ O) alone; float32 is held on the fixed cases of the conformance check.
+    case = Case("drawn", B=1, H=2, Hkv=1, N=n, M=m, d=16, is_causal=is_causal, causal_alignment=alignment,
+                padding=padding, window_size=data.draw(windows(max(n, m))), softcap=softcap,
+                q_scale=4.0 if softcap else 1.0)
+    assert_equivalent(compare("triton", case, dtype=torch.float16, device=_triton_device(), seed=seed))
+
+
+def test_triton_window_softcap_float16_and_reproducible_backward():
+    device = _triton_device()
+    case = Case("window (6, 0), softcap 3, GQA 2:1", B=1, H=2, Hkv=1, N=45, M=45, d=16, is_causal=True,
+                window_size=(6, 0), softcap=3.0, q_scale=5.0)
+    assert_equivalent(compare("triton", case, dtype=torch.float16, device=device))
+    q, k, v, d_out, _ = (t.to(device) if t is not None else None for t in case.inputs(2))
+    fn = functools.partial(flash_attention, backend="triton")
+    first = _grads(fn, q.float(), k.float(), v.float(), d_out.float(), **case.options(None))
+    second = _grads(fn, q.float(), k.float(), v.float(), d_out.float(), **case.options(None))
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+
+
+GPU_MASK_CASES = [
+    Case("causal window (128, 0), GQA 8:2, N=M=1000, d=64", B=2, H=8, Hkv=2, N=1000, M=1000, d=64, is_causal=True,
+         window_size=(128, 0)),
+    Case("window (50, 70), bottom-right, padded, N=257 < M=1031, d=128", B=2, H=4, Hkv=4, N=257, M=1031, d=128,
+         causal_alignment="bottom_right", window_size=(50, 70), padding=True),
+    Case("softcap 30, causal, N=M=600, d=256", B=1, H=2, Hkv=1, N=600, M=600, d=256, is_causal=True, softcap=30.0,
+         q_scale=8.0),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "blocked", "flash_attn"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("case", GPU_MASK_CASES, ids=[c.name for c in GPU_MASK_CASES])
+def test_windows_and_softcap_on_cuda_by_the_error_rule(case, dtype, backend):
+    device = torch.device("cuda")
+    q, k, v, _, mask = case.inputs()
+    reason = unsupported(backend, *(t.to(device, dtype) for t in (q, k, v)),
+                         **case.options(mask.to(device) if mask is not None else None))
+    if reason is not None:
+        pytest.skip(reason)
+    assert_equivalent(compare(backend, case, dtype=dtype, device=device))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_varlen_on_cuda_by_the_error_rule(dtype):
+    case = VarlenCase("documents of 1, 300, 64, 1000, 7 tokens, window (64, 0), softcap 20", (1, 300, 64, 1000, 7),
+                      H=8, Hkv=2, d=64, is_causal=True, window_size=(64, 0), softcap=20.0, q_scale=4.0)
+    for backend in ("blocked", "flash_attn"):
+        q, k, v, _, args = case.inputs()
+        moved = (*(t.to("cuda", dtype) for t in (q, k, v)), *(a.cuda() for a in args[:2]), *args[2:])
+        if unsupported_varlen(backend, *moved, **case.options()) is None:
+            assert_equivalent(compare_varlen(backend, case, dtype=dtype, device=torch.device("cuda")))

@@ -131,3 +131,17 @@ def test_triton_backward_on_cuda_is_bitwise_reproducible():
     for run in runs[1:]:
         for a, b in zip(runs[0], run, strict=True):
             assert torch.equal(a, b)
+
+
+def test_inputs_reach_the_kernels_in_the_one_layout_they_are_built_for():
+    # Head dim zero-padded to a power of two, strides multiples of 16 elements, 16-byte aligned: the layout the
+    # ahead-of-time build covers (tests/conformance/test_triton_build.py).
+    x = torch.randn(2, 3, 20, 64)
+    assert kernels.aligned(x, 64) is x
+    y = x.transpose(1, 2).contiguous().transpose(1, 2)  # the model's (B, T, H, d) seen as (B, H, T, d)
+    assert kernels.aligned(y, 64) is y  # its strides are multiples of 16 already: no copy
+    for t, block_d in ((x[..., :40], 64), (x[:, :, 1:, :].narrow(-1, 1, 16), 16), (x[..., ::2], 32)):
+        a = kernels.aligned(t, block_d)
+        assert a.shape == (*t.shape[:-1], block_d)
+        assert a.stride(-1) == 1 and all(s % 16 == 0 for s in a.stride()[:-1]) and a.data_ptr() % 16 == 0
+        assert torch.equal(a[..., : t.shape[-1]], t) and not a[..., t.shape[-1]:].any()

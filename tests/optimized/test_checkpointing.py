@@ -130,6 +130,8 @@ def test_transformers_llama_decoder_layers_are_found():
      "'blocks.1' is already checkpointed"),
     (lambda m: apply_activation_checkpointing(apply_activation_checkpointing(m, "selective"), "selective"),
      "already checkpointed"),
+    (lambda m: apply_activation_checkpointing(apply_activation_checkpointing(m, "selective"), "full"),
+     "'blocks.0' is already checkpointed"),
 ])
 def test_bad_input_is_named_and_changes_nothing(call, match):
     model = GPT(GPTConfig())

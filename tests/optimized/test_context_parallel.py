@@ -120,6 +120,40 @@ def test_ring_attention_equals_one_process_attention(world_size):
             assert sent == forward + backward, (layout, causal, Hkv)
 
 
+def _low_precision_worker():
+    """bf16 / fp16 inputs: the FlashAttention rule against float64, the naive attention in the same dtype as base."""
+    from conformance.tolerance import GRADIENT_FACTOR, error_ratio
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    full = _case(2, 4, 2, 8 * world, 16, seed=3)
+    results = {}
+    for dtype, causal in ((torch.bfloat16, False), (torch.bfloat16, True), (torch.float16, True)):
+        grads = {}
+        for kind, cast in (("ref", torch.double), ("base", dtype)):
+            leaves = [t.to(cast).requires_grad_() for t in full[:3]]
+            out = attention(*leaves, is_causal=causal)  # (B, H, N, d)
+            out.backward(full[3].to(cast))
+            grads[kind] = [out.detach()] + [t.grad for t in leaves]
+
+        def mine(t):
+            return shard_sequence(t, rank=rank, world_size=world, layout="zigzag")
+
+        q, k, v = (mine(t).to(dtype).requires_grad_() for t in full[:3])
+        out = ring_attention(q, k, v, is_causal=causal, layout="zigzag")
+        out.backward(mine(full[3]).to(dtype))
+        for i, (name, got) in enumerate(zip(("out", "dq", "dk", "dv"), (out, q.grad, k.grad, v.grad), strict=True)):
+            factor = {} if name == "out" else {"factor": GRADIENT_FACTOR}
+            eq = error_ratio(got, mine(grads["ref"][i]), mine(grads["base"][i]), name=name, **factor)
+            results[dtype, causal, name] = (eq.passed, str(eq))
+    return results
+
+
+def test_low_precision_meets_the_flash_attention_error_rule():
+    for results in spawn(_low_precision_worker, 2, timeout=TIMEOUT):
+        for key, (passed, text) in results.items():
+            assert passed, (key, text)
+
+
 def _drawn_worker(case):
     return _check_one(**case)
 

@@ -364,3 +364,39 @@ def test_bucket_assignment_properties(sizes, dtypes, cap):
             assert sum(sizes[i] for i in earlier[-1]) + sizes[b[0]] > cap
     with pytest.raises(ValueError, match="cap_bytes"):
         assign_buckets(sizes, dtypes, 0)
+
+
+# --- buffers --------------------------------------------------------------------------------------------------------
+
+
+def _buffers_worker() -> dict:
+    """BatchNorm's running statistics after 3 training steps on rank-local data, ours and DDP's, broadcast_buffers
+    True and False."""
+    rank = dist.get_rank()
+    out = {}
+    for broadcast in (True, False):
+        for name, wrap in (("ours", DataParallel), ("ddp", torch.nn.parallel.DistributedDataParallel)):
+            torch.manual_seed(0)
+            model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1))
+            wrapped = wrap(model, broadcast_buffers=broadcast)
+            opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            for step in range(3):
+                x = torch.randn(6, 3, generator=torch.Generator().manual_seed(10 * step + rank)) * (rank + 1)
+                wrapped(x).square().mean().backward()
+                opt.step()
+                opt.zero_grad()
+            out[(name, broadcast)] = [b.clone() for b in model.buffers()]
+    return out
+
+
+def test_broadcast_buffers_follows_ddp():
+    """With broadcast_buffers=True every forward starts from rank 0's running statistics, as in DDP; with False
+    each rank keeps its own. Ours equals DDP's buffers on every rank in both modes."""
+    results = spawn(_buffers_worker, 2, timeout=60)
+    for result in results:
+        for broadcast in (True, False):
+            for a, b in zip(result[("ours", broadcast)], result[("ddp", broadcast)], strict=True):
+                torch.testing.assert_close(a, b)
+    differs = [not torch.equal(a, b) for a, b in zip(results[0][("ours", False)], results[1][("ours", False)],
+                                                        strict=True)]
+    assert any(differs)  # the ranks' data differ, so without the broadcast their statistics do

@@ -206,3 +206,18 @@ def test_llama_style_stages_in_sequence_compute_the_model_bitwise():
 def test_first_stage_checks_ids(idx, match):
     with pytest.raises(ValueError, match=match):
         split(tiny(), 2)[0](idx)
+
+
+def test_an_nn_sequential_is_cut_by_its_children():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(64, 16), torch.nn.Linear(16, 16), torch.nn.GELU(),
+                                torch.nn.Linear(16, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 64))
+    idx, targets = batch()
+    want = model(idx)
+    stages = split(model, 2)
+    assert stages[0].token_embedding is model[0] and list(stages[1].head) == [model[5]]
+    assert [i for s in stages for i in s.block_indices] == [0, 1, 2, 3]  # the children between embedding and head
+    logits, loss = run_stages(stages, idx, targets)
+    assert torch.equal(logits, want)
+    assert torch.equal(loss, torch.nn.functional.cross_entropy(want.reshape(-1, 64), targets.reshape(-1),
+                                                               reduction="sum"))

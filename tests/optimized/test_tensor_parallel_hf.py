@@ -96,3 +96,31 @@ def test_llama_style_project_gpt_equals_one_process():
     for rank, errors in enumerate(spawn(_llama_style_worker, 2, timeout=TIMEOUT)):
         bad = {k: e for k, e in errors.items() if not e < 1e-10}
         assert not bad and len(errors) > 10, f"rank {rank}: {bad}"
+
+
+def _fused_gqa_worker() -> list[float]:
+    """A fused [q; k; v] projection with GQA widths (32, 16, 16), as nn.Linear and as Conv1D storage: each rank's
+    output is its slice of q, of k and of v; unshard gives back the full weight."""
+    from optimized.tensor_parallel import ColumnParallelLinear
+
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(16, 64).double()
+    x = torch.randn(3, 16, dtype=torch.float64)
+    rank, t = dist.get_rank(), dist.get_world_size()
+    want = torch.cat([part.chunk(t, dim=-1)[rank] for part in dense(x).split((32, 16, 16), dim=-1)], dim=-1)
+    layer = ColumnParallelLinear.from_dense(dense, sections=(32, 16, 16))
+    errors = [(layer(x) - want).abs().max().item()]
+    parts = [torch.empty_like(layer.weight) for _ in range(t)]
+    dist.all_gather(parts, layer.weight.detach().contiguous())
+    errors.append((layer.unshard("weight", parts) - dense.weight).abs().max().item())
+    conv = transformers.pytorch_utils.Conv1D(64, 16).double()
+    with torch.no_grad():
+        conv.weight.copy_(dense.weight.t())
+        conv.bias.copy_(dense.bias)
+    errors.append((ColumnParallelLinear.from_dense(conv, sections=(32, 16, 16))(x) - want).abs().max().item())
+    return errors
+
+
+def test_fused_gqa_projection_splits_each_section():
+    for errors in spawn(_fused_gqa_worker, 2, timeout=TIMEOUT):
+        assert max(errors) < 1e-14, errors

@@ -5,6 +5,7 @@ outside a gather, ranks holding different models, and torch's clip_grad_norm_ on
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -48,7 +49,11 @@ def _params(model, opt) -> list[torch.Tensor]:
 # --- inf / NaN gradients --------------------------------------------------------------------------------------------
 
 
-def _inf_worker(config: dict) -> dict:
+def _inf_worker(configs: list[dict]) -> list[dict]:
+    return [_inf_run(config) for config in configs]
+
+
+def _inf_run(config: dict) -> dict:
     """Steps on batches 0, 1, 2 where step 1 has an inf gradient on rank 1 only, against steps on 0, 2."""
     batches = make_batches(3, batch_size=4, seq_len=6, vocab_size=CFG["vocab_size"], seed=3)
     out = {}
@@ -79,14 +84,43 @@ def _inf_worker(config: dict) -> dict:
 def test_an_inf_gradient_on_one_rank_skips_the_step_on_every_rank():
     """Every stage, offload, bf16: the inf step changes nothing on any rank and the run then equals a run that
     never saw it, bitwise."""
-    for config in CONFIGS:
-        results = spawn(_inf_worker, 2, config, timeout=120)
-        for rank, result in enumerate(results):
+    per_rank = spawn(_inf_worker, 2, CONFIGS, timeout=120)
+    for c, config in enumerate(CONFIGS):
+        for rank, result in enumerate(r[c] for r in per_rank):
             params, skipped, unchanged, count = result["poisoned"]
             clean = result["clean"][0]
             assert skipped == [False, True, False] and count == 1, (config, rank)
             assert unchanged, (config, rank)
             assert all(torch.equal(a, b) for a, b in zip(params, clean, strict=True)), (config, rank)
+
+
+def _accumulation_worker() -> list[list[torch.Tensor]]:
+    """Stage 1, two micro-batches per step: reduced after each backward, or only after the second (no_sync)."""
+    batches = make_batches(4, batch_size=4, seq_len=6, vocab_size=CFG["vocab_size"], seed=4)
+    out = []
+    for use_no_sync in (False, True):
+        model = _model()
+        opt = ZeroOptimizer(model, torch.optim.AdamW, stage=1, **ADAMW)
+        for first, second in zip(batches[::2], batches[1::2], strict=True):
+            with opt.no_sync() if use_no_sync else contextlib.nullcontext():
+                (model(*_local(first, opt))[1] / 2).backward()
+            (model(*_local(second, opt))[1] / 2).backward()
+            opt.clip_grad_norm_(1.0)
+            opt.step()
+        out.append(_params(model, opt))
+    return out
+
+
+def test_stage1_accumulation_with_and_without_no_sync_agree():
+    for without, with_no_sync in spawn(_accumulation_worker, 2, timeout=60):
+        for a, b in zip(without, with_no_sync, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_no_sync_is_refused_where_gradients_are_sharded():
+    opt = ZeroOptimizer(_model(), torch.optim.AdamW, stage=2, **ADAMW)
+    with pytest.raises(RuntimeError, match="no_sync\\(\\) is for stage 1"), opt.no_sync():
+        pass
 
 
 # --- fp16 loss scaling ----------------------------------------------------------------------------------------------
@@ -289,6 +323,38 @@ def test_released_zero3_parameters_raise_a_clear_error():
         twin = copy.deepcopy(model)
         assert torch.equal(state["wte.weight"], twin.wte.weight)
     assert GPT(GPTConfig(**CFG)).load_state_dict(state, strict=True)  # a real, loadable state dict
+
+
+class _External(nn.Module):
+    """A parameter-free parent whose forward reads its child's weight without calling the child."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.child = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.child.weight, self.child.bias)
+
+
+def test_a_parameter_used_outside_its_module_needs_registration_and_then_trains():
+    x = torch.randn(5, 4)
+    reference = _External()
+    reference(x).square().sum().backward()
+    model = _External()
+    opt = ZeroOptimizer(model, torch.optim.SGD, stage=3, lr=0.1)
+    with pytest.raises(ReleasedParameterError, match=r"'child.weight' .*register_external_parameter"):
+        model(x)
+    opt.register_external_parameter(model, model.child.weight)
+    opt.register_external_parameter(model, model.child.bias)
+    model(x).square().sum().backward()
+    opt.step()
+    with torch.no_grad():
+        for p in reference.parameters():
+            p -= 0.1 * p.grad
+    with opt.gathered_parameters():
+        for a, b in zip(model.parameters(), reference.parameters(), strict=True):
+            torch.testing.assert_close(a, b)
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
