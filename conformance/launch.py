@@ -22,6 +22,7 @@ them raise the same RankError and stay in step for the next call.
 from __future__ import annotations
 
 import ctypes
+import errno
 import fcntl
 import json
 import math
@@ -133,8 +134,9 @@ def _run_in_place(fn, world_size, args, kwargs, backend, device, timeout) -> lis
 # or none of it.
 #   call.pt           (fn, args, kwargs), written by the caller before any rank starts
 #   store             the FileStore of the rendezvous
-#   alive_<r>         locked (flock) by rank r for its whole life: the kernel releases the lock when r dies, however
-#                     it dies, so a peer can tell "r is gone" from "r is slow" without any message from r
+#   alive_<r>         locked (a POSIX record lock, lockf) by rank r for its whole life: the kernel releases the lock
+#                     when r dies, however it dies, so a peer can tell "r is gone" from "r is slow" without any message
+#                     from r; unlike flock, the lock is not inherited by processes r forks (DataLoader workers)
 #   result_<r>.pt     r's return value (torch.save)
 #   error_<r>.json    r's failure: traceback, when (time.monotonic, one clock for every process on the machine), and
 #                     which peers were already gone at that moment (then the failure is a consequence, not a cause)
@@ -183,7 +185,7 @@ def _hold_alive_lock(workdir: str, rank: int) -> None:
     name and renamed into place, so a peer never finds the file unlocked while this rank lives."""
     tmp = os.path.join(workdir, f"alive_{rank}.tmp")
     fd = os.open(tmp, os.O_CREAT | os.O_WRONLY, 0o600)
-    fcntl.flock(fd, fcntl.LOCK_EX)
+    fcntl.lockf(fd, fcntl.LOCK_EX)
     os.replace(tmp, os.path.join(workdir, f"alive_{rank}"))
 
 
@@ -194,9 +196,11 @@ def _gone(workdir: str, rank: int) -> bool:
     except FileNotFoundError:
         return False  # not started yet
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # shared: peers probing the same rank never block each other
-    except BlockingIOError:
-        return False  # the rank holds its exclusive lock: alive
+        fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # shared: peers probing the same rank never block each other
+    except OSError as e:
+        if e.errno in (errno.EACCES, errno.EAGAIN):
+            return False  # the rank holds its exclusive lock: alive
+        raise
     finally:
         os.close(fd)
     return not os.path.exists(os.path.join(workdir, f"result_{rank}.pt"))
@@ -241,9 +245,14 @@ def _rank_main(rank, world_size, backend, device_type, timeout, workdir, caller_
     except BaseException:  # noqa: BLE001 - every failure must reach the caller, KeyboardInterrupt included
         _record_error(workdir, rank, world_size)
     try:
-        dist.destroy_process_group()
         # A result that cannot be pickled fails here, with its traceback.
         _write_atomically(os.path.join(workdir, f"result_{rank}.pt"), lambda path: torch.save(result, path))
+        # Stay until every rank has returned: exiting closes this rank's connections, and a peer still inside
+        # init_process_group's connect or a last collective with it would fail with "Connection closed by peer".
+        # The wait is on the store, not a collective, so it cannot itself be cut short that way.
+        store.set(f"returned_{rank}", "1")
+        store.wait([f"returned_{r}" for r in range(world_size)], timedelta(seconds=timeout))
+        dist.destroy_process_group()
     except BaseException:  # noqa: BLE001
         _record_error(workdir, rank, world_size)
     os._exit(0)  # skip interpreter teardown: nothing left to flush, and it can hang on gloo threads
@@ -300,10 +309,13 @@ def _watch(procs: list, workdir: str, timeout: float) -> None:
     while running:
         left = deadline - time.monotonic()
         if left <= 0:
-            names = ", ".join(str(r) for r in sorted(running.values()))
+            # A rank that returned waits for the others before it exits (see _rank_main): it did not hang.
+            returned = {r for r in running.values() if os.path.exists(os.path.join(workdir, f"result_{r}.pt"))}
+            hung = ", ".join(str(r) for r in sorted(set(running.values()) - returned))
             raise RankTimeout(
-                f"rank(s) {names} of {len(procs)} did not finish within {timeout:g} s and were killed "
+                f"rank(s) {hung} of {len(procs)} did not finish within {timeout:g} s and were killed "
                 f"(a hang: a collective some rank never joined, or a deadlock)"
+                + (f"; rank(s) {', '.join(map(str, sorted(returned)))} had returned" if returned else "")
             )
         for sentinel in mp.connection.wait(list(running), timeout=min(left, 0.5)):
             rank = running.pop(sentinel)
@@ -324,6 +336,8 @@ def _failure_message(procs: list, workdir: str, seen: list[int]) -> str:
         p.join(max(0.0, settle - time.monotonic()))
     stopped = [r for r, p in enumerate(procs) if p.exitcode is None]
     _kill(procs)
+    returned = [r for r in stopped if os.path.exists(os.path.join(workdir, f"result_{r}.pt"))]
+    stopped = [r for r in stopped if r not in returned]
     world = len(procs)
     seen = seen + [r for r in range(world) if r not in seen and r not in stopped]
     records, silent = {}, []
@@ -355,6 +369,8 @@ def _failure_message(procs: list, workdir: str, seen: list[int]) -> str:
         lines.append(f"  then {describe(r, full=False)}" + (f" (after rank(s) {after} had gone)" if after else ""))
     if stopped:
         lines.append(f"  rank(s) {', '.join(map(str, stopped))} were still running and were killed")
+    if returned:
+        lines.append(f"  rank(s) {', '.join(map(str, returned))} had returned and were waiting for the others")
     return "\n".join(lines)
 
 
