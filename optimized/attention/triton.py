@@ -220,7 +220,7 @@ def _bwd_dkdv_kernel(
             lse = tl.where(lse == float("-inf"), float("inf"), lse)  # a row that saw no key: P = 0
             sT = tl.dot(k, qT, input_precision="ieee") * qk_scale  # line 9, transposed: Sᵀ (BLOCK_N, BLOCK_M)
             if SOFTCAP:
-                sT, tT = _softcap(sT, cap2)
+                sT, _ = _softcap(sT, cap2)
             keep = keep_cols[:, None] & row_ok[None, :]
             if IS_CAUSAL:
                 keep = keep & (rows[None, :] >= first_query[:, None])
@@ -229,11 +229,14 @@ def _bwd_dkdv_kernel(
             pT = tl.where(keep, tl.math.exp2(sT - lse[None, :]), 0.0)  # line 10: Pᵀ = exp(Sᵀ - L)
             do = tl.load(do_tile + do_offs, mask=row_ok[:, None], other=0.0)
             dv = tl.dot(pT.to(do.dtype), do, dv, input_precision="ieee")  # line 11: dV_j += Pᵀ dO_i
+            if SOFTCAP:  # through the cap, d(c·tanh(x / c))/dx = 1 - tanh², folded into Pᵀ now that dV has it.
+                # tanh = S / c is read back from Pᵀ = exp2(S - L) rather than kept live across dV's dot (keeping
+                # it spilled on sm_90, float16, d=64); a Pᵀ of 0 stays 0.
+                tT = (tl.math.log2(tl.maximum(pT, 1e-30)) + lse[None, :]) / cap2
+                pT = pT * tl.where(pT > 0.0, 1.0 - tT * tT, 0.0)
             delta = tl.load(DELTA + row_stats + offs_m, mask=row_ok, other=0.0)
             dpT = tl.dot(v, tl.trans(do), input_precision="ieee")  # line 12: dPᵀ = V_j dO_iᵀ
             dsT = pT * (dpT - delta[None, :])  # line 13: dSᵀ = Pᵀ ∘ (dPᵀ - D_i)
-            if SOFTCAP:  # through the cap: d(c·tanh(x / c))/dx = 1 - tanh²
-                dsT = dsT * (1.0 - tT * tT)
             dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision="ieee")  # line 15: dK_j += dSᵀ Q_i
             q_tile += BLOCK_M * sqn
             do_tile += BLOCK_M * sdn
