@@ -3,9 +3,11 @@
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -288,10 +290,12 @@ spawn(report_and_block, 2, out, timeout=600)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
-def test_a_killed_caller_leaves_no_process_and_no_temp_dir(tmp_path, sig):
-    out, tmp = tmp_path / "out", tmp_path / "tmp"
+def test_a_killed_caller_leaves_no_process_and_no_temp_dir(tmp_path, request, sig):
+    # The caller's TMPDIR must be short: multiprocessing puts the forkserver's socket there, and an AF_UNIX path
+    # has at most 107 bytes (pytest's tmp_path under xdist is already close to that).
+    out, tmp = tmp_path / "out", Path(tempfile.mkdtemp(prefix="launch-test-"))
     out.mkdir()
-    tmp.mkdir()
+    request.addfinalizer(lambda: shutil.rmtree(tmp, ignore_errors=True))
     env = {**os.environ, "TMPDIR": str(tmp), "PYTHONPATH": str(ROOT)}
     caller = subprocess.Popen([sys.executable, "-c", _CALLER, str(out)], cwd=ROOT, env=env)
     try:
