@@ -13,7 +13,8 @@ any stack frame or local memory (registers spilled: the kernel then runs far bel
 (IEEE dot products, no tensor cores) may spill: they are the accurate path, not the fast one.
 
 What changes the generated code, and so what is built: the kernel, the architecture, the dtype, the padded head dim
-BLOCK_D (16 ... 256), causal or not, a key padding mask or not. Nothing else does: the sizes (H, N, M, the GQA group,
+BLOCK_D (16 ... 256), and four mask flags: causal (the right edge), a key padding mask, a sliding window's left edge,
+softcap. Nothing else does: the sizes (H, N, M, the GQA group,
 the causal offset) are never specialised by the kernels, and `triton_attention` hands them every tensor in one
 layout (head dim zero-padded to BLOCK_D, strides multiples of 16 elements, 16-byte aligned; see
 `optimized.attention.triton.aligned`), so the lengths, GQA and odd head dims run the builds made here. (Not covered:
@@ -64,10 +65,19 @@ class Spec:
     causal: bool
     pad: bool
     """A key padding mask is passed."""
+    window: bool = False
+    """A sliding window's left edge (HAS_WINDOW)."""
+    softcap: bool = False
+    """Scores soft-capped (SOFTCAP)."""
+
+    @property
+    def masks(self) -> str:
+        on = [n for n, f in (("causal", self.causal), ("pad", self.pad), ("window", self.window),
+                             ("softcap", self.softcap)) if f]
+        return ",".join(on) or "-"
 
     def __str__(self) -> str:
-        flags = ("causal " if self.causal else "") + ("pad " if self.pad else "")
-        return f"sm_{self.arch} {self.dtype} d={self.block_d} {self.kernel} {flags}".strip()
+        return f"sm_{self.arch} {self.dtype} d={self.block_d} {self.kernel} {self.masks}"
 
 
 @dataclass(frozen=True)
@@ -97,25 +107,24 @@ class Build:
 
 def specs(*, full: bool = True, archs: tuple[int, ...] = ARCHS, dtypes: tuple[str, ...] = DTYPES,
           block_ds: tuple[int, ...] = BLOCK_DS) -> list[Spec]:
-    """The builds to check. full: every variant (causal or not, padding mask or not); otherwise each kernel,
-    architecture, dtype and head dim once, with the causal mask and the padding mask both on (the most live
-    values)."""
+    """The builds to check. full: every variant (each of the four mask flags on or off); otherwise each kernel,
+    architecture, dtype and head dim once, with every mask on (the most live values)."""
     for name, values, allowed in (("archs", archs, ARCHS), ("dtypes", dtypes, DTYPES),
                                   ("block_ds", block_ds, BLOCK_DS)):
         bad = [v for v in values if v not in allowed]
         if bad or not values:
             raise ValueError(f"{name} must be a non-empty subset of {allowed}, got {values!r}")
-    flags = list(itertools.product((False, True), (False, True))) if full else [(True, True)]
+    flags = list(itertools.product((False, True), repeat=4)) if full else [(True, True, True, True)]
     out = []
     for arch, dtype, block_d in itertools.product(archs, dtypes, block_ds):
         out.append(Spec("_bwd_preprocess", arch, dtype, block_d, False, False))
         for kernel in ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"):
-            out += [Spec(kernel, arch, dtype, block_d, causal, pad) for causal, pad in flags]
+            out += [Spec(kernel, arch, dtype, block_d, *f) for f in flags]
     return out
 
 
 def quick_specs() -> list[Spec]:
-    """The CI subset: every kernel, architecture and padded head dim in bfloat16 with both masks on (the most live
+    """The CI subset: every kernel, architecture and padded head dim in bfloat16 with every mask on (the most live
     values), plus float16 and float32 at d=128 (56 builds; the test suite and the quick report row share them, so
     the second finds them in Triton's cache)."""
     return (specs(full=False, dtypes=("bfloat16",))
@@ -153,7 +162,8 @@ def build(spec: Spec) -> Build:
         raise RuntimeError("the Triton kernels were imported with TRITON_INTERPRET=1: they cannot be compiled here")
     n = _SPECIMEN_LENGTH
     problem = Problem(B=2, H=4, Hkv=2, N=n, M=n, d=spec.block_d, scale=spec.block_d**-0.5,
-                      causal_offset=0 if spec.causal else None)
+                      causal_offset=0 if spec.causal else None, left_offset=-256 if spec.window else None,
+                      softcap=30.0 if spec.softcap else 0.0)
     capability = divmod(spec.arch, 10)
     launch = next(x for x in kernels.launches(problem, getattr(torch, spec.dtype), spec.pad, capability)
                   if x.kernel.__name__ == spec.kernel)
@@ -217,14 +227,13 @@ def failures(builds: list[Build]) -> list[str]:
 
 def table(builds: list[Build]) -> str:
     """The builds as a fixed-width table, one row per build."""
-    head = f"{'arch':6} {'dtype':8} {'d':>3} {'kernel':16} {'mask':12} {'tiles':16} {'reg':>4} {'stack':>5} " \
+    head = f"{'arch':6} {'dtype':8} {'d':>3} {'kernel':16} {'masks':26} {'tiles':16} {'reg':>4} {'stack':>5} " \
            f"{'smem':>7} {'mma':5} {'s':>5}  problems"
     rows = [head]
     for b in builds:
         s = b.spec
-        mask = ",".join(x for x, on in (("causal", s.causal), ("pad", s.pad)) if on) or "-"
         name = s.kernel.removeprefix("_").removesuffix("_kernel")
-        rows.append(f"sm_{s.arch:<3} {s.dtype:8} {s.block_d:3d} {name:16} {mask:12} {b.tiles:16} {b.registers:4d} "
+        rows.append(f"sm_{s.arch:<3} {s.dtype:8} {s.block_d:3d} {name:16} {s.masks:26} {b.tiles:16} {b.registers:4d} "
                     f"{b.stack:5d} {b.shared:7d} {b.mma:5} {b.seconds:5.1f}  {'; '.join(b.problems)}")
     return "\n".join(rows)
 
@@ -259,7 +268,7 @@ def report_row(spec, ctx, *, workers: int | None = None):
     os.makedirs(ctx.out_dir, exist_ok=True)
     with open(os.path.join(ctx.out_dir, "triton_build.txt"), "w") as f:
         f.write(table(builds) + "\n")
-    scope = "bf16 at every head dim, fp16 / fp32 at d=128, causal + padded" if ctx.quick else "every variant"
+    scope = "bf16 at every head dim, fp16 / fp32 at d=128, every mask on" if ctx.quick else "every variant"
     metrics = [Metric(name, value, "bytes" if "bytes" in name else "count") for name, value in summary(builds).items()]
     metrics.append(Metric("build time, wall clock", seconds, "s"))
     return spec.row(

@@ -366,7 +366,7 @@ def flex_attention_fn(q: Tensor, k: Tensor, v: Tensor, *, is_causal: bool = Fals
         if right >= 0:
             keep = keep & (j <= i + offset + right)
         if key_padding_mask is not None:
-            keep = keep & key_padding_mask[b, j]
+            keep = keep & key_padding_mask[b, torch.clamp(j, max=M - 1)] & (j < M)
         return keep
 
     return _flex(q, k, v, mask_mod, B, scale, softcap, return_lse)
@@ -386,7 +386,13 @@ def flex_attention_varlen_fn(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tens
     diag = pos_q + (len_k - len_q)[doc_q]  # (total_q,) the aligned key position of each query
     left, right = window_size[0], 0 if is_causal else window_size[1]
 
+    last_q, last_k = max(q.shape[0] - 1, 0), max(k.shape[0] - 1, 0)
+
     def mask_mod(b, h, i, j):
+        # Compiled flex kernels may call mask_mod on whole blocks, past the last row and key (suspected cause of
+        # the H200 run's varlen failure under torch 2.11, not confirmed): clamp every lookup into range; what lies
+        # past the ends is masked by flex_attention itself.
+        i, j = torch.clamp(i, max=last_q), torch.clamp(j, max=last_k)
         keep = doc_q[i] == doc_k[j]
         if left >= 0:
             keep = keep & (pos_k[j] >= diag[i] - left)

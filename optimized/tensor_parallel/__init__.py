@@ -1,18 +1,20 @@
 """Tensor (intra-layer model) parallel: Megatron-LM (Shoeybi et al. 2019, arXiv 1909.08053), Sec. 3, for any model.
 
     from optimized.tensor_parallel import parallelize
-    parallelize(model)                          # the ready plan for the project's GPT, HF Llama or HF GPT-2
+    parallelize(model)                          # the ready plan for the project's GPT, HF Llama, HF GPT-2 or a
+                                                # model on torch's nn.TransformerEncoder
     parallelize(model, plan, process_group=tp)  # any model: module names (globs) -> styles
 
 Read in this order:
     regions.py        f, g, scatter, gather: the conjugate collectives as autograd Functions (Sec. 3, Fig. 3)
     layers.py         column-/row-parallel Linear (nn.Linear and transformers Conv1D, fused q/k/v sections), the
                       vocab-parallel embedding; each built from the full weight so it equals the dense layer
+    multihead_attention.py  torch's nn.MultiheadAttention split by heads (replaced whole: its forward needs every head)
     cross_entropy.py  the vocab-parallel cross-entropy (3 numbers per token on the wire, never the full logits) and
                       the adapters that plug it into a model's loss
     parallelize.py    plans as data: styles, validation before any collective, applying a plan without replacing
                       any forward
-    plans.py          megatron_plan (the project's GPT), llama_plan, gpt2_plan, plan_for
+    plans.py          megatron_plan (the project's GPT), llama_plan, gpt2_plan, transformer_encoder_plan, plan_for
     state.py          split_parameters, gather_full, load_full: whole tensors back and in
     grid.py           DP x TP process groups
 
@@ -28,10 +30,12 @@ from optimized.tensor_parallel.cross_entropy import (
 )
 from optimized.tensor_parallel.grid import ProcessGrid, make_process_grid
 from optimized.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+from optimized.tensor_parallel.multihead_attention import ParallelMultiheadAttention
 from optimized.tensor_parallel.parallelize import (
     STYLE_NAMES,
     ColumnParallel,
     LocalHeads,
+    Multihead,
     RowParallel,
     SharedInput,
     VocabEmbedding,
@@ -39,7 +43,7 @@ from optimized.tensor_parallel.parallelize import (
     fused_qkv,
     parallelize,
 )
-from optimized.tensor_parallel.plans import gpt2_plan, llama_plan, megatron_plan, plan_for
+from optimized.tensor_parallel.plans import gpt2_plan, llama_plan, megatron_plan, plan_for, transformer_encoder_plan
 from optimized.tensor_parallel.regions import (
     copy_to_region,
     gather_from_region,
@@ -54,6 +58,8 @@ __all__ = [
     "ColumnParallel",
     "ColumnParallelLinear",
     "LocalHeads",
+    "Multihead",
+    "ParallelMultiheadAttention",
     "ProcessGrid",
     "RowParallel",
     "RowParallelLinear",
@@ -77,5 +83,6 @@ __all__ = [
     "reduce_from_region",
     "scatter_to_region",
     "split_parameters",
+    "transformer_encoder_plan",
     "vocab_parallel_cross_entropy",
 ]

@@ -24,13 +24,17 @@ Styles (a string or a style object):
         `optimized.tensor_parallel.vocab_parallel_cross_entropy(logits, targets, process_group)` on the logits.
     "shared_input" / SharedInput()       on a parent module whose input feeds only its column-parallel children:
         f once at its input (one backward all-reduce for q, k and v, as Megatron's fused QKV)
+    "mha" / Multihead()                  a torch nn.MultiheadAttention (bare in_proj_weight, forward that needs every
+        head) replaced by ParallelMultiheadAttention holding this rank's heads: f, q/k/v rows column-parallel,
+        attention of the local heads, out_proj row-parallel; the parent's forward (nn.TransformerEncoderLayer) stays
     LocalHeads(num_heads, num_kv_heads, attributes=(), shared_input=True)   on an attention module: checks that t
         divides both head counts and divides the named integer attributes (e.g. GPT-2's split_size, num_heads) so
         the module's own forward runs on its local heads (torchtitan adjusts n_heads the same way). Attention that
         infers the head count from the projection width (HF Llama, the project's GPT) needs no attribute.
 
-No forward is replaced: layers are swapped, attributes divided, and hooks read inputs by position or keyword (HF
-calls self_attn(hidden_states=...)). Every check runs before anything changes and before any collective.
+No forward is replaced: layers are swapped (an nn.MultiheadAttention whole, as one leaf), attributes divided, and
+hooks read inputs by position or keyword (HF calls self_attn(hidden_states=...)). Every check runs before anything
+changes and before any collective.
 """
 
 from __future__ import annotations
@@ -51,6 +55,11 @@ from optimized.tensor_parallel.layers import (
     VocabParallelEmbedding,
     check_divisible,
     linear_like,
+)
+from optimized.tensor_parallel.multihead_attention import (
+    ParallelMultiheadAttention,
+    check_multihead,
+    keep_encoders_on_plain_forward,
 )
 from optimized.tensor_parallel.regions import copy_to_region
 
@@ -88,6 +97,11 @@ class SharedInput:
 
 
 @dataclass(frozen=True)
+class Multihead:
+    """Replace an nn.MultiheadAttention by ParallelMultiheadAttention (this rank's heads, sliced from its weights)."""
+
+
+@dataclass(frozen=True)
 class LocalHeads:
     """An attention module whose projections are split by heads."""
 
@@ -101,9 +115,9 @@ class LocalHeads:
     """Apply f once at the module's input (its q/k/v read it)."""
 
 
-Style = ColumnParallel | RowParallel | VocabEmbedding | VocabHead | SharedInput | LocalHeads
+Style = ColumnParallel | RowParallel | VocabEmbedding | VocabHead | SharedInput | LocalHeads | Multihead
 STYLE_NAMES: dict[str, Style] = {"colwise": ColumnParallel(), "rowwise": RowParallel(), "embedding": VocabEmbedding(),
-                                 "vocab_head": VocabHead(), "shared_input": SharedInput()}
+                                 "vocab_head": VocabHead(), "shared_input": SharedInput(), "mha": Multihead()}
 """The string shortcuts; "vocab" is also accepted (embedding on an nn.Embedding, vocab_head on a head)."""
 
 
@@ -131,7 +145,7 @@ def _style(name: str, value, module: nn.Module) -> Style:
     elif isinstance(value, Style):
         return value
     raise ValueError(f"plan[{name!r}] = {value!r}; allowed: {sorted(STYLE_NAMES) + ['vocab']} or a style object "
-                     f"(ColumnParallel, RowParallel, VocabEmbedding, VocabHead, SharedInput, LocalHeads)")
+                     f"(ColumnParallel, RowParallel, VocabEmbedding, VocabHead, SharedInput, LocalHeads, Multihead)")
 
 
 def _expand(model: nn.Module, plan: Mapping) -> dict[str, Style]:
@@ -189,6 +203,11 @@ def _check_module(name: str, style: Style, m: nn.Module, styles: dict[str, Style
         if not isinstance(m, nn.Embedding):
             raise ValueError(f"plan[{name!r}] = 'embedding' needs an nn.Embedding, but {name!r} is a {kind}")
         check_divisible(m.num_embeddings, t, f"{name}.num_embeddings (vocabulary size)")
+    elif isinstance(style, Multihead):
+        check_multihead(m, t, f"plan[{name!r}] = 'mha': {name}")
+        inner = sorted(n for n in styles if n.startswith(name + "."))
+        if inner:
+            raise ValueError(f"plan[{name!r}] = 'mha' replaces the whole attention module; drop {inner} from the plan")
     elif isinstance(style, LocalHeads):
         kv = style.num_heads if style.num_kv_heads is None else style.num_kv_heads
         if style.num_heads % t or kv % t:
@@ -310,12 +329,15 @@ def parallelize(model: nn.Module, plan: Mapping | None = None,
             new = RowParallelLinear.from_dense(dense, process_group)
         elif isinstance(style, VocabEmbedding):
             new = VocabParallelEmbedding.from_dense(dense, process_group)
+        elif isinstance(style, Multihead):
+            new = ParallelMultiheadAttention.from_dense(dense, process_group)
         else:
             continue
-        if id(dense.weight) in shared_weights:
-            new.weight = shared_weights[id(dense.weight)]
-        else:
-            shared_weights[id(dense.weight)] = new.weight
+        if "weight" in new._parameters:
+            if id(dense.weight) in shared_weights:
+                new.weight = shared_weights[id(dense.weight)]
+            else:
+                shared_weights[id(dense.weight)] = new.weight
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
     for name, style in styles.items():
@@ -333,4 +355,5 @@ def parallelize(model: nn.Module, plan: Mapping | None = None,
                     column.shared_input = hook
     if any(isinstance(s, VocabHead) for s in styles.values()):
         _install_vocab_parallel_loss(model, process_group)
+    keep_encoders_on_plain_forward(model)
     return model

@@ -1,14 +1,17 @@
-"""Ready tensor-parallel plans: Megatron's split (arXiv 1909.08053, Sec. 3) written for three naming conventions.
+"""Ready tensor-parallel plans: Megatron's split (arXiv 1909.08053, Sec. 3) written for four naming conventions.
 
-    megatron_plan   the project's GPT (reference.model, both families)
-    llama_plan      transformers' Llama naming (LlamaForCausalLM, and the models that copy it: Mistral, Qwen2, ...)
-    gpt2_plan       transformers' GPT2LMHeadModel (Conv1D layers, fused c_attn)
-    plan_for        picks one by the model's layout; any other model gets an error saying how to write a plan
+    megatron_plan             the project's GPT (reference.model, both families)
+    llama_plan                transformers' Llama naming (LlamaForCausalLM, and the models that copy it: Mistral, ...)
+    gpt2_plan                 transformers' GPT2LMHeadModel (Conv1D layers, fused c_attn)
+    transformer_encoder_plan  any model built on torch's nn.TransformerEncoder (its self_attn an nn.MultiheadAttention)
+    plan_for                  picks one by the model's layout; any other model gets an error saying how to write a plan
 
 In each: attention q/k/v (or the fused qkv) column-parallel and its output projection row-parallel, split by whole
 heads (LocalHeads), the MLP's input projections column-parallel and its output projection row-parallel, the token
 embedding by vocabulary rows, the output head vocab-parallel (`vocab_head=False` leaves the head whole, so the model's
-own loss and full logits are untouched). Norms and position embeddings stay whole on every rank.
+own loss and full logits are untouched). Norms and position embeddings stay whole on every rank. A model on
+nn.TransformerEncoder has no conventional names for its embedding and head, so its plan leaves them whole (add
+`"<your embedding>": "embedding", "<your head>": "vocab_head"` to split them).
 """
 
 from __future__ import annotations
@@ -85,6 +88,19 @@ def gpt2_plan(model: nn.Module, *, vocab_head: bool = True) -> dict:
     return _head(plan, "lm_head", vocab_head)
 
 
+def transformer_encoder_plan(model: nn.Module) -> dict:
+    """Every nn.TransformerEncoder in the model: layers.*.self_attn (an nn.MultiheadAttention) "mha", layers.*.linear1
+    colwise, layers.*.linear2 rowwise. The model's embedding and head stay whole."""
+    encoders = [name for name, m in model.named_modules() if isinstance(m, nn.TransformerEncoder)]
+    if not encoders:
+        raise ValueError(f"transformer_encoder_plan: {type(model).__name__} has no torch.nn.TransformerEncoder")
+    plan: dict = {}
+    for name in encoders:
+        layers = f"{name}.layers.*" if name else "layers.*"
+        plan.update({f"{layers}.self_attn": "mha", f"{layers}.linear1": "colwise", f"{layers}.linear2": "rowwise"})
+    return plan
+
+
 def _has(model: nn.Module, *paths: str) -> bool:
     try:
         for path in paths:
@@ -95,7 +111,8 @@ def _has(model: nn.Module, *paths: str) -> bool:
 
 
 def plan_for(model: nn.Module, *, vocab_head: bool = True) -> dict:
-    """The ready plan matching the model's layout; a ValueError saying how to write one for any other model."""
+    """The ready plan matching the model's layout; a ValueError saying how to write one for any other model.
+    (`vocab_head` does not apply to the nn.TransformerEncoder plan, whose embedding and head stay whole.)"""
     if _has(model, "wte", "blocks.0.attn.q_proj", "lm_head") and hasattr(model, "config"):
         return megatron_plan(model, vocab_head=vocab_head)
     if _has(model, "model.embed_tokens", "model.layers.0.self_attn.q_proj", "model.layers.0.mlp.gate_proj",
@@ -103,5 +120,8 @@ def plan_for(model: nn.Module, *, vocab_head: bool = True) -> dict:
         return llama_plan(model, vocab_head=vocab_head)
     if _has(model, "transformer.wte", "transformer.h.0.attn.c_attn", "lm_head"):
         return gpt2_plan(model, vocab_head=vocab_head)
+    if any(isinstance(m, nn.TransformerEncoder) for m in model.modules()):
+        return transformer_encoder_plan(model)
     raise ValueError(f"no ready tensor-parallel plan for {type(model).__name__} (known layouts: the project's GPT, "
-                     f"transformers Llama naming, transformers GPT-2); {HOW_TO_WRITE_A_PLAN}")
+                     f"transformers Llama naming, transformers GPT-2, torch nn.TransformerEncoder); "
+                     f"{HOW_TO_WRITE_A_PLAN}")

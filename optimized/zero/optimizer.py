@@ -50,6 +50,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
+from optimized import _validate
 from optimized.clipping import clip_grads_with_norm_, global_grad_norm
 from optimized.data_parallel import GradReadyHooks, check_replicas_agree, refuse_meta
 from optimized.mixed_precision import LossScale, unscale_and_check_
@@ -522,7 +523,12 @@ class ZeroOptimizer(torch.optim.Optimizer):
         return float(self.scaler.scale)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Zero the gradient buffers (which persist) and the model's .grad (always None: the gradient is sharded)."""
+        """Zero the gradient buffers (which persist) and set the model's .grad to None. The gradient lives sharded in
+        those buffers, so there is no full-size zero tensor to hand back: `set_to_none=False` (torch.optim's
+        signature) is refused rather than ignored."""
+        if set_to_none is not True:
+            raise _validate.fail("set_to_none", set_to_none,
+                                 "True (ZeroOptimizer keeps gradients in sharded buffers; the model's .grad is None)")
         self._reduction.zero()
         for flat in self._flats:
             flat.master.grad = None

@@ -168,6 +168,40 @@ def test_drawn_shapes(world_size, B, heads, chunk, d, causal, layout, scale):
     spawn(_drawn_worker, world_size, case, timeout=TIMEOUT)
 
 
+def _block_worker():
+    """A transformer block with ring attention on each rank's tokens, its parameter gradients summed over the ranks,
+    against the same block with one-process attention on the whole sequence."""
+    import functools
+
+    from reference.model import Block
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    config = GPTConfig(n_head=4, n_kv_head=2, n_embd=32, block_size=64)
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(2, 8 * world, 32, generator=g), torch.randn(2, 8 * world, 32, generator=g)  # (B, N, C)
+    torch.manual_seed(0)
+    whole = Block(config, attention)
+    (whole(x) * w).sum().backward()
+    for layout in LAYOUTS:
+        torch.manual_seed(0)
+        mine = Block(config, functools.partial(ring_attention, layout=layout))
+
+        def shard(t, layout=layout):
+            return shard_sequence(t, rank=rank, world_size=world, layout=layout, dim=1)
+
+        out = mine(shard(x))  # (B, n, C)
+        (out * shard(w)).sum().backward()
+        for p in mine.parameters():
+            dist.all_reduce(p.grad)
+        torch.testing.assert_close(out, shard(whole(x)))
+        for (name, a), b in zip(mine.named_parameters(), whole.parameters(), strict=True):
+            torch.testing.assert_close(a.grad, b.grad, msg=lambda m, name=name, layout=layout: f"{layout} {name}: {m}")
+
+
+def test_a_transformer_block_over_the_ring_equals_one_process():
+    spawn(_block_worker, 2, timeout=TIMEOUT)
+
+
 # --- the layouts and the schedule as data ------------------------------------------------------------------------
 
 

@@ -140,3 +140,19 @@ def test_stage3_inference_gathers_and_frees_each_module():
         assert torch.equal(ours(idx)[0], ref(idx)[0])
     assert all(p.untyped_storage().nbytes() == 0 for p in ours.parameters())
     assert opt.model_state_tensors()["params"][0].numel() == sum(p.numel() for p in ref.parameters())
+
+
+@pytest.mark.parametrize("value", [False, None, 0, "yes"])
+def test_zero_grad_refuses_what_it_cannot_do(value):
+    """The gradient is sharded, so there is no full-size zero tensor to keep in .grad: set_to_none=False is refused,
+    never silently ignored; the gradient buffers are left as they were."""
+    model = GPT(GPTConfig(vocab_size=16, block_size=8, n_layer=1, n_head=2, n_embd=8))
+    opt = ZeroOptimizer(model, torch.optim.AdamW, stage=1, lr=1e-3)
+    idx, targets = make_batches(1, batch_size=2, seq_len=8, vocab_size=16, seed=0)[0]
+    accumulate_gradients(model, [(idx, targets)])
+    before = [g.clone() for g in opt._master_grads()]
+    with pytest.raises(ValueError, match=r"set_to_none must be True"):
+        opt.zero_grad(set_to_none=value)
+    assert all(torch.equal(a, b) for a, b in zip(before, opt._master_grads(), strict=True))
+    opt.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
