@@ -3,9 +3,11 @@
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -215,30 +217,52 @@ def test_result_and_error_files_are_never_seen_half_written(tmp_path):
     assert all(len(s) == size and s == s[:1] * size for s in seen)
 
 
+def _end_by(pid, seconds):
+    """Reap child `pid`, SIGKILLing it if it has not ended within `seconds` (a test never hangs). True if it ended."""
+    deadline = time.monotonic() + seconds
+    try:
+        while os.waitpid(pid, os.WNOHANG) == (0, 0):
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                return False
+            time.sleep(0.01)
+    except ChildProcessError:  # reaped already
+        pass
+    return True
+
+
 def test_a_rank_is_gone_when_it_dies_even_if_a_process_it_forked_lives_on(tmp_path):
     """The liveness lock that tells a cause from its consequences: held while the rank lives, released when it dies,
     and not kept by a child the rank forked (a DataLoader worker outliving it)."""
-    ready, release = os.pipe(), os.pipe()
+    ready, end_rank, end_child = os.pipe(), os.pipe(), os.pipe()
     pid = os.fork()
     if pid == 0:  # the "rank"
-        _hold_alive_lock(str(tmp_path), 1)
-        if os.fork() == 0:  # its child, which inherits every descriptor
-            os.read(release[0], 1)
-            os._exit(0)
-        os.write(ready[1], b"x")
-        os.read(release[0], 1)
-        os._exit(3)
+        try:
+            _hold_alive_lock(str(tmp_path), 1)
+            if os.fork() == 0:  # its child, which inherits every descriptor
+                os.read(end_child[0], 1)
+                os._exit(0)
+            os.write(ready[1], b"x")
+            os.read(end_rank[0], 1)
+        finally:
+            os._exit(3)
+    os.close(ready[1])  # the rank's end only: a rank that dies early gives EOF here, not a hang
     try:
-        os.read(ready[0], 1)
+        assert os.read(ready[0], 1) == b"x", "the rank did not start"
         assert not _gone(str(tmp_path), 1), "a live rank must not look gone"
         assert not _gone(str(tmp_path), 0), "a rank that never started must not look gone"
-        os.write(release[1], b"x")  # ends the rank; its child waits for a second byte
-        os.waitpid(pid, 0)
+        os.write(end_rank[1], b"x")
+        assert _end_by(pid, 30), "the rank did not end"
         assert _gone(str(tmp_path), 1), "a dead rank must look gone while its forked child lives"
         (tmp_path / "result_1.pt").write_bytes(b"")
         assert not _gone(str(tmp_path), 1), "a rank that returned a result has finished, not failed"
     finally:
-        os.write(release[1], b"x")
+        os.write(end_rank[1], b"x")
+        os.write(end_child[1], b"x")  # the child (reparented when the rank ended) exits on this byte
+        _end_by(pid, 10)
+        for fd in (ready[0], *end_rank, *end_child):
+            os.close(fd)
 
 
 # ---- the caller killed: nothing outlives it --------------------------------------------------------------------------
@@ -266,10 +290,12 @@ spawn(report_and_block, 2, out, timeout=600)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
-def test_a_killed_caller_leaves_no_process_and_no_temp_dir(tmp_path, sig):
-    out, tmp = tmp_path / "out", tmp_path / "tmp"
+def test_a_killed_caller_leaves_no_process_and_no_temp_dir(tmp_path, request, sig):
+    # The caller's TMPDIR must be short: multiprocessing puts the forkserver's socket there, and an AF_UNIX path
+    # has at most 107 bytes (pytest's tmp_path under xdist is already close to that).
+    out, tmp = tmp_path / "out", Path(tempfile.mkdtemp(prefix="launch-test-"))
     out.mkdir()
-    tmp.mkdir()
+    request.addfinalizer(lambda: shutil.rmtree(tmp, ignore_errors=True))
     env = {**os.environ, "TMPDIR": str(tmp), "PYTHONPATH": str(ROOT)}
     caller = subprocess.Popen([sys.executable, "-c", _CALLER, str(out)], cwd=ROOT, env=env)
     try:
