@@ -385,9 +385,9 @@ _HALF_TILES: dict[tuple[str, int], tuple[Tiles, Tiles, Tiles]] = {
     # (wgmma works per 4-warp group on 64-row slices). dK/dV keeps two fp32 accumulators and K_j, V_j live, so it
     # streams the thinnest query tiles; on an H200 (bf16, d=128, N=8K) 16x64 with 4 warps ran its backward in
     # 9.4 ms against 15.8 ms for 32x64 with 8 warps.
-    ("hopper", 16): (_T(128, 64, 4, 3), _T(32, 64, 4, 3), _T(128, 32, 8, 3)),
-    ("hopper", 32): (_T(128, 64, 4, 3), _T(32, 64, 4, 3), _T(128, 32, 8, 3)),
-    ("hopper", 64): (_T(128, 64, 4, 3), _T(32, 64, 4, 3), _T(128, 32, 8, 3)),
+    ("hopper", 16): (_T(128, 64, 8, 3), _T(32, 64, 4, 3), _T(128, 32, 8, 3)),
+    ("hopper", 32): (_T(128, 64, 8, 3), _T(32, 64, 4, 3), _T(128, 32, 8, 3)),
+    ("hopper", 64): (_T(128, 64, 8, 3), _T(32, 64, 4, 3), _T(128, 32, 8, 3)),
     ("hopper", 128): (_T(128, 64, 8, 3), _T(16, 64, 4, 3), _T(128, 32, 8, 3)),
     ("hopper", 256): (_T(64, 32, 8, 3), _T(32, 32, 8, 2), _T(64, 32, 8, 2)),
     ("ampere", 16): (_T(128, 64, 8, 3), _T(16, 64, 4, 3), _T(64, 32, 4, 3)),
