@@ -388,18 +388,19 @@ _HALF_TILES: dict[tuple[str, int], tuple[Tiles, Tiles, Tiles]] = {
     ("hopper", 16): (_T(128, 64, 8, 3), _T(32, 64, 4, 3), _T(128, 32, 8, 3)),
     ("hopper", 32): (_T(128, 64, 8, 3), _T(32, 64, 4, 3), _T(128, 32, 8, 3)),
     ("hopper", 64): (_T(128, 64, 8, 3), _T(16, 64, 4, 3), _T(128, 32, 8, 3)),
-    ("hopper", 128): (_T(128, 64, 8, 3), _T(16, 64, 4, 2), _T(128, 32, 8, 3)),
+    ("hopper", 128): (_T(128, 64, 8, 3), _T(16, 64, 8, 2), _T(128, 32, 8, 3)),
     ("hopper", 256): (_T(64, 32, 8, 3), _T(32, 32, 8, 2), _T(64, 32, 8, 2)),
     ("ampere", 16): (_T(128, 64, 8, 3), _T(16, 64, 4, 3), _T(64, 32, 4, 3)),
-    ("ampere", 32): (_T(128, 64, 8, 3), _T(16, 64, 4, 3), _T(64, 32, 4, 3)),
+    ("ampere", 32): (_T(128, 32, 8, 3), _T(16, 64, 4, 3), _T(64, 32, 4, 3)),
     ("ampere", 64): (_T(128, 64, 8, 3), _T(16, 32, 4, 2), _T(64, 32, 4, 3)),
     ("ampere", 128): (_T(64, 32, 4, 3), _T(32, 64, 8, 3), _T(64, 32, 4, 3)),
     ("ampere", 256): (_T(64, 32, 8, 3), _T(32, 32, 8, 2), _T(64, 32, 8, 2)),
 }
-"""Per-architecture tiles, each checked ahead of time (conformance/triton_build.py) with Triton 3.6 and 3.9, every
-mask on: no register spills on sm_80 / sm_90, shared memory within the chip. (dK/dV at d=64: 16x128 on Hopper and
-16x64 on Ampere spill 16-32 B under 3.6; with causal + padding + window + softcap, Ampere's 32x32 spilled 8 B under
-3.9, Hopper's 32x64 48 B under 3.6, and Hopper's d=128 16x64 with 3 stages 16 B under 3.6.)"""
+"""Per-architecture tiles, each checked ahead of time (conformance/triton_build.py) with Triton 3.6 and 3.9 for every
+mask variant: no register spills on sm_80 / sm_90, shared memory within the chip. Spilling tiles that were replaced:
+Hopper dK/dV at d=128 16x64 with 4 warps, 3 stages (timed fastest on an H200: 9.4 ms against 15.8 ms for 32x64 with
+8 warps, bf16, N=8K) spills 8-32 B under Triton 3.6; Hopper dK/dV at d=64 32x64 48 B under 3.6; Ampere dK/dV at d=64
+32x32 and forward at d=32 128x64 8 B under 3.9 with a window, softcap and padding."""
 
 
 def padded_head_dim(d: int) -> int:
