@@ -12,7 +12,7 @@ import sys
 
 from rich.console import Console
 
-from conformance.flags import Parser, fraction, parse, positive_float, positive_int, writable_file
+from conformance.flags import Parser, fraction, in_range, parse, positive_float, positive_int, writable_file
 from conformance.plan.model import (
     CHECKPOINTING,
     GB,
@@ -74,14 +74,6 @@ def _stages(text: str) -> tuple[int, ...]:
     return values
 
 
-def _within(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-    if not 0 <= value < 10:
-        raise argparse.ArgumentTypeError(f"must be a fraction in [0, 10), got {text}")
-    return value
 
 
 def parser() -> argparse.ArgumentParser:
@@ -161,7 +153,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpointing", choices=CHECKPOINTING, default="auto",
                    help="activation recomputation: the cheapest of none, selective (the attention core) and full "
                    "that fits (auto, the default), never, selective, or always (full)")
-    s.add_argument("--prefer-simple-within", type=_within, default=0.1, metavar="FRACTION",
+    s.add_argument("--prefer-simple-within", type=in_range(0, 10), default=0.1, metavar="FRACTION",
                    help="layouts whose estimated step time is within this fraction of the fastest count as equally "
                    "fast, and the simplest of them is recommended (no offload, fewest model-parallel dimensions, "
                    "lowest ZeRO stage; default: 0.1)")
