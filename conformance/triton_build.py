@@ -13,11 +13,12 @@ any stack frame or local memory (registers spilled: the kernel then runs far bel
 (IEEE dot products, no tensor cores) may spill: they are the accurate path, not the fast one.
 
 What changes the generated code, and so what is built: the kernel, the architecture, the dtype, the padded head dim
-BLOCK_D (16 ... 256), and four mask flags: causal (the right edge), a key padding mask, a sliding window's left edge,
-softcap. Nothing else does: the sizes (H, N, M, the GQA group,
-the causal offset) are never specialised by the kernels, and `triton_attention` hands them every tensor in one
-layout (head dim zero-padded to BLOCK_D, strides multiples of 16 elements, 16-byte aligned; see
-`optimized.attention.triton.aligned`), so the lengths, GQA and odd head dims run the builds made here. (Not covered:
+BLOCK_D (16 ... 256), and five flags: causal (the right edge), a key padding mask, a sliding window's left edge,
+softcap, packed documents (varlen: cu_seqlens read per program; never with a key padding mask). Nothing else does:
+the sizes (H, N, M, the GQA group, the causal offset) are never specialised by the kernels, and `triton_attention`
+and `triton_attention_varlen` hand them every tensor in one layout (head dim zero-padded to BLOCK_D, strides multiples
+of 16 elements, 16-byte aligned, cu_seqlens contiguous and 16-byte aligned; see `optimized.attention.triton.aligned`),
+so the lengths, documents, GQA and odd head dims run the builds made here. (Not covered:
 a tensor with more than 2^31 elements in one batch row, whose stride Triton passes as a 64-bit integer.)
 
 The builds run in worker processes (compiling is CPU-bound, and a worker can import the kernels with Triton's
@@ -69,11 +70,13 @@ class Spec:
     """A sliding window's left edge (HAS_WINDOW)."""
     softcap: bool = False
     """Scores soft-capped (SOFTCAP)."""
+    varlen: bool = False
+    """Packed documents (VARLEN), flash-attn's varlen layout."""
 
     @property
     def masks(self) -> str:
         on = [n for n, f in (("causal", self.causal), ("pad", self.pad), ("window", self.window),
-                             ("softcap", self.softcap)) if f]
+                             ("softcap", self.softcap), ("varlen", self.varlen)) if f]
         return ",".join(on) or "-"
 
     def __str__(self) -> str:
@@ -107,14 +110,19 @@ class Build:
 
 def specs(*, full: bool = True, archs: tuple[int, ...] = ARCHS, dtypes: tuple[str, ...] = DTYPES,
           block_ds: tuple[int, ...] = BLOCK_DS) -> list[Spec]:
-    """The builds to check. full: every variant (each of the four mask flags on or off); otherwise each kernel,
-    architecture, dtype and head dim once, with every mask on (the most live values)."""
+    """The builds to check. full: every variant (each of the five flags on or off, but never a key padding mask
+    with packed documents); otherwise each kernel, architecture, dtype and head dim once in each layout with every
+    mask it takes on (the most live values): padded (causal, pad, window, softcap) and packed (causal, window,
+    softcap, varlen)."""
     for name, values, allowed in (("archs", archs, ARCHS), ("dtypes", dtypes, DTYPES),
                                   ("block_ds", block_ds, BLOCK_DS)):
         bad = [v for v in values if v not in allowed]
         if bad or not values:
             raise ValueError(f"{name} must be a non-empty subset of {allowed}, got {values!r}")
-    flags = list(itertools.product((False, True), repeat=4)) if full else [(True, True, True, True)]
+    if full:
+        flags = [f for f in itertools.product((False, True), repeat=5) if not (f[1] and f[4])]  # pad, varlen
+    else:
+        flags = [(True, True, True, True, False), (True, False, True, True, True)]
     out = []
     for arch, dtype, block_d in itertools.product(archs, dtypes, block_ds):
         out.append(Spec("_bwd_preprocess", arch, dtype, block_d, False, False))
@@ -124,9 +132,9 @@ def specs(*, full: bool = True, archs: tuple[int, ...] = ARCHS, dtypes: tuple[st
 
 
 def quick_specs() -> list[Spec]:
-    """The CI subset: every kernel, architecture and padded head dim in bfloat16 with every mask on (the most live
-    values), plus float16 and float32 at d=128 (56 builds; the test suite and the quick report row share them, so
-    the second finds them in Triton's cache)."""
+    """The CI subset: every kernel, architecture and padded head dim in bfloat16 with every mask on in each layout
+    (the most live values), plus float16 and float32 at d=128 (98 builds; the test suite and the quick report row
+    share them, so the second finds them in Triton's cache)."""
     return (specs(full=False, dtypes=("bfloat16",))
             + specs(full=False, dtypes=("float16", "float32"), block_ds=(128,)))
 
@@ -156,7 +164,7 @@ def build(spec: Spec) -> Build:
     from triton.runtime.jit import create_function_from_signature
 
     from optimized.attention import triton as kernels
-    from optimized.attention._inputs import Problem
+    from optimized.attention._inputs import Documents, Problem
 
     if kernels.interpreted():
         raise RuntimeError("the Triton kernels were imported with TRITON_INTERPRET=1: they cannot be compiled here")
@@ -164,11 +172,16 @@ def build(spec: Spec) -> Build:
     problem = Problem(B=2, H=4, Hkv=2, N=n, M=n, d=spec.block_d, scale=spec.block_d**-0.5,
                       causal_offset=0 if spec.causal else None, left_offset=-256 if spec.window else None,
                       softcap=30.0 if spec.softcap else 0.0)
+    if spec.varlen:  # two documents packed into one row
+        cu = (0, n // 4, n)
+        problem = dataclasses.replace(problem, B=1, causal_offset=None, left_offset=None, documents=Documents(
+            cu, cu, left=256 if spec.window else -1, right=0 if spec.causal else -1))
     capability = divmod(spec.arch, 10)
     launch = next(x for x in kernels.launches(problem, getattr(torch, spec.dtype), spec.pad, capability)
                   if x.kernel.__name__ == spec.kernel)
     meta = launch.meta
-    tiles = f"{meta.get('BLOCK_M', '-')}x{meta.get('BLOCK_N', '-')} w{meta['num_warps']} s{meta['num_stages']}"
+    tiles = f"{meta.get('BLOCK_M', '-')}x{meta.get('BLOCK_N', '-')} w{meta['num_warps']} s{meta['num_stages']}" + (
+        f" r{meta['maxnreg']}" if "maxnreg" in meta else "")
     fn = launch.kernel
     target = GPUTarget("cuda", spec.arch, 32)
     backend = make_backend(target)
@@ -268,7 +281,8 @@ def report_row(spec, ctx, *, workers: int | None = None):
     os.makedirs(ctx.out_dir, exist_ok=True)
     with open(os.path.join(ctx.out_dir, "triton_build.txt"), "w") as f:
         f.write(table(builds) + "\n")
-    scope = "bf16 at every head dim, fp16 / fp32 at d=128, every mask on" if ctx.quick else "every variant"
+    scope = ("bf16 at every head dim, fp16 / fp32 at d=128, every mask on, padded and packed" if ctx.quick
+             else "every variant")
     metrics = [Metric(name, value, "bytes" if "bytes" in name else "count") for name, value in summary(builds).items()]
     metrics.append(Metric("build time, wall clock", seconds, "s"))
     return spec.row(

@@ -160,7 +160,10 @@ VARLEN_CASES = (
                is_causal=True),
 )
 INTERPRETER_VARLEN_CASES = (
-    VarlenCase("two documents of 12, causal", (12, 12), H=2, Hkv=1, d=16, is_causal=True),
+    VarlenCase("documents of 5, 1, 20 tokens, keys 7, 3, 20, causal GQA 2:1", (5, 1, 20), (7, 3, 20), H=2, Hkv=1,
+               d=16, is_causal=True),
+    VarlenCase("window (4, 0) and softcap 3, documents of 17, 2, 9 tokens", (17, 2, 9), H=2, Hkv=1, d=16,
+               is_causal=True, window_size=(4, 0), softcap=3.0, q_scale=4.0),
 )
 
 
@@ -627,8 +630,8 @@ def _packed_lengths(device: torch.device, quick: bool) -> tuple[int, ...]:
 
 def _packing_row(ctx: Context, w: Workload) -> Result:
     """The same documents packed (varlen, cu_seqlens) and padded to the longest (a (D, Lmax) batch with a key
-    padding mask): bytes saved for backward and time of forward + backward, both through the blocked backend so the
-    layouts, not the kernels, differ."""
+    padding mask): bytes saved for backward and time of forward + backward, both through one backend (Triton on
+    CUDA, blocked elsewhere) so the layouts, not the kernels, differ."""
     lengths = _packed_lengths(ctx.device, ctx.quick)
     D, total, longest = len(lengths), sum(lengths), max(lengths)
     gen = torch.Generator().manual_seed(0)
@@ -641,11 +644,13 @@ def _packing_row(ctx: Context, w: Workload) -> Result:
         p[keep] = t
         padded.append(p.transpose(1, 2))  # (D, H, Lmax, d)
 
+    backend = "triton" if ctx.device.type == "cuda" and importlib.util.find_spec("triton") else "blocked"
+
     def varlen(q, k, v):
-        return flash_attention_varlen(q, k, v, cu, cu, longest, longest, is_causal=True, backend="blocked")
+        return flash_attention_varlen(q, k, v, cu, cu, longest, longest, is_causal=True, backend=backend)
 
     def padding(q, k, v):
-        return flash_attention(q, k, v, is_causal=True, key_padding_mask=keep, backend="blocked")
+        return flash_attention(q, k, v, is_causal=True, key_padding_mask=keep, backend=backend)
 
     def fwd_bwd(fn, tensors):
         q, k, v = (t.clone().requires_grad_() for t in tensors)
@@ -661,7 +666,7 @@ def _packing_row(ctx: Context, w: Workload) -> Result:
     pairs = sum(n * (n + 1) // 2 for n in lengths)
     return SPEC.row(
         ctx, f"packing: varlen vs padding {D} documents to the longest ({longest})",
-        optimized="optimized.attention.flash_attention_varlen(backend='blocked')",
+        optimized=f"optimized.attention.flash_attention_varlen(backend={backend!r})",
         memory=[Metric("saved, padded / varlen", saved["padded"] / saved["varlen"], "x"),
                 Metric("saved, varlen", saved["varlen"], "bytes"), Metric("saved, padded", saved["padded"], "bytes")],
         speed=[Metric("time, padded / varlen", times["padded"] / times["varlen"], "x"),
@@ -670,8 +675,8 @@ def _packing_row(ctx: Context, w: Workload) -> Result:
                  Metric("causal query-key pairs, padded / packed", D * longest * (longest + 1) / 2 / pairs, "x")],
         notes=f"documents of {', '.join(map(str, lengths))} tokens ({total} packed, {D * longest} padded); H={w.H}, "
         f"d={w.d}, {_dt(w.dtype)}, causal, forward + backward, median of {reps} after {warmup} warm-up. Saved "
-        "bytes scale with tokens (q, k, v, out, lse); time with the query-key tiles visited, which the blocked path "
-        "limits to each document in the packed layout.",
+        "bytes scale with tokens (q, k, v, out, lse); time with the query-key tiles visited, which the packed layout "
+        "limits to each document.",
     )
 
 

@@ -13,9 +13,9 @@ Backends, in the order "auto" tries them:
                 all have one length (then they are a batch). On CPU "auto" skips it for float16/bfloat16: there its
                 kernels fail the error rule this project holds every backend to (see `CPU_HALF_SDPA`).
     triton      our Triton kernels (optimized/attention/triton.py): everything the reference does on CUDA, fp16 /
-                bf16 / fp32, d <= 256, windows and softcap included; packed documents only when they all have one
-                length (a batch). Also runs on CPU tensors under Triton's interpreter, which "auto" never picks (it
-                is a debugging tool, far slower than "blocked").
+                bf16 / fp32, d <= 256, windows, softcap and packed documents (one program per tile of a document)
+                included. Also runs on CPU tensors under Triton's interpreter, which "auto" never picks (it is a
+                debugging tool, far slower than "blocked").
     blocked     our FlashAttention-2 in PyTorch (optimized/attention/blocked.py): everything, on any device.
 
 "auto" takes the first backend that can serve the inputs; `select_backend` names it and says why the ones before it
@@ -130,9 +130,10 @@ def flash_attention_varlen(
     windows are bottom-right aligned within each document. Returns out (total_q, H, d) and, with return_lse=True,
     lse (H, total_q) (flash-attn's layout).
 
-    backend: "auto" (see `select_backend_varlen`): flash-attn's varlen function where installed, torch SDPA or our
-    Triton kernel as a plain batch when every document has the same length, else "blocked", which skips every tile
-    across a document boundary, so packing costs the sum of the documents' squares, not the square of their sum.
+    backend: "auto" (see `select_backend_varlen`): flash-attn's varlen function where installed, torch SDPA as a
+    plain batch when every document has the same length, our Triton kernels on CUDA, else "blocked". The last two
+    never compute a tile across a document boundary, so packing costs the sum of the documents' squares, not the
+    square of their sum.
     """
     problem, batch, kwargs = _varlen_problem(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                              is_causal=is_causal, scale=scale, window_size=window_size,
@@ -141,10 +142,10 @@ def flash_attention_varlen(
     if name == "flash_attn":
         return _run_flash_attn_varlen(q, k, v, problem, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                       return_lse=return_lse)
-    if name == "blocked":
-        out, lse = run_varlen(q, k, v, problem)
+    if name in ("triton", "blocked"):
+        out, lse = _run_varlen(name, q, k, v, problem, cu_seqlens_q, cu_seqlens_k)
         return (out, lse) if return_lse else out
-    qb, kb, vb, pb = batch  # documents of one length: a plain (D, heads, n, d) batch
+    qb, kb, vb, pb = batch  # SDPA, documents of one length: a plain (D, heads, n, d) batch
     result = _RUN[name](qb, kb, vb, pb, **kwargs)
     out, lse = result if return_lse else (result, None)
     out = out.transpose(1, 2).flatten(0, 1)  # (D, H, n, d) -> (total_q, H, d)
@@ -362,8 +363,8 @@ def _varlen_unsupported(name: str, q: Tensor, p: Problem, batch, *, auto: bool =
         docs = p.documents
         return _flash_attn_version_unsupported(windowed=(docs.left, docs.right) not in ((-1, -1), (-1, 0)),
                                                softcap=p.softcap)
-    if name == "blocked":
-        return None
+    if name in ("triton", "blocked"):
+        return _unsupported(name, q, p, auto=auto)
     if batch is None:
         return ("packed documents of different lengths: it has no varlen mode (documents of one length are "
                 "served as a plain batch)")
@@ -440,3 +441,12 @@ def _run_blocked(q, k, v, p: Problem, *, key_padding_mask, return_lse, **_):
 
 
 _RUN = {"flash_attn": _run_flash_attn, "sdpa": _run_sdpa, "triton": _run_triton, "blocked": _run_blocked}
+
+
+def _run_varlen(name: str, q, k, v, p: Problem, cu_seqlens_q, cu_seqlens_k) -> tuple[Tensor, Tensor]:
+    """Our backends on packed documents: out (total_q, H, d), lse (H, total_q)."""
+    if name == "blocked":
+        return run_varlen(q, k, v, p)
+    from optimized.attention import triton as triton_backend
+
+    return triton_backend.run_varlen(q, k, v, p, cu_seqlens_q, cu_seqlens_k)

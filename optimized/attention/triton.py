@@ -19,9 +19,12 @@ bottom-right), sliding windows (the right edge moves that offset; the left edge,
 second diagonal: key tiles left of it are skipped like those right of the causal one; Beltagy et al. 2020), softcap
 (S -> c·tanh(S / c), Gemma 2; the backward multiplies dS by 1 - tanh²), GQA/MQA, N != M and any length (tails
 masked), head dims 1..256 (padded to a power of two >= 16), float16 / bfloat16 / float32 inputs (float32 dot
-products in IEEE precision, not TF32), a (B, M) key padding mask. Not packed documents (varlen): those go to the
-blocked path or flash-attn. Scores are handled in base 2 (exp2 of S·scale·log2 e), LSE is stored in natural log;
-softcap in base 2 is C·tanh(s / C) with C = c·log2 e.
+products in IEEE precision, not TF32), a (B, M) key padding mask, and packed documents (varlen, flash-attn's
+cu_seqlens layout): there the grid's second axis is documents x heads, each program reads its document's first row
+and length from cu_seqlens (`_sequence`), its tiles start at that row, programs past a shorter document's end return
+at once, and the masks are bottom-right aligned per document, so no program reads another document's rows and the
+cost is the sum of the documents' squares. Scores are handled in base 2 (exp2 of S·scale·log2 e), LSE is stored in
+natural log; softcap in base 2 is C·tanh(s / C) with C = c·log2 e.
 
 The kernels need CUDA tensors, unless Triton's interpreter is active (TRITON_INTERPRET=1 set before this module is
 first imported: `triton.jit` reads it when it decorates a kernel), in which case they run on CPU tensors;
@@ -42,11 +45,13 @@ from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 from triton.runtime.interpreter import InterpretedFunction
 
-from optimized.attention._inputs import Problem, check_inputs
+from optimized.attention._inputs import Problem, check_inputs, check_varlen_inputs
 
 MAX_HEAD_DIM = 256
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2E = 1.4426950408889634
+GRID_LIMIT = 65535
+"""CUDA's limit on a launch grid's second axis, which holds sequences x heads."""
 _SIZES = ["H", "HKV", "N", "M", "GROUP", "causal_offset", "window_offset"]
 """Integer arguments Triton's JIT must not specialise (on == 1 or on divisibility by 16): one build serves every
 length, head count and GQA group, so the ahead-of-time build (conformance/triton_build.py) covers every launch."""
@@ -58,6 +63,23 @@ def _softcap(s, cap2):
     ±1). Returns the capped scores and tanh, whose square the backward needs."""
     t = 1.0 - 2.0 / (tl.math.exp2(s * (2.0 * 1.4426950408889634 / cap2)) + 1.0)
     return cap2 * t, t
+
+
+@triton.jit
+def _sequence(CU_Q, CU_K, b, N, M, VARLEN: tl.constexpr):
+    """The sequence program axis 1 names: (its batch index in the tensors, its first query row, first key row,
+    query rows, key rows, the shift of its masks). The padded layout: batch entry b, all N and M rows, no shift
+    (the launcher has aligned the edges). Packed documents (VARLEN): the tensors are one batch entry of N = total_q
+    and M = total_k rows, b is a document, rows cu_seqlens[b]:cu_seqlens[b + 1], and its masks are bottom-right
+    aligned (flash-attn's convention): the edges shift by len_k - len_q."""
+    if VARLEN:
+        q0 = tl.load(CU_Q + b)
+        k0 = tl.load(CU_K + b)
+        n = tl.load(CU_Q + b + 1) - q0
+        m = tl.load(CU_K + b + 1) - k0
+        return 0, q0.to(tl.int64), k0.to(tl.int64), n, m, m - n
+    else:
+        return b, 0, 0, N, M, 0
 
 
 @triton.jit(do_not_specialize=_SIZES)
@@ -72,12 +94,20 @@ def _fwd_kernel(
     IS_CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     window_offset, cap2, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,  # by keyword: `_MASK_KERNELS`
+    CU_Q, CU_K, VARLEN: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)  # 64-bit offsets: B·H·N·d may pass 2^31 elements
-    h = (pid_bh % H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)  # 64-bit offsets: B·H·N·d may pass 2^31 elements
     hk = h // GROUP  # GQA: query head h reads key/value head h // G
+    b, q0, k0, n, m, shift = _sequence(CU_Q, CU_K, (pid_bh // H).to(tl.int64), N, M, VARLEN)
+    lse_rows = N  # LSE is (B, H, lse_rows)
+    N = n  # from here on, the lengths of this one sequence
+    M = m
+    if VARLEN and pid_m * BLOCK_M >= N:  # a query tile past the end of a shorter document
+        return
+    causal_offset += shift
+    window_offset += shift
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -85,7 +115,7 @@ def _fwd_kernel(
     last_key = offs_m + causal_offset  # causal: query i sees keys j <= i + offset
     first_key = offs_m + window_offset  # sliding window: query i sees keys j >= i + window_offset
 
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
+    q = tl.load(Q + b * sqb + h * sqh + q0 * sqn + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
                 mask=row_ok[:, None], other=0.0)  # (BLOCK_M, BLOCK_D)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max, base-2 units
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2(s - m)
@@ -93,8 +123,8 @@ def _fwd_kernel(
 
     # Scalar pointers to the current key tile, advanced per tile; the tile offsets stay loop-invariant int32
     # (pointer tensors carried through the loop cost two registers per element).
-    k_tile = K + b * skb + hk * skh
-    v_tile = V + b * svb + hk * svh
+    k_tile = K + b * skb + hk * skh + k0 * skn
+    v_tile = V + b * svb + hk * svh + k0 * svn
     pad_tile = PAD + b * spb
     kT_offs = offs_n[None, :] * skn + offs_d[:, None] * skd  # (BLOCK_D, BLOCK_N)
     v_offs = offs_n[:, None] * svn + offs_d[None, :] * svd  # (BLOCK_N, BLOCK_D)
@@ -137,9 +167,11 @@ def _fwd_kernel(
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # a row that saw no key: O = 0 / 1 = 0
     out = acc / l_safe[:, None]  # line 12
     lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)  # line 13, ln
-    tl.store(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod,
+    if VARLEN:  # re-read, not kept live through the loop: that one register spilled on sm_80
+        q0 = tl.load(CU_Q + pid_bh // H, volatile=True).to(tl.int64)
+    tl.store(O + b * sob + h * soh + q0 * son + offs_m[:, None] * son + offs_d[None, :] * sod,
              out.to(O.dtype.element_ty), mask=row_ok[:, None])
-    tl.store(LSE + pid_bh * N + offs_m, lse, mask=row_ok)
+    tl.store(LSE + (b * H + h) * lse_rows + q0 + offs_m, lse, mask=row_ok)
 
 
 @triton.jit(do_not_specialize=_SIZES)
@@ -177,11 +209,20 @@ def _bwd_dkdv_kernel(
     IS_CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     window_offset, cap2, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+    CU_Q, CU_K, VARLEN: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bhk = tl.program_id(1)
-    b = (pid_bhk // HKV).to(tl.int64)
     hk = (pid_bhk % HKV).to(tl.int64)
+    b, q0, k0, n, m, shift = _sequence(CU_Q, CU_K, (pid_bhk // HKV).to(tl.int64), N, M, VARLEN)
+    stats = b * H * N + q0  # LSE and DELTA are (B, H, N): where this sequence's rows of head 0 start
+    stats_h = N  # and of head h, h · N further
+    N = n
+    M = m
+    if VARLEN and pid_n * BLOCK_N >= M:  # a key tile past the end of a shorter document
+        return
+    causal_offset += shift
+    window_offset += shift
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -190,8 +231,10 @@ def _bwd_dkdv_kernel(
     first_query = offs_n - causal_offset  # causal: key j is seen by queries i >= j - offset
     last_query = offs_n - window_offset  # sliding window: key j is seen by queries i <= j - window_offset
     # FA2 Alg. 2 lines 5-6: load K_j, V_j; dK_j = dV_j = 0
-    k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
-    v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+    k = tl.load(K + b * skb + hk * skh + k0 * skn + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask,
+                other=0.0)
+    v = tl.load(V + b * svb + hk * svh + k0 * svn + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask,
+                other=0.0)
     keep_cols = col_ok
     if HAS_PAD:
         keep_cols = keep_cols & (tl.load(PAD + b * spb + offs_n * spm, mask=col_ok, other=0) != 0)
@@ -207,11 +250,14 @@ def _bwd_dkdv_kernel(
     hi = N
     if HAS_WINDOW:  # and query tiles after the last one
         hi = tl.maximum(lo, tl.minimum(N, (pid_n + 1) * BLOCK_N - window_offset))
+    q_first = Q + b * sqb + (q0 + lo) * sqn  # the sequence's first query tile to visit, of head 0
+    do_first = DO + b * sdb + (q0 + lo) * sdn
+    stats += lo
     for g in range(0, GROUP):  # the G query heads that read this key/value head, in a fixed order
         h = hk * GROUP + g
-        q_tile = Q + b * sqb + h * sqh + lo * sqn  # scalar pointers to the current query tile
-        do_tile = DO + b * sdb + h * sdh + lo * sdn
-        row_stats = (b * H + h) * N + lo  # LSE and DELTA offset of the tile's first row
+        q_tile = q_first + h * sqh  # scalar pointers to the current query tile
+        do_tile = do_first + h * sdh
+        row_stats = stats + h * stats_h  # LSE and DELTA offset of the tile's first row
         for start_m in range(lo, hi, BLOCK_M):  # line 7
             rows = start_m + offs_m
             row_ok = rows < N
@@ -242,9 +288,11 @@ def _bwd_dkdv_kernel(
             do_tile += BLOCK_M * sdn
             row_stats += BLOCK_M
     dk = dk * sm_scale  # S = scale · Q Kᵀ
-    tl.store(DK + b * sdkb + hk * sdkh + offs_n[:, None] * sdkn + offs_d[None, :] * sdkd,
+    if VARLEN:  # re-read, not kept live through the loop: that one register spilled on sm_80
+        k0 = tl.load(CU_K + pid_bhk // HKV, volatile=True).to(tl.int64)
+    tl.store(DK + b * sdkb + hk * sdkh + k0 * sdkn + offs_n[:, None] * sdkn + offs_d[None, :] * sdkd,
              dk.to(DK.dtype.element_ty), mask=kv_mask)  # line 17
-    tl.store(DV + b * sdvb + hk * sdvh + offs_n[:, None] * sdvn + offs_d[None, :] * sdvd,
+    tl.store(DV + b * sdvb + hk * sdvh + k0 * sdvn + offs_n[:, None] * sdvn + offs_d[None, :] * sdvd,
              dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
@@ -261,12 +309,20 @@ def _bwd_dq_kernel(
     IS_CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     window_offset, cap2, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+    CU_Q, CU_K, VARLEN: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     hk = h // GROUP
+    b, q0, k0, n, m, shift = _sequence(CU_Q, CU_K, (pid_bh // H).to(tl.int64), N, M, VARLEN)
+    stats = (b * H + h) * N + q0
+    N = n
+    M = m
+    if VARLEN and pid_m * BLOCK_M >= N:
+        return
+    causal_offset += shift
+    window_offset += shift
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -274,15 +330,17 @@ def _bwd_dq_kernel(
     q_mask = row_ok[:, None]
     last_key = offs_m + causal_offset
     first_key = offs_m + window_offset
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=q_mask, other=0.0)
-    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdn + offs_d[None, :] * sdd, mask=q_mask, other=0.0)
-    lse = tl.load(LSE + pid_bh * N + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
+    q = tl.load(Q + b * sqb + h * sqh + q0 * sqn + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=q_mask,
+                other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + q0 * sdn + offs_m[:, None] * sdn + offs_d[None, :] * sdd, mask=q_mask,
+                 other=0.0)
+    lse = tl.load(LSE + stats + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
     lse = tl.where(lse == float("-inf"), float("inf"), lse)
-    delta = tl.load(DELTA + pid_bh * N + offs_m, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + stats + offs_m, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    k_tile = K + b * skb + hk * skh  # scalar pointers to the current key tile
-    v_tile = V + b * svb + hk * svh
+    k_tile = K + b * skb + hk * skh + k0 * skn  # scalar pointers to the current key tile
+    v_tile = V + b * svb + hk * svh + k0 * svn
     pad_tile = PAD + b * spb
     kT_offs = offs_n[None, :] * skn + offs_d[:, None] * skd  # (BLOCK_D, BLOCK_N), loop-invariant
     vT_offs = offs_n[None, :] * svn + offs_d[:, None] * svd  # (BLOCK_D, BLOCK_N)
@@ -321,7 +379,9 @@ def _bwd_dq_kernel(
         v_tile += BLOCK_N * svn
         pad_tile += BLOCK_N * spm
     dq = dq * sm_scale
-    tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqn + offs_d[None, :] * sdqd,
+    if VARLEN:  # re-read, not kept live through the loop
+        q0 = tl.load(CU_Q + pid_bh // H, volatile=True).to(tl.int64)
+    tl.store(DQ + b * sdqb + h * sdqh + q0 * sdqn + offs_m[:, None] * sdqn + offs_d[None, :] * sdqd,
              dq.to(DQ.dtype.element_ty), mask=q_mask)
 
 
@@ -348,8 +408,11 @@ def unsupported(q: Tensor, p: Problem) -> str | None:
         return f"the Triton kernels take {[str(t) for t in DTYPES]}, got {q.dtype}"
     if p.d > MAX_HEAD_DIM:
         return f"the Triton kernels take head dims up to {MAX_HEAD_DIM}, got d={p.d}"
-    if p.documents is not None:
-        return "the Triton kernels have no packed-documents (varlen) mode"
+    sequences = _sequences(p)[0]
+    if sequences * max(p.H, 1) > GRID_LIMIT:
+        what = "documents" if p.documents is not None else "batch entries"
+        return (f"{sequences} {what} x {p.H} heads = {sequences * p.H} programs along a launch grid's second axis, "
+                f"above CUDA's {GRID_LIMIT}")
     return None
 
 
@@ -365,6 +428,9 @@ class Tiles:
     """Warps per program."""
     num_stages: int
     """Software-pipelining depth of the inner loop (shared-memory buffers per streamed tile)."""
+    max_registers: int | None = None
+    """Registers per thread ptxas may use (Triton's `maxnreg`); None: ptxas chooses, and its occupancy heuristic
+    may cap a kernel at 128 or 168 registers and spill a few bytes to get there."""
 
 
 @dataclass(frozen=True)
@@ -390,9 +456,9 @@ _HALF_TILES: dict[tuple[str, int], tuple[Tiles, Tiles, Tiles]] = {
     ("hopper", 64): (_T(128, 64, 8, 3), _T(16, 64, 4, 3), _T(128, 32, 8, 3)),
     ("hopper", 128): (_T(128, 64, 8, 3), _T(16, 64, 8, 2), _T(128, 32, 8, 3)),
     ("hopper", 256): (_T(64, 32, 8, 3), _T(32, 32, 8, 2), _T(64, 32, 8, 2)),
-    ("ampere", 16): (_T(128, 64, 8, 3), _T(16, 64, 4, 3), _T(64, 32, 4, 3)),
-    ("ampere", 32): (_T(128, 32, 8, 3), _T(16, 64, 4, 3), _T(64, 32, 4, 3)),
-    ("ampere", 64): (_T(128, 64, 8, 3), _T(16, 32, 4, 2), _T(64, 32, 4, 3)),
+    ("ampere", 16): (_T(128, 64, 8, 3), _T(16, 64, 4, 3, 255), _T(64, 32, 4, 3)),
+    ("ampere", 32): (_T(128, 32, 8, 3), _T(16, 64, 4, 3, 255), _T(64, 32, 4, 3)),
+    ("ampere", 64): (_T(128, 64, 8, 3), _T(16, 32, 4, 2, 255), _T(64, 32, 4, 3)),
     ("ampere", 128): (_T(64, 32, 4, 3), _T(32, 64, 8, 3), _T(64, 32, 4, 3)),
     ("ampere", 256): (_T(64, 32, 8, 3), _T(32, 32, 8, 2), _T(64, 32, 8, 2)),
 }
@@ -400,7 +466,9 @@ _HALF_TILES: dict[tuple[str, int], tuple[Tiles, Tiles, Tiles]] = {
 mask variant: no register spills on sm_80 / sm_90, shared memory within the chip. Spilling tiles that were replaced:
 Hopper dK/dV at d=128 16x64 with 4 warps, 3 stages (timed fastest on an H200: 9.4 ms against 15.8 ms for 32x64 with
 8 warps, bf16, N=8K) spills 8-32 B under Triton 3.6; Hopper dK/dV at d=64 32x64 48 B under 3.6; Ampere dK/dV at d=64
-32x32 and forward at d=32 128x64 8 B under 3.9 with a window, softcap and padding."""
+32x32 and forward at d=32 128x64 8 B under 3.9 with a window, softcap and padding. Ampere dK/dV at d <= 64 runs with
+a register budget of 255: left to its heuristic, ptxas capped the packed-documents variants at 128 or 168 registers
+and spilled 8-16 B (Triton 3.6 and 3.9); with the budget they take 152-234 and spill nothing."""
 
 
 def padded_head_dim(d: int) -> int:
@@ -450,7 +518,8 @@ class Launch:
 
 
 def _opts(t: Tiles) -> dict:
-    return dict(num_warps=t.num_warps, num_stages=t.num_stages)
+    budget = {} if t.max_registers is None else {"maxnreg": t.max_registers}
+    return dict(num_warps=t.num_warps, num_stages=t.num_stages, **budget)
 
 
 def _pad_args(pad: Tensor | None, lse: Tensor) -> tuple:
@@ -458,59 +527,85 @@ def _pad_args(pad: Tensor | None, lse: Tensor) -> tuple:
     return (pad, *pad.stride()) if pad is not None else (lse, 0, 0)
 
 
-def _with_masks(launch, p: Problem):
-    """A launch (or list of launches) with the sliding window's left edge (keys j >= i + window_offset) and the
-    softcap in base-2 units, passed by keyword to the kernels that compute scores (`_MASK_KERNELS`)."""
+def _edges(p: Problem) -> tuple[int | None, int | None]:
+    """(right, left): the edges the kernels mask with, query i sees keys i + left <= j <= i + right; None where a
+    side has no edge. Packed documents: relative to each document's bottom-right diagonal, added per document."""
+    docs = p.documents
+    if docs is None:
+        return p.causal_offset, p.left_offset
+    return (docs.right if docs.right >= 0 else None), (-docs.left if docs.left >= 0 else None)
+
+
+def _sequences(p: Problem) -> tuple[int, int, int]:
+    """(sequences, longest query sequence, longest key sequence) a launch grid spans: the batch, or the documents."""
+    if p.documents is None:
+        return p.B, p.N, p.M
+    len_q, len_k = p.documents.lengths
+    return len(len_q), max(len_q), max(len_k)
+
+
+def _with_masks(launch, p: Problem, cu: tuple[Tensor, Tensor] | None, stand_in: Tensor):
+    """A launch (or list of launches) with the sliding window's left edge (keys j >= i + window_offset), the softcap
+    in base-2 units and the documents' cumulative lengths `cu` (None: the padded layout, `stand_in` is passed and
+    never read), passed by keyword to the kernels that compute scores (`_MASK_KERNELS`)."""
     if isinstance(launch, list):
-        return [_with_masks(x, p) for x in launch]
+        return [_with_masks(x, p, cu, stand_in) for x in launch]
     if launch.kernel not in _MASK_KERNELS:
         return launch
-    masks = dict(window_offset=p.left_offset or 0, cap2=p.softcap * _LOG2E, HAS_WINDOW=p.left_offset is not None,
-                 SOFTCAP=p.softcap > 0)
+    left = _edges(p)[1]
+    cu_q, cu_k = cu if cu is not None else (stand_in, stand_in)
+    masks = dict(window_offset=left or 0, cap2=p.softcap * _LOG2E, HAS_WINDOW=left is not None,
+                 SOFTCAP=p.softcap > 0, CU_Q=cu_q, CU_K=cu_k, VARLEN=cu is not None)
     return dataclasses.replace(launch, meta=launch.meta | masks)
 
 
 _MASK_KERNELS = (_fwd_kernel, _bwd_dkdv_kernel, _bwd_dq_kernel)
 
 
-def _fwd_launch(q, k, v, out, lse, pad, p: Problem, cfg: Config) -> Launch:
+def _fwd_launch(q, k, v, out, lse, pad, cu, p: Problem, cfg: Config) -> Launch:
     t = cfg.fwd
     pad_ptr, *pad_strides = _pad_args(pad, lse)
+    right = _edges(p)[0]
+    sequences, longest_q, _ = _sequences(p)
     return _with_masks(Launch(
-        _fwd_kernel, (triton.cdiv(p.N, t.block_m), p.B * p.H),
+        _fwd_kernel, (triton.cdiv(longest_q, t.block_m), sequences * p.H),
         (q, k, v, out, lse, pad_ptr, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *pad_strides,
-         p.H, p.N, p.M, p.group, p.scale * _LOG2E, p.causal_offset or 0),
-        dict(IS_CAUSAL=p.causal_offset is not None, HAS_PAD=pad is not None,
+         p.H, p.N, p.M, p.group, p.scale * _LOG2E, right or 0),
+        dict(IS_CAUSAL=right is not None, HAS_PAD=pad is not None,
              BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=cfg.block_d, **_opts(t)),
-    ), p)
+    ), p, cu, lse)
 
 
-def _bwd_launches(q, k, v, out, d_out, lse, delta, pad, dq, dk, dv, p: Problem, cfg: Config) -> list[Launch]:
+def _bwd_launches(q, k, v, out, d_out, lse, delta, pad, cu, dq, dk, dv, p: Problem, cfg: Config) -> list[Launch]:
     pad_ptr, *pad_strides = _pad_args(pad, lse)
-    flags = dict(IS_CAUSAL=p.causal_offset is not None, HAS_PAD=pad is not None, BLOCK_D=cfg.block_d)
-    scales = (p.scale * _LOG2E, p.scale, p.causal_offset or 0)
+    right = _edges(p)[0]
+    sequences, longest_q, longest_k = _sequences(p)
+    flags = dict(IS_CAUSAL=right is not None, HAS_PAD=pad is not None, BLOCK_D=cfg.block_d)
+    scales = (p.scale * _LOG2E, p.scale, right or 0)
     pre, dkdv, dqt = cfg.preprocess, cfg.dkdv, cfg.dq
     return _with_masks([
+        # D = rowsum(dO ∘ O) is per row, documents or not: one pass over the (B, H, N) rows.
         Launch(_bwd_preprocess, (triton.cdiv(p.N, pre.block_m), p.B * p.H),
                (out, d_out, delta, *out.stride(), *d_out.stride(), p.H, p.N),
                dict(BLOCK_M=pre.block_m, BLOCK_D=cfg.block_d, **_opts(pre))),
-        Launch(_bwd_dkdv_kernel, (triton.cdiv(p.M, dkdv.block_n), p.B * p.Hkv),
+        Launch(_bwd_dkdv_kernel, (triton.cdiv(longest_k, dkdv.block_n), sequences * p.Hkv),
                (q, k, v, d_out, lse, delta, pad_ptr, dk, dv,
                 *q.stride(), *k.stride(), *v.stride(), *d_out.stride(), *pad_strides, *dk.stride(), *dv.stride(),
                 p.H, p.Hkv, p.N, p.M, p.group, *scales),
                dict(BLOCK_M=dkdv.block_m, BLOCK_N=dkdv.block_n, **flags, **_opts(dkdv))),
-        Launch(_bwd_dq_kernel, (triton.cdiv(p.N, dqt.block_m), p.B * p.H),
+        Launch(_bwd_dq_kernel, (triton.cdiv(longest_q, dqt.block_m), sequences * p.H),
                (q, k, v, d_out, lse, delta, pad_ptr, dq,
                 *q.stride(), *k.stride(), *v.stride(), *d_out.stride(), *pad_strides, *dq.stride(),
                 p.H, p.N, p.M, p.group, *scales),
                dict(BLOCK_M=dqt.block_m, BLOCK_N=dqt.block_n, **flags, **_opts(dqt))),
-    ], p)
+    ], p, cu, lse)
 
 
 def launches(p: Problem, dtype: torch.dtype, has_pad: bool, capability: tuple[int, int]) -> list[Launch]:
     """The four launches of one forward and backward at `p`, on tensors of the "meta" device (shapes, strides and
     dtypes without data), as the autograd function would make them on a GPU of compute `capability`. p.d must be
-    a padded head dim (`triton_attention` pads the inputs to one)."""
+    a padded head dim (`triton_attention` pads the inputs to one); packed documents (p.documents) take the layout
+    of `triton_attention_varlen`."""
     if p.d != padded_head_dim(p.d):
         raise ValueError(f"p.d must be a padded head dim (a power of two >= 16), got {p.d}")
     cfg = config(p.d, dtype, capability)
@@ -518,8 +613,12 @@ def launches(p: Problem, dtype: torch.dtype, has_pad: bool, capability: tuple[in
     k, v, dk, dv = (torch.empty(p.B, p.Hkv, p.M, p.d, dtype=dtype, device="meta") for _ in range(4))
     lse, delta = (torch.empty(p.B, p.H, p.N, dtype=torch.float32, device="meta") for _ in range(2))
     pad = torch.empty(p.B, p.M, dtype=torch.int8, device="meta") if has_pad else None
-    return [_fwd_launch(q, k, v, out, lse, pad, p, cfg),
-            *_bwd_launches(q, k, v, out, d_out, lse, delta, pad, dq, dk, dv, p, cfg)]
+    cu = None
+    if p.documents is not None:
+        count = len(p.documents.cu_seqlens_q)
+        cu = tuple(torch.empty(count, dtype=torch.int32, device="meta") for _ in range(2))
+    return [_fwd_launch(q, k, v, out, lse, pad, cu, p, cfg),
+            *_bwd_launches(q, k, v, out, d_out, lse, delta, pad, cu, dq, dk, dv, p, cfg)]
 
 
 def _capability(t: Tensor) -> tuple[int, int] | None:
@@ -527,17 +626,18 @@ def _capability(t: Tensor) -> tuple[int, int] | None:
 
 
 class TritonAttention(torch.autograd.Function):
-    """The Triton forward saving O and LSE; the three-kernel backward."""
+    """The Triton forward saving O and LSE; the three-kernel backward. pad: (B, M) int8 or None; cu: the documents'
+    (cu_seqlens_q, cu_seqlens_k) when p.documents is set, else None."""
 
     @staticmethod
-    def forward(ctx, q, k, v, pad, problem: Problem):
+    def forward(ctx, q, k, v, pad, cu, problem: Problem):
         p = problem
         out = torch.empty(p.B, p.H, p.N, p.d, dtype=q.dtype, device=q.device)  # (B, H, N, d)
         lse = torch.empty(p.B, p.H, p.N, dtype=torch.float32, device=q.device)  # (B, H, N)
         if lse.numel() > 0:
             with _device(q):
-                _fwd_launch(q, k, v, out, lse, pad, p, config(p.d, q.dtype, _capability(q))).run()
-        ctx.save_for_backward(q, k, v, out, lse, pad)
+                _fwd_launch(q, k, v, out, lse, pad, cu, p, config(p.d, q.dtype, _capability(q))).run()
+        ctx.save_for_backward(q, k, v, out, lse, pad, *(cu or ()))
         ctx.problem = p
         ctx.mark_non_differentiable(lse)
         return out, lse
@@ -545,20 +645,21 @@ class TritonAttention(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, d_out, _d_lse):
-        q, k, v, out, lse, pad = ctx.saved_tensors
+        q, k, v, out, lse, pad, *cu = ctx.saved_tensors
         p: Problem = ctx.problem
         dq = torch.empty_like(q)
         dk = torch.empty_like(k)
         dv = torch.empty_like(v)
         if lse.numel() == 0 or p.M == 0:
-            return dq.zero_(), dk.zero_(), dv.zero_(), None, None
+            return dq.zero_(), dk.zero_(), dv.zero_(), None, None, None
         d_out = aligned(d_out, p.d)
         delta = torch.empty_like(lse)  # (B, H, N)
         cfg = config(p.d, q.dtype, _capability(q))
         with _device(q):
-            for launch in _bwd_launches(q, k, v, out, d_out, lse, delta, pad, dq, dk, dv, p, cfg):
+            for launch in _bwd_launches(q, k, v, out, d_out, lse, delta, pad, tuple(cu) or None, dq, dk, dv, p,
+                                        cfg):
                 launch.run()
-        return dq, dk, dv, None, None
+        return dq, dk, dv, None, None, None
 
 
 class _device:
@@ -594,18 +695,65 @@ def triton_attention(
     p = check_inputs(q, k, v, is_causal=is_causal, scale=scale, key_padding_mask=key_padding_mask,
                      causal_alignment=causal_alignment, return_lse=return_lse, window_size=window_size,
                      softcap=softcap)
-    reason = unsupported(q, p)
-    if reason is not None:
-        raise ValueError(f"backend 'triton' cannot serve these inputs: {reason}")
-    block_d = padded_head_dim(p.d)
+    _refuse_unsupported(q, p)
     pad = None
     if key_padding_mask is not None:  # (B, M) int8 (what Triton loads), rows 16-aligned like every other stride
         pad = torch.zeros(p.B, -(-p.M // 16) * 16, dtype=torch.int8, device=q.device)[:, : p.M]
         pad.copy_(key_padding_mask)
-    q, k, v = (aligned(t, block_d) for t in (q, k, v))  # (B, H or Hkv, N or M, block_d)
-    out, lse = TritonAttention.apply(q, k, v, pad, dataclasses.replace(p, d=block_d))
-    out = out[..., : p.d]  # (B, H, N, d): the zero columns of the padded head dim dropped
+    out, lse = _attend(q, k, v, pad, None, p)
     return (out, lse) if return_lse else out
+
+
+def triton_attention_varlen(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    *,
+    is_causal: bool = False,
+    scale: float | None = None,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    return_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Packed documents by the Triton kernels: the arguments and results of `reference.attention.attention_varlen`
+    (flash-attn's varlen layout; lse (H, total_q) in float32). One program per (query or key tile of a document,
+    head), as flash-attn's varlen kernels: a document's tiles never read another document's rows, so the cost is
+    the sum of the documents' squares (less with a window). Raises ValueError saying why when the kernels cannot
+    serve the inputs."""
+    p = check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal=is_causal,
+                            scale=scale, window_size=window_size, softcap=softcap, return_lse=return_lse)
+    _refuse_unsupported(q, p)
+    out, lse = run_varlen(q, k, v, p, cu_seqlens_q, cu_seqlens_k)
+    return (out, lse) if return_lse else out
+
+
+def run_varlen(q: Tensor, k: Tensor, v: Tensor, p: Problem, cu_seqlens_q: Tensor,
+               cu_seqlens_k: Tensor) -> tuple[Tensor, Tensor]:
+    """Checked packed inputs (`p` from `check_varlen_inputs`, `unsupported` None) through the kernels as one
+    (1, heads, total, d) batch entry whose programs each take one document. Returns out (total_q, H, d) and
+    lse (H, total_q)."""
+    q1, k1, v1 = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # (1, heads, total, d) views
+    cu = tuple(c if c.is_contiguous() and c.data_ptr() % 16 == 0 else c.clone() for c in (cu_seqlens_q, cu_seqlens_k))
+    out, lse = _attend(q1, k1, v1, None, cu, p)
+    return out[0].transpose(0, 1), lse[0]  # (total_q, H, d), (H, total_q)
+
+
+def _refuse_unsupported(q: Tensor, p: Problem) -> None:
+    reason = unsupported(q, p)
+    if reason is not None:
+        raise ValueError(f"backend 'triton' cannot serve these inputs: {reason}")
+
+
+def _attend(q, k, v, pad, cu, p: Problem) -> tuple[Tensor, Tensor]:
+    """The autograd function on inputs brought to the kernels' layout. Returns out (B, H, N, d), lse (B, H, N)."""
+    block_d = padded_head_dim(p.d)
+    q, k, v = (aligned(t, block_d) for t in (q, k, v))  # (B, H or Hkv, N or M, block_d)
+    out, lse = TritonAttention.apply(q, k, v, pad, cu, dataclasses.replace(p, d=block_d))
+    return out[..., : p.d], lse  # the zero columns of the padded head dim dropped
 
 
 def aligned(t: Tensor, block_d: int) -> Tensor:

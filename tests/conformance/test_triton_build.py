@@ -21,6 +21,8 @@ def builds():
 def test_every_kernel_and_head_dim_builds_for_ampere_and_hopper_without_spilling(builds):
     assert {(b.spec.kernel, b.spec.arch, b.spec.block_d) for b in builds} == {
         (k, a, d) for k in tb.KERNELS for a in tb.ARCHS for d in tb.BLOCK_DS}
+    dot_kernels = [b for b in builds if b.spec.kernel != "_bwd_preprocess"]
+    assert {b.spec.varlen for b in dot_kernels} == {False, True}  # both layouts
     assert tb.failures(builds) == [], "\n" + tb.table(builds)
 
 
@@ -67,7 +69,9 @@ def test_the_full_set_has_every_variant():
     full = tb.specs()
     assert len(full) == len(set(full))
     per_kernel = len(tb.ARCHS) * len(tb.DTYPES) * len(tb.BLOCK_DS)
-    assert sum(s.kernel == "_fwd_kernel" for s in full) == per_kernel * 16  # causal x pad x window x softcap
+    # causal x window x softcap x (padded, padded with a key padding mask, packed documents)
+    assert sum(s.kernel == "_fwd_kernel" for s in full) == per_kernel * 24
+    assert not any(s.pad and s.varlen for s in full)
     assert sum(s.kernel == "_bwd_preprocess" for s in full) == per_kernel
     assert {s.dtype for s in full} == {str(t).removeprefix("torch.") for t in kernels.DTYPES}
 

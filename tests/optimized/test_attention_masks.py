@@ -219,8 +219,7 @@ def test_select_backend_varlen_on_cpu():
     assert select_backend_varlen(q, k, k, even, even, 4, 4, is_causal=True).backend == "sdpa"
     choice = select_backend_varlen(q, k, k, uneven, uneven, 7, 7, is_causal=True)
     assert choice.backend == "blocked" and "different lengths" in choice.rejected["sdpa"]
-    assert "CUDA" in choice.rejected["flash_attn"]
-    assert "different lengths" in unsupported_varlen("triton", q, k, k, uneven, uneven, 7, 7)
+    assert "CUDA" in choice.rejected["flash_attn"] and "CUDA" in choice.rejected["triton"]
     assert "log-sum-exp" in unsupported_varlen("sdpa", q, k, k, even, even, 4, 4, return_lse=True)
     with pytest.raises(BackendUnavailable, match="'sdpa' cannot serve.*different lengths"):
         flash_attention_varlen(q, k, k, uneven, uneven, 7, 7, backend="sdpa")
@@ -228,8 +227,14 @@ def test_select_backend_varlen_on_cpu():
     assert out.shape == (12, 4, 8) and lse.shape == (4, 12)
 
 
-@pytest.mark.parametrize("fn", [flash_attention_varlen, blocked_attention_varlen])
-def test_bad_varlen_input_raises_value_error_before_work(fn):
+@pytest.mark.parametrize("name", ["flash_attention_varlen", "blocked_attention_varlen", "triton_attention_varlen"])
+def test_bad_varlen_input_raises_value_error_before_work(name):
+    if name == "triton_attention_varlen":
+        kernels = pytest.importorskip("optimized.attention.triton", reason="triton is not installed")
+        fn = kernels.triton_attention_varlen
+    else:
+        fn = {"flash_attention_varlen": flash_attention_varlen, "blocked_attention_varlen": blocked_attention_varlen}
+        fn = fn[name]
     q, k = torch.randn(6, 2, 4), torch.randn(7, 1, 4)
     cu_q, cu_k = torch.tensor([0, 2, 6], dtype=torch.int32), torch.tensor([0, 3, 7], dtype=torch.int32)
     i32 = functools.partial(torch.tensor, dtype=torch.int32)
@@ -289,6 +294,57 @@ def test_triton_window_softcap_float16_and_reproducible_backward():
         assert torch.equal(a, b)
 
 
+@settings(max_examples=5, deadline=None)
+@given(case=varlen_cases(max_docs=4), seed=st.integers(0, 2**16))
+def test_triton_varlen_by_the_error_rule(case, seed):
+    # float16 on drawn documents (float32's one-ulp floor, see above); float32 on the fixed cases below.
+    assert_equivalent(compare_varlen("triton", case, dtype=torch.float16, device=_triton_device(), seed=seed))
+
+
+@pytest.mark.parametrize("case", [
+    VarlenCase("documents of 1, 13, 2, 31 tokens, causal GQA 2:1", (1, 13, 2, 31), H=2, Hkv=1, is_causal=True),
+    VarlenCase("keys longer than queries, an empty one, window (3, 2), softcap", (3, 0, 20), (9, 4, 23), H=3,
+               Hkv=1, d=8, window_size=(3, 2), softcap=2.0, q_scale=6.0, max_seqlen_extra=5),
+], ids=lambda c: c.name)
+def test_triton_varlen_float32_by_the_error_rule(case):
+    assert_equivalent(compare_varlen("triton", case, dtype=torch.float32, device=_triton_device()))
+
+
+def test_triton_varlen_document_alone_equals_it_packed_between_nan_documents():
+    # Each program works inside one document and its tiles start at the document's first row, so a document packed
+    # among others gives the bits it gives alone, and NaN in its neighbours never reaches it: no row of another
+    # document is read, not even under a mask.
+    device = _triton_device()
+    case = VarlenCase("NaN neighbours", (5, 37, 3), (7, 37, 4), H=2, Hkv=1, d=16, is_causal=True,
+                      window_size=(9, 0), softcap=3.0)
+    q, k, v, d_out, (cu_q, cu_k, _, _) = case.inputs()
+    q, k, v, d_out = (t.float().to(device) for t in (q, k, v, d_out))
+    rows_q, rows_k = slice(5, 42), slice(7, 44)
+    poison = lambda t, rows: torch.full_like(t, float("nan")).index_copy(0, torch.arange(  # noqa: E731
+        rows.start, rows.stop, device=device), t[rows])
+    alone_cu = torch.tensor([0, 37], dtype=torch.int32)
+    fn = functools.partial(flash_attention_varlen, backend="triton", **case.options())
+    packed = _grads(fn, poison(q, rows_q), poison(k, rows_k), poison(v, rows_k), d_out, cu_q.to(device),
+                    cu_k.to(device), 37, 37)
+    alone = _grads(fn, q[rows_q], k[rows_k], v[rows_k], d_out[rows_q], alone_cu.to(device), alone_cu.to(device),
+                   37, 37)
+    for name, got, want, rows in zip(("out", "lse", "dq", "dk", "dv"), packed, alone,
+                                     (rows_q, rows_q, rows_q, rows_k, rows_k), strict=True):
+        got = got[:, rows] if name == "lse" else got[rows]  # lse is (H, total_q)
+        assert torch.equal(got, want), name
+
+
+def test_triton_varlen_backward_is_bitwise_reproducible():
+    device = _triton_device()
+    case = VarlenCase("repeat", (1, 31, 7, 20, 2), H=4, Hkv=2, is_causal=True, window_size=(9, 0), softcap=3.0)
+    q, k, v, d_out, (cu_q, cu_k, *longest) = case.inputs(3)
+    fn = functools.partial(flash_attention_varlen, backend="triton", **case.options())
+    args = (cu_q.to(device), cu_k.to(device), *longest)
+    first, second = (_grads(fn, *(t.float().to(device) for t in (q, k, v, d_out)), *args) for _ in range(2))
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+
+
 GPU_MASK_CASES = [
     Case("causal window (128, 0), GQA 8:2, N=M=1000, d=64", B=2, H=8, Hkv=2, N=1000, M=1000, d=64, is_causal=True,
          window_size=(128, 0)),
@@ -318,8 +374,19 @@ def test_windows_and_softcap_on_cuda_by_the_error_rule(case, dtype, backend):
 def test_varlen_on_cuda_by_the_error_rule(dtype):
     case = VarlenCase("documents of 1, 300, 64, 1000, 7 tokens, window (64, 0), softcap 20", (1, 300, 64, 1000, 7),
                       H=8, Hkv=2, d=64, is_causal=True, window_size=(64, 0), softcap=20.0, q_scale=4.0)
-    for backend in ("blocked", "flash_attn"):
+    for backend in ("triton", "blocked", "flash_attn"):
         q, k, v, _, args = case.inputs()
         moved = (*(t.to("cuda", dtype) for t in (q, k, v)), *(a.cuda() for a in args[:2]), *args[2:])
         if unsupported_varlen(backend, *moved, **case.options()) is None:
             assert_equivalent(compare_varlen(backend, case, dtype=dtype, device=torch.device("cuda")))
+
+
+@pytest.mark.gpu
+def test_auto_sends_documents_of_different_lengths_to_triton_on_cuda():
+    pytest.importorskip("triton", reason="triton is not installed")
+    q = torch.randn(12, 4, 64, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(12, 2, 64, device="cuda", dtype=torch.bfloat16)
+    uneven = torch.tensor([0, 1, 8, 12], dtype=torch.int32, device="cuda")
+    choice = select_backend_varlen(q, k, k, uneven, uneven, 7, 7, is_causal=True)
+    assert choice.backend in ("flash_attn", "triton"), choice
+    assert choice.backend == "flash_attn" or "different lengths" in choice.rejected["sdpa"]
