@@ -53,6 +53,21 @@ def test_error_ratio_floor_keeps_an_exact_baseline_usable():
     assert not error_ratio(opt, ref, base).passed
 
 
+def test_error_ratio_floor_scales_with_what_cancelled_in_float32():
+    # The H200 case: one visible key, so the exact dQ is 0 and the naive float32 path cancels exactly, while FA2's
+    # D = rowsum(dO ∘ O) differs from dP by rounding at the size of dP (~5 here): 3.1e-7 is that rounding, not a bug.
+    ref = torch.zeros(16, dtype=torch.float64)
+    base = torch.zeros(16)
+    opt = torch.zeros(16)
+    opt[3] = 3.1e-7
+    assert not error_ratio(opt, ref, base).passed  # one ulp at magnitude 1: 1.2e-7
+    assert error_ratio(opt, ref, base, cancellation=5.0).passed  # plus one float32 ulp at 5: 7.2e-7
+    opt[3] = 1e-5  # a real error stays one
+    assert not error_ratio(opt, ref, base, cancellation=5.0).passed
+    with pytest.raises(ValueError, match="cancellation must be >= 0"):
+        error_ratio(opt, ref, base, cancellation=-1.0)
+
+
 def test_error_ratio_rejects_nan():
     ref = torch.zeros(3, dtype=torch.float64)
     opt = torch.tensor([0.0, float("nan"), 0.0])
