@@ -165,15 +165,22 @@ def _tests(step: Step, out: Path) -> None:
     step.status = _status(rc, rc == 0 or (rc == 5 and not step.failed))  # 5: nothing collected
 
 
-def _conformance(step: Step, out: Path) -> dict:
-    rc, step.seconds = run_command(step.command, step.budget_s, out / "conformance.log")
+def _run_for_json(step: Step, log: Path, path: Path) -> dict | None:
+    """Run the step's command; the JSON file it writes, or None (the step failed, the log's tail says why)."""
+    rc, step.seconds = run_command(step.command, step.budget_s, log)
     step.returncode = rc
-    path = out / "conformance" / "report.json"
+    step.status = _status(rc, rc == 0)
     if not path.exists():
         step.status = _status(rc, False)
-        step.detail = ["no report.json", *_tail(out / "conformance.log")]
+        step.detail = [f"no {path.name}", *_tail(log)]
+        return None
+    return json.loads(path.read_text())
+
+
+def _conformance(step: Step, out: Path) -> dict:
+    report = _run_for_json(step, out / "conformance.log", out / "conformance" / "report.json")
+    if report is None:
         return {}
-    report = json.loads(path.read_text())
     checks = summarize_conformance(report)
     step.passed = sum(c["rows"] - c["failed"] for c in checks.values())
     step.failed = sum(c["failed"] for c in checks.values())
@@ -183,19 +190,13 @@ def _conformance(step: Step, out: Path) -> dict:
             why = (row.get("error") or f"{eq.get('name')}: max error {eq.get('max_error')} > bound {eq.get('bound')}"
                    ).strip().splitlines()
             step.detail += [f"FAILED {row.get('check')}/{row.get('name')}", *(f"    {x}" for x in why[-6:])]
-    step.status = _status(rc, rc == 0)
     return checks
 
 
 def _bench(step: Step, out: Path) -> dict:
-    rc, step.seconds = run_command(step.command, step.budget_s, out / "bench.log")
-    step.returncode = rc
-    path = out / "bench" / "bench.json"
-    if not path.exists():
-        step.status = _status(rc, False)
-        step.detail = ["no bench.json", *_tail(out / "bench.log")]
+    payload = _run_for_json(step, out / "bench.log", out / "bench" / "bench.json")
+    if payload is None:
         return {}
-    payload = json.loads(path.read_text())
     cells = [(impl, t) for case in payload.get("cases", []) for impl, modes in case["timings"].items()
              for t in modes.values()]
     absent = [t for _, t in cells if t.get("na") and "not installed" in t["na"]]
@@ -206,7 +207,6 @@ def _bench(step: Step, out: Path) -> dict:
     step.detail += [f"triton n/a: {why}" for why in ours[:3]]
     if payload.get("skipped"):
         step.detail.append(f"{len(payload['skipped'])} case(s) skipped: time budget")
-    step.status = _status(rc, rc == 0)
     return payload
 
 
