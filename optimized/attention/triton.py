@@ -50,6 +50,8 @@ from optimized.attention._inputs import Problem, check_inputs, check_varlen_inpu
 MAX_HEAD_DIM = 256
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2E = 1.4426950408889634
+MAX_ROW_STRIDE = 2**31 // 256
+"""Row strides the kernels take: offsets within a tile (at most 256 rows) are 32-bit; a tile's first row is 64-bit."""
 GRID_LIMIT = 65535
 """CUDA's limit on a launch grid's second axis, which holds sequences x heads."""
 _SIZES = ["H", "HKV", "N", "M", "GROUP", "causal_offset", "window_offset"]
@@ -79,7 +81,7 @@ def _sequence(CU_Q, CU_K, b, N, M, VARLEN: tl.constexpr):
         m = tl.load(CU_K + b + 1) - k0
         return 0, q0.to(tl.int64), k0.to(tl.int64), n, m, m - n
     else:
-        return b, 0, 0, N, M, 0
+        return b, b * 0, b * 0, N, M, 0  # first rows 0, as int64 like the packed ones
 
 
 @triton.jit(do_not_specialize=_SIZES)
@@ -98,7 +100,9 @@ def _fwd_kernel(
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    h = (pid_bh % H).to(tl.int64)  # 64-bit offsets: B·H·N·d may pass 2^31 elements
+    # Addresses: 64-bit scalar bases (batch, head, first row of the tile: B·H·N·d and a row's stride times N may pass
+    # 2^31) plus 32-bit offsets within a tile.
+    h = (pid_bh % H).to(tl.int64)
     hk = h // GROUP  # GQA: query head h reads key/value head h // G
     b, q0, k0, n, m, shift = _sequence(CU_Q, CU_K, (pid_bh // H).to(tl.int64), N, M, VARLEN)
     lse_rows = N  # LSE is (B, H, lse_rows)
@@ -115,7 +119,8 @@ def _fwd_kernel(
     last_key = offs_m + causal_offset  # causal: query i sees keys j <= i + offset
     first_key = offs_m + window_offset  # sliding window: query i sees keys j >= i + window_offset
 
-    q = tl.load(Q + b * sqb + h * sqh + q0 * sqn + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
+    tile_m = tl.arange(0, BLOCK_M)
+    q = tl.load(Q + b * sqb + h * sqh + (q0 + pid_m * BLOCK_M) * sqn + tile_m[:, None] * sqn + offs_d[None, :] * sqd,
                 mask=row_ok[:, None], other=0.0)  # (BLOCK_M, BLOCK_D)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max, base-2 units
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2(s - m)
@@ -134,8 +139,8 @@ def _fwd_kernel(
     lo = 0
     if HAS_WINDOW:  # nor key tiles before the first key the tile's first query may see
         lo = tl.maximum(0, tl.minimum(hi, pid_m * BLOCK_M + window_offset))
-        k_tile += lo * skn
-        v_tile += lo * svn
+        k_tile += lo.to(tl.int64) * skn
+        v_tile += lo.to(tl.int64) * svn
         pad_tile += lo * spm
     for start_n in range(lo, hi, BLOCK_N):  # FA2 Alg. 1 line 6
         cols = start_n + offs_n
@@ -169,6 +174,8 @@ def _fwd_kernel(
     lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)  # line 13, ln
     if VARLEN:  # re-read, not kept live through the loop: that one register spilled on sm_80
         q0 = tl.load(CU_Q + pid_bh // H, volatile=True).to(tl.int64)
+    # O is ours and contiguous, its row stride block_d <= 256: 32-bit row offsets hold up to 8M rows, and keeping
+    # tile_m live through the loop for a 64-bit tile base spilled on sm_90 (d=128, Triton 3.6).
     tl.store(O + b * sob + h * soh + q0 * son + offs_m[:, None] * son + offs_d[None, :] * sod,
              out.to(O.dtype.element_ty), mask=row_ok[:, None])
     tl.store(LSE + (b * H + h) * lse_rows + q0 + offs_m, lse, mask=row_ok)
@@ -189,10 +196,13 @@ def _bwd_preprocess(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m < N)[:, None]
-    o = tl.load(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod, mask=mask, other=0.0)
-    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdn + offs_d[None, :] * sdd, mask=mask, other=0.0)
+    m0 = pid_m.to(tl.int64) * BLOCK_M  # 64-bit: the rows of a whole packed batch may pass 2^31 elements
+    tile_m = tl.arange(0, BLOCK_M)
+    o = tl.load(O + b * sob + h * soh + m0 * son + tile_m[:, None] * son + offs_d[None, :] * sod, mask=mask, other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + m0 * sdn + tile_m[:, None] * sdn + offs_d[None, :] * sdd, mask=mask,
+                 other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # FA2 Alg. 2 line 3: D = rowsum(dO ∘ O)
-    tl.store(DELTA + pid_bh * N + offs_m, delta, mask=offs_m < N)
+    tl.store(DELTA + pid_bh.to(tl.int64) * N + offs_m, delta, mask=offs_m < N)
 
 
 @triton.jit(do_not_specialize=_SIZES)
@@ -231,10 +241,11 @@ def _bwd_dkdv_kernel(
     first_query = offs_n - causal_offset  # causal: key j is seen by queries i >= j - offset
     last_query = offs_n - window_offset  # sliding window: key j is seen by queries i <= j - window_offset
     # FA2 Alg. 2 lines 5-6: load K_j, V_j; dK_j = dV_j = 0
-    k = tl.load(K + b * skb + hk * skh + k0 * skn + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask,
-                other=0.0)
-    v = tl.load(V + b * svb + hk * svh + k0 * svn + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask,
-                other=0.0)
+    tile_n = tl.arange(0, BLOCK_N)
+    k = tl.load(K + b * skb + hk * skh + (k0 + pid_n * BLOCK_N) * skn + tile_n[:, None] * skn + offs_d[None, :] * skd,
+                mask=kv_mask, other=0.0)
+    v = tl.load(V + b * svb + hk * svh + (k0 + pid_n * BLOCK_N) * svn + tile_n[:, None] * svn + offs_d[None, :] * svd,
+                mask=kv_mask, other=0.0)
     keep_cols = col_ok
     if HAS_PAD:
         keep_cols = keep_cols & (tl.load(PAD + b * spb + offs_n * spm, mask=col_ok, other=0) != 0)
@@ -290,9 +301,10 @@ def _bwd_dkdv_kernel(
     dk = dk * sm_scale  # S = scale · Q Kᵀ
     if VARLEN:  # re-read, not kept live through the loop: that one register spilled on sm_80
         k0 = tl.load(CU_K + pid_bhk // HKV, volatile=True).to(tl.int64)
-    tl.store(DK + b * sdkb + hk * sdkh + k0 * sdkn + offs_n[:, None] * sdkn + offs_d[None, :] * sdkd,
+    n0 = k0 + pid_n * BLOCK_N
+    tl.store(DK + b * sdkb + hk * sdkh + n0 * sdkn + tile_n[:, None] * sdkn + offs_d[None, :] * sdkd,
              dk.to(DK.dtype.element_ty), mask=kv_mask)  # line 17
-    tl.store(DV + b * sdvb + hk * sdvh + k0 * sdvn + offs_n[:, None] * sdvn + offs_d[None, :] * sdvd,
+    tl.store(DV + b * sdvb + hk * sdvh + n0 * sdvn + tile_n[:, None] * sdvn + offs_d[None, :] * sdvd,
              dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
@@ -330,9 +342,11 @@ def _bwd_dq_kernel(
     q_mask = row_ok[:, None]
     last_key = offs_m + causal_offset
     first_key = offs_m + window_offset
-    q = tl.load(Q + b * sqb + h * sqh + q0 * sqn + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=q_mask,
+    tile_m = tl.arange(0, BLOCK_M)
+    m0 = q0 + pid_m * BLOCK_M  # 64-bit first row of the tile
+    q = tl.load(Q + b * sqb + h * sqh + m0 * sqn + tile_m[:, None] * sqn + offs_d[None, :] * sqd, mask=q_mask,
                 other=0.0)
-    do = tl.load(DO + b * sdb + h * sdh + q0 * sdn + offs_m[:, None] * sdn + offs_d[None, :] * sdd, mask=q_mask,
+    do = tl.load(DO + b * sdb + h * sdh + m0 * sdn + tile_m[:, None] * sdn + offs_d[None, :] * sdd, mask=q_mask,
                  other=0.0)
     lse = tl.load(LSE + stats + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
     lse = tl.where(lse == float("-inf"), float("inf"), lse)
@@ -350,8 +364,8 @@ def _bwd_dq_kernel(
     lo = 0
     if HAS_WINDOW:
         lo = tl.maximum(0, tl.minimum(hi, pid_m * BLOCK_M + window_offset))
-        k_tile += lo * skn
-        v_tile += lo * svn
+        k_tile += lo.to(tl.int64) * skn
+        v_tile += lo.to(tl.int64) * svn
         pad_tile += lo * spm
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
@@ -381,7 +395,7 @@ def _bwd_dq_kernel(
     dq = dq * sm_scale
     if VARLEN:  # re-read, not kept live through the loop
         q0 = tl.load(CU_Q + pid_bh // H, volatile=True).to(tl.int64)
-    tl.store(DQ + b * sdqb + h * sdqh + q0 * sdqn + offs_m[:, None] * sdqn + offs_d[None, :] * sdqd,
+    tl.store(DQ + b * sdqb + h * sdqh + (q0 + pid_m * BLOCK_M) * sdqn + tile_m[:, None] * sdqn + offs_d[None, :] * sdqd,
              dq.to(DQ.dtype.element_ty), mask=q_mask)
 
 
@@ -408,6 +422,9 @@ def unsupported(q: Tensor, p: Problem) -> str | None:
         return f"the Triton kernels take {[str(t) for t in DTYPES]}, got {q.dtype}"
     if p.d > MAX_HEAD_DIM:
         return f"the Triton kernels take head dims up to {MAX_HEAD_DIM}, got d={p.d}"
+    if p.N * padded_head_dim(p.d) >= 2**31:
+        return (f"{p.N} query rows at head dim {padded_head_dim(p.d)} pass 2^31 elements per head (the output's "
+                "row offsets are 32-bit)")
     sequences = _sequences(p)[0]
     if sequences * max(p.H, 1) > GRID_LIMIT:
         what = "documents" if p.documents is not None else "batch entries"
@@ -752,6 +769,10 @@ def _attend(q, k, v, pad, cu, p: Problem) -> tuple[Tensor, Tensor]:
     """The autograd function on inputs brought to the kernels' layout. Returns out (B, H, N, d), lse (B, H, N)."""
     block_d = padded_head_dim(p.d)
     q, k, v = (aligned(t, block_d) for t in (q, k, v))  # (B, H or Hkv, N or M, block_d)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.stride(2) >= MAX_ROW_STRIDE:
+            raise ValueError(f"backend 'triton' cannot serve these inputs: {name}'s row stride {t.stride(2)} is not "
+                             f"below {MAX_ROW_STRIDE} elements (offsets within a tile are 32-bit)")
     out, lse = TritonAttention.apply(q, k, v, pad, cu, dataclasses.replace(p, d=block_d))
     return out[..., : p.d], lse  # the zero columns of the padded head dim dropped
 

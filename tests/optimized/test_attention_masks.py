@@ -390,3 +390,30 @@ def test_auto_sends_documents_of_different_lengths_to_triton_on_cuda():
     choice = select_backend_varlen(q, k, k, uneven, uneven, 7, 7, is_causal=True)
     assert choice.backend in ("flash_attn", "triton"), choice
     assert choice.backend == "flash_attn" or "different lengths" in choice.rejected["sdpa"]
+
+
+def test_triton_varlen_addresses_rows_past_2_to_the_31_elements():
+    # q, k, v as one packed qkv buffer with a row stride of 2^22 elements: rows past 512 lie beyond 2^31 elements,
+    # where 32-bit row offsets wrapped (a segfault under the interpreter). The buffer is allocated, never touched
+    # but for the rows used. Window (0, 0): each query sees its own key only, so the kernels stay fast.
+    device = _triton_device()
+    n, d, stride = 530, 16, 2**22
+    store = torch.empty(stride * (n - 1) + 3 * d, device=device)
+    views = lambda: [store.as_strided((n, 1, d), (stride, d, 1), i * d) for i in range(3)]  # noqa: E731
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randn(n, 1, 3 * d, generator=gen).to(device)
+    for i, t in enumerate(views()):
+        t.copy_(rows[..., i * d:(i + 1) * d])
+    d_out = torch.randn(n, 1, d, generator=gen).to(device)
+    cu = torch.tensor([0, 5, n], dtype=torch.int32, device=device)
+    store.requires_grad_()
+    q, k, v = views()  # the strided views themselves reach the kernels (a clone would make them contiguous)
+    assert q.stride(0) == stride
+    out, lse = flash_attention_varlen(q, k, v, cu, cu, n - 5, n - 5, window_size=(0, 0), return_lse=True,
+                                      backend="triton")
+    got = (out, lse, *torch.autograd.grad(out, (q, k, v), d_out))
+    want = _grads(functools.partial(attention_varlen, window_size=(0, 0)), *(t.detach().double().cpu() for t in
+                  (q, k, v)), d_out.double().cpu(), cu.cpu(), cu.cpu(), n - 5, n - 5)
+    for name, g, w in zip(("out", "lse", "dq", "dk", "dv"), got, want, strict=True):
+        torch.testing.assert_close(g.detach().cpu().double(), w, rtol=1e-5, atol=1e-5,
+                                   msg=lambda m, name=name: f"{name}: {m}")

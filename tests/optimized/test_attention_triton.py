@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from conformance.checks.attention import Case, compare
 from conformance.tolerance import assert_equivalent
 from optimized.attention import BackendUnavailable, flash_attention
+from optimized.attention._inputs import Problem
 from reference.attention import attention
 
 kernels = pytest.importorskip("optimized.attention.triton", reason="triton is not installed")
@@ -97,6 +98,16 @@ def test_triton_refuses_what_it_cannot_serve():
         b = q[..., :8].bfloat16()
         with pytest.raises(BackendUnavailable, match="interpreter has no bfloat16"):
             flash_attention(b, b, b, backend="triton")
+    # Limits of the launch, from the problem alone: the grid's second axis, 32-bit offsets within the output.
+    small = q[..., :16]
+    tall = Problem(B=1, H=1, Hkv=1, N=2**24, M=16, d=128, scale=1.0, causal_offset=None)
+    assert "pass 2^31 elements per head" in kernels.unsupported(small, tall)
+    wide = Problem(B=70000, H=1, Hkv=1, N=16, M=16, d=16, scale=1.0, causal_offset=None)
+    assert "above CUDA's 65535" in kernels.unsupported(small, wide)
+    with pytest.raises(ValueError, match="row stride .* is not below"):
+        strided = torch.empty(kernels.MAX_ROW_STRIDE * 2, device=device).as_strided((1, 1, 2, 16),
+                                                                                  (0, 0, kernels.MAX_ROW_STRIDE, 1))
+        kernels.triton_attention(strided, small, small)
 
 
 GPU_CASES = [
