@@ -92,8 +92,9 @@ def attention(
         s = s.masked_fill(~keep, float("-inf"))  # (B, H, N, M)
 
     p = torch.softmax(s, dim=-1)  # (B, H, N, M): the O(N·M) tensor autograd keeps for backward
-    if _rows_can_be_empty(N, M, is_causal=is_causal, causal_alignment=causal_alignment, window_size=window_size,
-                          key_padding_mask=key_padding_mask):
+    # (With no key at all, M = 0, p is empty and p @ v below is already 0: nothing to mask.)
+    if keep is not None and _rows_can_be_empty(N, M, is_causal=is_causal, causal_alignment=causal_alignment,
+                                               window_size=window_size, key_padding_mask=key_padding_mask):
         # A row of all -inf gives 0/0 = NaN in softmax; the spec says such a row attends to nothing.
         has_key = keep.any(dim=-1, keepdim=True)  # (B or 1, 1, N, 1)
         p = p.masked_fill(~has_key, 0.0)  # (B, H, N, M)

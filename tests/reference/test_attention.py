@@ -215,10 +215,10 @@ def test_softcap_caps_large_scores_and_its_gradient_is_tanhs():
 
 @settings(max_examples=12, deadline=None)
 @given(lengths=st.lists(st.sampled_from([0, 1, 2, 3, 5, 7]), min_size=1, max_size=5),
-       extra=st.lists(st.integers(0, 3), min_size=5, max_size=5), is_causal=st.booleans(), window=windows,
+       extra=st.lists(st.integers(-3, 3), min_size=5, max_size=5), is_causal=st.booleans(), window=windows,
        cap=st.sampled_from([0.0, 1.0]), seed=st.integers(0, 2**16))
 def test_varlen_is_each_document_on_its_own(lengths, extra, is_causal, window, cap, seed):
-    lengths_k = [n + e for n, e in zip(lengths, extra, strict=False)]
+    lengths_k = [max(0, n + e) for n, e in zip(lengths, extra, strict=False)]  # some documents without keys
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(sum(lengths), 4, 3, generator=gen, dtype=torch.float64)  # (total_q, H, d)
     k = torch.randn(sum(lengths_k), 2, 3, generator=gen, dtype=torch.float64)  # (total_k, Hkv, d)
@@ -260,6 +260,19 @@ def _bad_varlen():
         ("window_size must be", (q, k, k, cu_q, cu_k, 4, 4), {"window_size": (-2, 0)}),
         ("softcap must be a finite number >= 0", (q, k, k, cu_q, cu_k, 4, 4), {"softcap": -1.0}),
     ]
+
+
+def test_varlen_document_without_keys_attends_to_nothing_without_any_mask():
+    q = torch.randn(10, 2, 4, dtype=torch.float64, requires_grad=True)
+    k, v = torch.randn(5, 1, 4, dtype=torch.float64), torch.randn(5, 1, 4, dtype=torch.float64)
+    cu_q, cu_k = torch.tensor([0, 4, 10], dtype=torch.int32), torch.tensor([0, 0, 5], dtype=torch.int32)
+    out, lse = attention_varlen(q, k, v, cu_q, cu_k, 6, 5, return_lse=True)  # no causal mask, no window
+    assert torch.equal(out[:4], torch.zeros(4, 2, 4, dtype=torch.float64))
+    assert torch.equal(lse[:, :4], torch.full((2, 4), float("-inf"), dtype=torch.float64))
+    alone = attention_varlen(q[4:], k, v, cu_q[1:] - 4, cu_k[1:], 6, 5)
+    torch.testing.assert_close(out[4:], alone)
+    (dq,) = torch.autograd.grad(out.sum(), q)
+    assert torch.equal(dq[:4], torch.zeros(4, 2, 4, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("message, args, kwargs", _bad_varlen(), ids=[b[0][:30] for b in _bad_varlen()])
