@@ -169,11 +169,11 @@ def _run_for_json(step: Step, log: Path, path: Path) -> dict | None:
     """Run the step's command; the JSON file it writes, or None (the step failed, the log's tail says why)."""
     rc, step.seconds = run_command(step.command, step.budget_s, log)
     step.returncode = rc
-    step.status = _status(rc, rc == 0)
     if not path.exists():
         step.status = _status(rc, False)
         step.detail = [f"no {path.name}", *_tail(log)]
         return None
+    step.status = _status(rc, rc == 0)
     return json.loads(path.read_text())
 
 

@@ -4,6 +4,7 @@ allowed, raised before any work is done."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 
@@ -71,9 +72,9 @@ class Documents:
     right: int
     """Window right size within each document (0 when causal), -1 unbounded; bottom-right aligned per document."""
 
-    @property
+    @functools.cached_property
     def lengths(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """Query and key lengths of each document."""
+        """Query and key lengths of each document (computed once: dispatch, the launch and the grid all read it)."""
         diff = lambda cu: tuple(b - a for a, b in zip(cu[:-1], cu[1:], strict=True))  # noqa: E731
         return diff(self.cu_seqlens_q), diff(self.cu_seqlens_k)
 
