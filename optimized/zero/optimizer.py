@@ -398,9 +398,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 own.to(flat.master.device, flat.master.dtype))
         grads = self._master_grads()
         found = torch.zeros((), dtype=torch.float32, device=self._host_device())
-        unscale_and_check_(grads, torch.ones((), device=found.device), found)
+        unscale_and_check_(grads, torch.ones((), dtype=torch.float32, device=found.device), found)
         squares = self._local_power_sum(grads, 2.0)
-        packed = torch.stack([found.to(squares.device), squares.float()])  # (2,)
+        packed = torch.stack([found.to(squares), squares])  # (2,) in the norm's dtype
         packed = self._all_reduce(packed, dist.ReduceOp.SUM)
         self._found_inf = bool(packed[0] > 0)
         if self._found_inf and not found:
@@ -422,11 +422,13 @@ class ZeroOptimizer(torch.optim.Optimizer):
         return [g._version for g in grads]
 
     def _local_power_sum(self, grads: list[Tensor], norm_type: float) -> Tensor:
-        """sum |g|^p over this rank's slices (max |g| for p = inf), float32."""
+        """sum |g|^p over this rank's slices (max |g| for p = inf), in float32 or the gradients' wider dtype (a
+        float64 run keeps a float64 norm: its clipping coefficient must not round to float32)."""
         nonempty = [g for g in grads if g.numel()]
         if not nonempty:
             return torch.zeros((), dtype=torch.float32, device=self._host_device())
-        norms = torch.stack([n.float() for n in torch._foreach_norm(nonempty, norm_type)])
+        norms = torch.stack([n.to(torch.promote_types(n.dtype, torch.float32))
+                             for n in torch._foreach_norm(nonempty, norm_type)])
         return norms.max() if norm_type == math.inf else norms.pow(norm_type).sum()
 
     def _all_reduce(self, t: Tensor, op: dist.ReduceOp.RedOpType) -> Tensor:

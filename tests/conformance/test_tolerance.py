@@ -10,8 +10,10 @@ from conformance.tolerance import (
     bitwise,
     combine,
     error_ratio,
-    series_close,
+    nudge_,
+    rounding_spread,
     step_by_step,
+    within_spread,
 )
 
 
@@ -93,15 +95,53 @@ def test_bitwise_and_combine():
     assert not c.passed and "off" in c.rule and c.max_error == pytest.approx(1.0)
 
 
-def test_step_by_step_holds_each_step_and_floors_zero_gradients():
+def test_step_by_step_holds_each_step_within_the_spread():
     ref = [{"w": torch.tensor([1.0, 0.0])}, {"w": torch.tensor([2.0, 0.0])}]
-    noisy = [{"w": torch.tensor([1.0, 1e-6])}, {"w": torch.tensor([2.0, -1e-6])}]  # rounding noise on a zero entry
-    assert all(p.passed for p in step_by_step([1.0, 0.5], noisy, [1.0, 0.5], ref, name="run"))
+    spread = rounding_spread({"w": torch.tensor([1.0, 0.0])}, [{"w": torch.tensor([1.0, 1e-7])}], origin="test")
+    noisy = [{"w": torch.tensor([1.0, 1e-6])}, {"w": torch.tensor([2.0, -1e-6])}]  # 10x the spread: allowed
+    assert all(p.passed for p in step_by_step([1.0, 0.5], noisy, [1.0, 0.5], ref, name="run", spread=spread))
     wrong = [{"w": torch.tensor([1.0, 0.0])}, {"w": torch.tensor([2.1, 0.0])}]
-    failed = [p.name for p in step_by_step([1.0, 0.5], wrong, [1.0, 0.5], ref, name="run") if not p.passed]
-    assert failed == ["run w step 1"]
+    parts = step_by_step([1.0, 0.5], wrong, [1.0, 0.5], ref, name="run", spread=spread)
+    assert [p.passed for p in parts] == [True, False] and "run step 1" in parts[1].name and "w" in parts[1].rule
+    loss_off = step_by_step([1.0, 0.5 + 1e-5], ref, [1.0, 0.5], ref, name="run", spread=spread)
+    assert [p.passed for p in loss_off] == [True, False]
     with pytest.raises(ValueError, match="steps differ"):
-        step_by_step([1.0], noisy, [1.0, 0.5], ref, name="run")
+        step_by_step([1.0], noisy, [1.0, 0.5], ref, name="run", spread=spread)
+
+
+def test_nudge_moves_every_nonzero_element_by_exactly_one_ulp_both_ways():
+    t = torch.tensor([1.0, -3.0, 0.0, 1e-30] * 64, dtype=torch.float64)
+    moved = t.clone()
+    nudge_([moved], seed=0)
+    assert moved[t == 0].eq(0).all()
+    nz = t != 0
+    up, down = torch.nextafter(t, torch.tensor(float("inf"), dtype=t.dtype)), torch.nextafter(t, -t.new_tensor(
+        float("inf")))
+    assert ((moved == up) | (moved == down))[nz].all()
+    assert (moved > t).any() and (moved < t).any()
+    again = t.clone()
+    nudge_([again], seed=0)
+    assert again.equal(moved)
+    ints = torch.arange(4)
+    nudge_([ints])
+    assert ints.equal(torch.arange(4))
+
+
+def test_within_spread_states_the_ratio_and_fails_past_the_factor():
+    ref = {"a": torch.zeros(3, dtype=torch.float64), "b": torch.ones(2, dtype=torch.float64)}
+    spread = rounding_spread(ref, [{"a": torch.tensor([0.0, 1e-12, 0.0], dtype=torch.float64), "b": ref["b"]}],
+                             origin="nudged")
+    assert spread.value == 1e-12 and spread.worst == "a"
+    ok = within_spread({"a": ref["a"] + 5e-12, "b": ref["b"]}, ref, spread, name="run")
+    assert ok.passed and "reached 5x" in ok.rule and "nudged" in ok.rule
+    bad = within_spread({"a": ref["a"], "b": ref["b"] + 1e-9}, ref, spread, name="run")
+    assert not bad.passed and "b" in bad.rule and bad.bound == pytest.approx(1e-11 + torch.finfo(torch.float64).eps)
+    nan = within_spread({"a": ref["a"] * float("nan"), "b": ref["b"]}, ref, spread, name="run")
+    assert not nan.passed
+    with pytest.raises(ValueError, match="only in the run"):
+        within_spread({"a": ref["a"], "b": ref["b"], "c": ref["b"]}, ref, spread, name="run")
+    with pytest.raises(ValueError, match="not finite"):
+        rounding_spread(ref, [{"a": ref["a"], "b": ref["b"] * float("inf")}], origin="x")
 
 
 def test_combine_names_a_failing_part_and_allclose_prints_true_comparisons():
@@ -115,17 +155,3 @@ def test_combine_names_a_failing_part_and_allclose_prints_true_comparisons():
     nan = error_ratio(torch.tensor([float("nan")]), torch.zeros(1, dtype=torch.float64), torch.zeros(1))
     assert "worst of 2: " in combine("with nan", [allclose(e, e, name="fine"), nan]).rule
     assert not combine("with nan", [allclose(e, e, name="fine"), nan]).passed
-
-
-def test_step_by_step_refuses_mismatched_gradient_names():
-    ref = [{"w": torch.ones(2)}]
-    with pytest.raises(ValueError, match=r"gradient names differ: only in the run \['extra'\]"):
-        step_by_step([1.0], [{"w": torch.ones(2), "extra": torch.ones(1)}], [1.0], ref, name="run")
-
-
-def test_series_close_compares_each_step_without_absolute_slack():
-    parts = series_close([1.0, 2.0, 3.0], [1.0, 2.0 * (1 + 1e-6), 3.1], name="loss", rtol=1e-5)
-    assert [p.passed for p in parts] == [True, True, False] and parts[2].name == "loss step 2"
-    assert not series_close([1e-9], [0.0], name="zero")[0].passed
-    with pytest.raises(ValueError, match="2 values vs 1 reference values"):
-        series_close([1.0, 2.0], [1.0], name="loss")
