@@ -36,6 +36,7 @@ from conformance.checks import CheckSpec, Context
 from conformance.claims import Verdict
 from conformance.figure import Figure, Panel, Series
 from conformance.launch import spawn, under_torchrun
+from conformance.localize import first_divergence
 from conformance.measure import CollectiveCounter, tensor_bytes, time_fn
 from conformance.peers import import_deepspeed
 from conformance.result import Metric, Result
@@ -204,10 +205,12 @@ def peer_worker(configs, steps: int, timing_reps: int, device_type: str, memory_
     for stage, offload in configs:
         model = GPT(GPTConfig(**CONFIG)).to(device, torch.float64)
         opt = ZeroOptimizer(model, torch.optim.AdamW, stage=stage, offload=offload, **ADAMW)
+        trajectory = []  # the parameters after each step: where a failing run left its band
         for batch in batches:
             _ours_step(model, opt, batch, rank, world, device)
-        with opt.gathered_parameters():
-            out["ours64"][(stage, offload)] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            with opt.gathered_parameters():
+                trajectory.append({k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+        out["ours64"][(stage, offload)] = trajectory
 
         model = GPT(GPTConfig(**CONFIG)).to(device)
         opt = ZeroOptimizer(model, torch.optim.AdamW, stage=stage, offload=offload, **ADAMW)
@@ -267,10 +270,11 @@ def peer_worker(configs, steps: int, timing_reps: int, device_type: str, memory_
 
 def reference_state(world_size: int, steps: int, device: torch.device | None = None,
                     dtype: torch.dtype = torch.float32, nudge_seed: int | None = None,
-                    micro_batches: int = 1) -> dict[str, torch.Tensor]:
+                    micro_batches: int = 1, trajectory: list | None = None) -> dict[str, torch.Tensor]:
     """Unsharded AdamW + clip_grad_norm_ on the whole batch, one process, on `device` (default CPU), in `dtype`.
     The re-runs whose distance is the rounding spread: `nudge_seed` starts from initial weights nudged by one ulp,
-    `micro_batches` > 1 sums the batch's gradient in that many parts (another reduction order)."""
+    `micro_batches` > 1 sums the batch's gradient in that many parts (another reduction order). `trajectory`, when
+    given, receives the parameters after each step."""
     device = device or torch.device("cpu")
     model = GPT(GPTConfig(**CONFIG)).to(device, dtype)
     if nudge_seed is not None:
@@ -281,13 +285,15 @@ def reference_state(world_size: int, steps: int, device: torch.device | None = N
         accumulate_gradients(model, split_batch(_local(batch, 0, 1, device), micro_batches))
         torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM)
         opt.step()
+        if trajectory is not None:
+            trajectory.append({k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
 def reference_and_spread(world_size: int, steps: int, device: torch.device | None = None,
-                         dtype: torch.dtype = torch.float32):
+                         dtype: torch.dtype = torch.float32, trajectory: list | None = None):
     """(the reference's parameters, its own rounding spread) in `dtype`: the yardstick of every equivalence row."""
-    ref = reference_state(world_size, steps, device, dtype)
+    ref = reference_state(world_size, steps, device, dtype, trajectory=trajectory)
     variants = [reference_state(world_size, steps, device, dtype, seed) for seed in NUDGE_SEEDS]
     variants.append(reference_state(world_size, steps, device, dtype, micro_batches=max(world_size, 2)))
     origin = (f"AdamW x{steps} in {str(dtype).removeprefix('torch.')}: initial weights nudged by one ulp "
@@ -455,7 +461,8 @@ def run(ctx: Context) -> list[Result]:
 
     peer = spawn(peer_worker, ws, PEER_CONFIGS, steps, reps, device_type, cases, with_ds, device=device_type,
                  timeout=ctx.timeout)
-    ref64, spread64 = reference_and_spread(ws, steps, ctx.device, torch.float64)
+    ref_trajectory: list[dict] = []
+    ref64, spread64 = reference_and_spread(ws, steps, ctx.device, torch.float64, ref_trajectory)
     ref32, spread32 = reference_and_spread(ws, steps, ctx.device)
     ours_all, ds_all = peer[0]["ours"], peer[0]["deepspeed"]
     for stage, offload in PEER_CONFIGS:
@@ -463,16 +470,19 @@ def run(ctx: Context) -> list[Result]:
         ours = ours_all[(stage, offload)]
         common = dict(technique=label, device=device_type, world_size=ws,
                       optimized=f"optimized.zero.ZeroOptimizer(stage={stage}, offload={offload})")
-        vs_ref = within_spread(peer[0]["ours64"][(stage, offload)], ref64, spread64,
-                               name=f"{label} vs unsharded AdamW")
+        ours_trajectory = peer[0]["ours64"][(stage, offload)]
+        ours64 = ours_trajectory[-1]
+        vs_ref = within_spread(ours64, ref64, spread64, name=f"{label} vs unsharded AdamW")
+        where = "" if vs_ref.passed else "; left the band at " + str(first_divergence(
+            ours_trajectory, ref_trajectory, order=list(ref64), start=1,
+            band=lambda step, name, a, e: within_spread({name: a}, {name: e}, spread64, name=name)))
         rows.append(SPEC.row(ctx, f"{label}: parameters after {steps} steps vs unsharded AdamW",
                              equivalence=vs_ref, notes="each rank its slice of every batch, gradients averaged; "
-                             "clipping 1.0; float64 on both sides, within 10x the reference's own rounding spread",
-                             **common))
+                             "clipping 1.0; float64 on both sides, within 10x the reference's own rounding spread"
+                             + where, **common))
         if not offload:
             theirs = peer[0]["torch"][stage]
             torch_name = TORCH_PEERS[stage]
-            ours64 = peer[0]["ours64"][(stage, offload)]
             vs_torch = within_spread(ours64, theirs, spread64, name=f"{label} vs {torch_name}")
             torch_ref = max(float((theirs[k] - ref64[k]).abs().max()) for k in ref64)
             rows.append(SPEC.row(ctx, f"{label}: parameters after {steps} steps vs {torch_name}",
