@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from conformance import triton_build
@@ -36,7 +37,7 @@ from conformance.claims import Verdict
 from conformance.figure import Figure, Panel, Series
 from conformance.measure import cuda_peak_bytes, peak_live_bytes, saved_tensor_bytes, time_fn
 from conformance.result import Metric, Result
-from conformance.tolerance import GRADIENT_FACTOR, Equivalence, combine, error_ratio
+from conformance.tolerance import GRADIENT_FACTOR, Equivalence, allclose, combine, error_ratio
 from optimized.attention import BACKENDS, flash_attention, flash_attention_varlen, unsupported, unsupported_varlen
 from reference.attention import attention, attention_varlen
 
@@ -466,6 +467,99 @@ def _flex_rows(ctx: Context) -> list[Result]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Non-finite inputs (issue 22, item 5): NaN and inf propagate as through the spec
+
+
+@dataclass(frozen=True)
+class NonFiniteCase:
+    """One non-finite element planted in q, k, v or dO (head 0, element 0) of a tiny GQA 4:2 problem, N = M = 6."""
+
+    name: str
+    which: str
+    """"q", "k", "v" or "dO"."""
+    row: int
+    """The query row (q, dO) or key (k, v) it sits in."""
+    value: float
+    is_causal: bool
+
+
+NONFINITE_CASES = (
+    NonFiniteCase("NaN in q (the issue's example), no mask", "q", 5, float("nan"), False),
+    NonFiniteCase("-inf in q, causal row 0: its one visible score is -inf, softmax 0/0", "q", 0, float("-inf"), True),
+    NonFiniteCase("NaN key hidden by the causal mask from all but the last query", "k", 5, float("nan"), True),
+    NonFiniteCase("+inf in v, seen by every query", "v", 0, float("inf"), True),
+    NonFiniteCase("+inf in the upstream gradient dO", "dO", 5, float("inf"), False),
+)
+NONFINITE_TOLERANCE = dict(rtol=1e-4, atol=1e-5)
+"""float32 kernel against the float32 reference on the finite entries; non-finite entries must match exactly."""
+
+
+def _nonfinite_compare(fn: Callable, case: NonFiniteCase, device: torch.device, grads: bool) -> Equivalence:
+    """fn against `attention` on `case`: out by `allclose` (NaN at the reference's NaN, inf equal to its inf), dq,
+    dk, dv by `allclose` after mapping every non-finite entry to NaN (the FA2 identity D = rowsum(dO ∘ O) meets
+    inf - inf where the reference's softmax backward does not, so NaN and inf may trade places there)."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = {"q": (1, 4, 6, 8), "k": (1, 2, 6, 8), "v": (1, 2, 6, 8), "dO": (1, 4, 6, 8)}
+    t = {name: torch.randn(shape, generator=gen) for name, shape in shapes.items()}
+    t[case.which][0, 0, case.row, 0] = case.value
+
+    def run(f, dev):
+        q, k, v = (t[n].to(dev).requires_grad_(grads) for n in ("q", "k", "v"))
+        out = f(q, k, v, is_causal=case.is_causal)
+        values = {"out": out}
+        if grads:
+            values |= dict(zip(("dq", "dk", "dv"), torch.autograd.grad(out, (q, k, v), t["dO"].to(dev)), strict=True))
+        return {n: x.detach().cpu() for n, x in values.items()}
+
+    want, got = run(attention, torch.device("cpu")), run(fn, device)
+    as_nan = lambda x: torch.where(x.isfinite(), x, float("nan"))  # noqa: E731
+    return combine(case.name, [allclose(got[n] if n == "out" else as_nan(got[n]), w if n == "out" else as_nan(w),
+                                        name=f"{n}, {case.name}", **NONFINITE_TOLERANCE) for n, w in want.items()])
+
+
+def _nonfinite_row(ctx: Context) -> Result:
+    """One row: "auto" and "blocked" (ours, failing the run) held to the spec on every NONFINITE_CASES entry, forward
+    and backward; the peers (torch SDPA's CPU / CUDA kernels called directly, FlexAttention) on the same cases, their
+    differences listed in the notes as peer defects."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def sdpa_with(backend):
+        def fn(q, k, v, *, is_causal):
+            with sdpa_kernel([backend]):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, enable_gqa=True)
+        return fn
+
+    ours = {name: functools.partial(flash_attention, backend=name) for name in ("auto", "blocked")}
+    peers = {"sdpa " + b.name.lower(): sdpa_with(b) for b in (SDPBackend.MATH, SDPBackend.FLASH_ATTENTION,
+                                                              SDPBackend.EFFICIENT_ATTENTION)}
+    if ctx.device.type == "cuda":
+        peers["triton (ours; known defect, tests xfail)"] = functools.partial(flash_attention, backend="triton")
+    parts, defects, not_run = [], [], []
+    for case in NONFINITE_CASES:
+        parts += [_nonfinite_compare(fn, case, ctx.device, grads=True) for fn in ours.values()]
+        for name, fn in peers.items():
+            try:
+                eq = _nonfinite_compare(fn, case, ctx.device, grads=True)
+            except RuntimeError as e:  # a kernel this device or dtype does not have
+                not_run.append(f"{name}: {str(e).strip().splitlines()[0][:80]}")
+                continue
+            if not eq.passed:
+                defects.append(f"{name} on '{case.name}'")
+    equivalence = combine("non-finite inputs propagate like the reference", parts)
+    notes = (f"{len(NONFINITE_CASES)} cases (NaN/inf in q, k, v, dO; masked and visible positions; GQA 4:2), "
+             "forward and backward, 'auto' and 'blocked'; out: the NaN/inf pattern exactly, gradients: the "
+             "non-finite pattern exactly, finite entries by allclose. 'auto' never picks SDPA on CPU for this "
+             "reason (optimized.attention.dispatch.CPU_SDPA_NONFINITE). A value hidden by the mask that reaches "
+             "other rows only through the reference's dense 0·NaN products is outside the contract (a spec gap)")
+    if defects:
+        notes += "; PEER DEFECTS (reported, not failing the run): " + "; ".join(dict.fromkeys(defects))
+    if not_run:
+        notes += "; peers not run here: " + "; ".join(dict.fromkeys(not_run))
+    return SPEC.row(ctx, "non-finite inputs propagate like the reference", equivalence=equivalence, notes=notes,
+                    peer="torch SDPA, FlexAttention")
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Memory and speed
 
 
@@ -710,6 +804,7 @@ def _figure(memory: dict, w: Workload) -> Figure:
 
 def run(ctx: Context) -> list[Result]:
     rows = _equivalence_rows(ctx)
+    rows.append(_nonfinite_row(ctx))
     w = _workload(ctx.device)
     impls = _implementations(ctx.device, w)
     lengths = _lengths(ctx.device, ctx.quick)

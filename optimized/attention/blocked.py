@@ -121,7 +121,8 @@ class BlockedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, key_padding_mask, problem: Problem, block_q: int, block_k: int):
         out, lse = _forward(q, k, v, key_padding_mask, problem, block_q, block_k)
-        ctx.save_for_backward(q, k, v, out, lse, key_padding_mask)
+        out, lse_nan = _undefined_rows_to_nan(out, lse, key_padding_mask, problem)
+        ctx.save_for_backward(q, k, v, out, lse_nan, key_padding_mask)
         ctx.problem, ctx.block_q, ctx.block_k = problem, block_q, block_k
         ctx.mark_non_differentiable(lse)
         return out, lse
@@ -132,6 +133,26 @@ class BlockedAttention(torch.autograd.Function):
         q, k, v, out, lse, key_padding_mask = ctx.saved_tensors
         dq, dk, dv = _backward(q, k, v, out, lse, d_out, key_padding_mask, ctx.problem, ctx.block_q, ctx.block_k)
         return dq, dk, dv, None, None, None, None
+
+
+def _undefined_rows_to_nan(out: Tensor, lse: Tensor, key_padding_mask: Tensor | None,
+                           p: Problem) -> tuple[Tensor, Tensor]:
+    """The spec's softmax on a row that sees keys whose scores are all -inf (a -inf in q, or +inf in k, at the
+    moment every visible key is 0/0 = NaN); only a row that sees no key at all is defined as zeros. The online
+    softmax cannot tell the two apart (both end with l = 0, LSE = -inf), so the mask decides, from key ranges and
+    padding alone: no look at the data, no device sync. Returns out with those rows NaN, and the LSE for backward
+    with those rows NaN (so P = exp(S - LSE) is NaN there too, as the spec's is); the returned LSE keeps -inf, the
+    spec's logsumexp of an all -inf row."""
+    if p.N == 0 or p.M == 0:
+        return out, lse
+    lo, hi = key_ranges(p)
+    lo_t, hi_t = torch.tensor(lo, device=out.device), torch.tensor(hi, device=out.device)  # (N,), (N,)
+    has_key = (hi_t > lo_t).view(1, 1, p.N)  # (1, 1, N)
+    if key_padding_mask is not None:
+        seen = torch.nn.functional.pad(key_padding_mask.cumsum(dim=1), (1, 0))  # (B, M + 1): keys kept before j
+        has_key = has_key & (seen[:, hi_t] > seen[:, lo_t.clamp(max=p.M)]).view(p.B, 1, p.N)  # (B, 1, N)
+    undefined = has_key & (lse == float("-inf"))  # (B, H, N)
+    return out.masked_fill(undefined.unsqueeze(-1), float("nan")), lse.masked_fill(undefined, float("nan"))
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -281,6 +302,8 @@ def _backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, d_out: 
             dv_j += (p_ij.transpose(-2, -1) @ do_i).sum(dim=2)  # (B, Hkv, bk, d)
             dp = do_i @ v_j.transpose(-2, -1)  # line 12: dP_ij = dO_i V_jᵀ  (B, Hkv, G, bq, bk)
             ds = p_ij * (dp - D[..., i0:i1].unsqueeze(-1))  # line 13: dS_ij = P_ij ∘ (dP_ij - D_i)
+            if keep is not None:  # a hidden score's gradient is 0, as through the spec's masked_fill, even where
+                ds = ds.masked_fill(~keep, 0.0)  # P = 0 meets a NaN dP or D (0·NaN would leak into dQ, dK)
             if tanh is not None:  # through the softcap: d(c·tanh(x / c))/dx = 1 - tanh²(x / c)
                 ds = ds * (1 - tanh * tanh)  # (B, Hkv, G, bq, bk)
             # line 14: dQ_i += dS_ij K_j (scaled: S = scale Q Kᵀ). The loop runs in order: no atomics, deterministic.

@@ -10,8 +10,11 @@ Backends, in the order "auto" tries them:
                 it computes exactly the requested mask without materialising one: no key padding mask (a fully
                 masked row would give NaN, not 0), causal only on the top-left diagonal (or N == M), no sliding
                 window, no softcap, no return_lse (SDPA does not return the LSE); packed documents only when they
-                all have one length (then they are a batch). On CPU "auto" skips it for float16/bfloat16: there its
-                kernels fail the error rule this project holds every backend to (see `CPU_HALF_SDPA`).
+                all have one length (then they are a batch). On CPU "auto" never picks it: its C++ flash kernel
+                turns a query row whose scores are all NaN or -inf (a NaN in q, say) into zeros where the spec
+                gives NaN, for every head layout, GQA or not (see `CPU_SDPA_NONFINITE`), and its float16/bfloat16
+                kernels fail the error rule this project holds every backend to (see `CPU_HALF_SDPA`). An explicit
+                backend="sdpa" still runs it.
     triton      our Triton kernels (optimized/attention/triton.py): everything the reference does on CUDA, fp16 /
                 bf16 / fp32, d <= 256, windows, softcap and packed documents (one program per tile of a document)
                 included. Also runs on CPU tensors under Triton's interpreter, which "auto" never picks (it is a
@@ -50,6 +53,13 @@ CPU_HALF_SDPA = ("on CPU its float16/bfloat16 kernels break the error rule this 
                  "where the blocked path keeps it (e.g. causal N=M=1025, d=59, float16: dv error 6.6e-3 against a "
                  "bound of 4.2e-3); the conformance attention check counts the cases per backend and dtype")
 """Why "auto" passes over SDPA for half precision on CPU (an explicit backend="sdpa" still runs it)."""
+CPU_SDPA_NONFINITE = ("on CPU its flash kernel gives zeros, not the spec's NaN, on a query row whose scores are all "
+                      "NaN or -inf (e.g. a NaN in q), with or without GQA (the class of PyTorch issue #141128); its "
+                      "math kernel adds the causal mask, so a NaN key hidden by the mask still reaches every row; the "
+                      "conformance attention check's non-finite row records both")
+"""Why "auto" passes over SDPA on CPU in any dtype (an explicit backend="sdpa" still runs it). Expanding k/v to q's
+heads (no enable_gqa) does not help: the MHA path has the same defect. Scanning the inputs for NaN on every call would
+cost a device sync; blocked propagates like the spec by construction."""
 
 
 class BackendUnavailable(ValueError):
@@ -142,10 +152,12 @@ def flash_attention_varlen(
     if name == "flash_attn":
         return _run_flash_attn_varlen(q, k, v, problem, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                       return_lse=return_lse)
-    if name in ("triton", "blocked"):
+    # Documents of one length run "blocked" as a plain batch: its packed path computes tiles that span documents,
+    # where a NaN or inf in one document meets P = 0 of another (0·NaN = NaN) and leaks across the boundary.
+    if name == "triton" or (name == "blocked" and batch is None):
         out, lse = _run_varlen(name, q, k, v, problem, cu_seqlens_q, cu_seqlens_k)
         return (out, lse) if return_lse else out
-    qb, kb, vb, pb = batch  # SDPA, documents of one length: a plain (D, heads, n, d) batch
+    qb, kb, vb, pb = batch  # SDPA or blocked, documents of one length: a plain (D, heads, n, d) batch
     result = _RUN[name](qb, kb, vb, pb, **kwargs)
     out, lse = result if return_lse else (result, None)
     out = out.transpose(1, 2).flatten(0, 1)  # (D, H, n, d) -> (total_q, H, d)
@@ -323,8 +335,10 @@ def _sdpa_unsupported(q: Tensor, p: Problem, key_padding_mask: Tensor | None, re
         return "it does not return the log-sum-exp"
     if p.M == 0:
         return "it gives NaN for an empty key sequence, where the spec gives zeros"
-    if auto and q.device.type == "cpu" and q.dtype in HALF_DTYPES:
-        return CPU_HALF_SDPA
+    if auto and q.device.type == "cpu":
+        # Never route to a kernel known to differ from the spec on non-finite inputs (and, in half precision, on
+        # the error rule): on CPU every SDPA kernel does (see CPU_SDPA_NONFINITE).
+        return CPU_HALF_SDPA if q.dtype in HALF_DTYPES else CPU_SDPA_NONFINITE
     return None
 
 

@@ -167,7 +167,8 @@ def test_select_backend_on_cpu_explains_its_choice():
     q = torch.randn(2, 4, 16, 8)
     k = torch.randn(2, 2, 24, 8)
     choice = select_backend(q, k, k, is_causal=True)
-    assert choice.backend == "sdpa"
+    assert choice.backend == "blocked" and "NaN" in choice.rejected["sdpa"]  # CPU SDPA swallows NaN (nonfinite tests)
+    assert unsupported("sdpa", q, k, k, is_causal=True) is None  # an explicit request still runs it
     assert "CUDA" in choice.rejected["flash_attn"]
     padded = select_backend(q, k, k, key_padding_mask=torch.ones(2, 24, dtype=torch.bool))
     assert padded.backend == "blocked"
@@ -175,7 +176,7 @@ def test_select_backend_on_cpu_explains_its_choice():
     assert select_backend(q, k, k, is_causal=True, causal_alignment="bottom_right").backend == "blocked"
     assert select_backend(q, k, k, return_lse=True).backend == "blocked"
     # N == M: the two alignments are the same mask, so SDPA serves bottom-right too
-    assert select_backend(q, q, q, is_causal=True, causal_alignment="bottom_right").backend == "sdpa"
+    assert unsupported("sdpa", q, q, q, is_causal=True, causal_alignment="bottom_right") is None
     assert "flash_attn" in str(choice) and "sdpa" in str(choice)
 
 

@@ -194,8 +194,8 @@ def test_select_backend_with_windows_and_softcap_on_cpu():
     assert window.backend == "blocked" and "sliding window" in window.rejected["sdpa"]
     assert "softcap" in select_backend(q, k, k, softcap=5.0).rejected["sdpa"]
     # A window that is exactly causal, or wider than the sequence, is SDPA's own mask.
-    assert select_backend(q, k, k, window_size=(-1, 0)).backend == "sdpa"
-    assert select_backend(q, k, k, is_causal=True, window_size=(100, 3)).backend == "sdpa"
+    assert unsupported("sdpa", q, k, k, window_size=(-1, 0)) is None  # ("auto" skips SDPA on CPU: NaN)
+    assert unsupported("sdpa", q, k, k, is_causal=True, window_size=(100, 3)) is None
     torch.testing.assert_close(flash_attention(q, k, k, window_size=(-1, 0)),
                                flash_attention(q, k, k, is_causal=True, backend="blocked"))
     # A right window moves the diagonal: SDPA's is_causal cannot say that.
@@ -206,7 +206,7 @@ def test_auto_skips_sdpa_for_half_precision_on_cpu_but_an_explicit_request_runs_
     q = torch.randn(1, 2, 33, 8, dtype=torch.float16)
     choice = select_backend(q, q, q, is_causal=True)
     assert choice.backend == "blocked" and choice.rejected["sdpa"] == CPU_HALF_SDPA
-    assert select_backend(q.float(), q.float(), q.float(), is_causal=True).backend == "sdpa"
+    assert unsupported("sdpa", q.float(), q.float(), q.float(), is_causal=True) is None
     assert unsupported("sdpa", q, q, q, is_causal=True) is None
     assert flash_attention(q, q, q, is_causal=True, backend="sdpa").dtype == torch.float16
 
@@ -216,7 +216,7 @@ def test_select_backend_varlen_on_cpu():
     k = torch.randn(12, 2, 8)
     even = torch.tensor([0, 4, 8, 12], dtype=torch.int32)
     uneven = torch.tensor([0, 1, 8, 12], dtype=torch.int32)
-    assert select_backend_varlen(q, k, k, even, even, 4, 4, is_causal=True).backend == "sdpa"
+    assert unsupported_varlen("sdpa", q, k, k, even, even, 4, 4, is_causal=True) is None  # "auto": blocked on CPU
     choice = select_backend_varlen(q, k, k, uneven, uneven, 7, 7, is_causal=True)
     assert choice.backend == "blocked" and "different lengths" in choice.rejected["sdpa"]
     assert "CUDA" in choice.rejected["flash_attn"] and "CUDA" in choice.rejected["triton"]
