@@ -234,8 +234,8 @@ def peer_worker(configs, steps: int, timing_reps: int, device_type: str, memory_
             for batch in batches:
                 torch_step(batch, rank, world)
             out["torch"][stage] = torch_state()
-            torch_step, _ = torch_peer(stage, device)
-            if timing_reps:
+            if timing_reps:  # timed in float32, as ours and DeepSpeed are
+                torch_step, _ = torch_peer(stage, device)
                 out["time_torch"][stage] = time_fn(lambda s=torch_step: s(batches[0], rank, world), warmup=1,
                                                    reps=timing_reps, device=device).median_s
 
