@@ -411,7 +411,7 @@ def _parser() -> argparse.ArgumentParser:
                        "ISA-tTHREADS-wRANKS-tf32on|tf32off), e.g. native-t4-w3-medium")
     which.add_argument("--reduced", action="store_true",
                        help=f"the CI step: cells {', '.join(REDUCED_CELLS)} with the checks "
-                       f"{', '.join(REDUCED_CHECKS)} (unless --only/--skip say otherwise)")
+                       f"{', '.join(REDUCED_CHECKS)} (unless --only names others)")
     which.add_argument("--pairwise", action="store_true",
                        help="also cover every combination of the dimensions that interact (ISA x precision; TF32 x "
                        "world size on CUDA): more cells")
@@ -433,9 +433,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _suite_args(args: argparse.Namespace) -> list[str]:
+    """The flags every cell passes to the suite; --reduced means its checks unless --only names others."""
     suite = ["--quick" if args.quick else "--full"]
-    only = args.only if args.only is not None else (list(REDUCED_CHECKS) if args.reduced and args.skip is None
-                                                     else None)
+    only = args.only if args.only is not None else list(REDUCED_CHECKS) if args.reduced else None
     if only is not None:
         suite += ["--only", ",".join(only)]
     if args.skip is not None:
@@ -474,15 +474,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(parser, argv)
     if isinstance(args, int):
         return args
-    skip = set(args.skip or [])
-    if args.only is not None and not [n for n in args.only if n not in skip]:
+    suite_args = _suite_args(args)
+    only = suite_args[suite_args.index("--only") + 1].split(",") if "--only" in suite_args else None
+    if only is not None and not set(only) - set(args.skip or []):
         return _error(parser, "argument --skip: no check left to run after --only/--skip")
     m = machine()
     try:
         cells = _choose_cells(args, m, parser)
     except SystemExit as exit_:
         return int(exit_.code or 0)
-    suite_args = _suite_args(args)
     if args.list:
         for c in cells:
             print(f"{c.name}: {' '.join(f'{k}={v}' for k, v in c.env().items())} python -m conformance "
