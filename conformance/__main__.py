@@ -78,6 +78,9 @@ def _parser() -> argparse.ArgumentParser:
                         "equivalence, the measurements as properties (pytest's flag name)")
     parser.add_argument("--timeout", type=positive_float, default=600.0,
                         help="seconds a multi-rank run may take before its ranks are killed (default: 600)")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="intra-op threads of this process, torch.set_num_threads (default: torch's, "
+                        "OMP_NUM_THREADS capped at the cores); spawned CPU ranks use one each")
     matmul = parser.add_mutually_exclusive_group()
     matmul.add_argument("--matmul-precision", choices=("highest", "high", "medium"), default=None,
                         help="torch.set_float32_matmul_precision in this process (default: torch's, highest); on a "
@@ -159,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import torch.distributed as dist
 
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if args.matmul_precision is not None:
         torch.set_float32_matmul_precision(args.matmul_precision)
     if args.tf32 is not None:

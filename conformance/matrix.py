@@ -25,11 +25,13 @@ Dimensions (what a cell sets, and why it moves the last bits):
                 contraction differs between kernels: the last bits differ per level. Only the levels this CPU has
                 are offered (a forced level above the hardware would silently run a lower one); off x86 only
                 `native` and `default` (ATen's variable alone).
-  threads       intra-op threads of the suite's own process: OMP_NUM_THREADS=1, 2, 4, which torch reads at start
-                for torch.get_num_threads() (the report's environment shows the count that took effect). A parallel
-                reduction splits its terms into one chunk per thread and adds the partial sums at the end: another
-                order per count. The ranks of a multi-rank check set one thread each (conformance.launch: N ranks
-                share the cores), so the thread count reaches the single-process checks and the caller's side only.
+  threads       intra-op threads of the suite's own process: 1, 2, 4, set by the suite's --threads
+                (torch.set_num_threads) and OMP_NUM_THREADS (for OpenMP and MKL). OMP_NUM_THREADS alone is not
+                enough: torch caps the count it derives from it at the cores (4 gave 2 on a 2-core machine); the
+                report's environment shows the count that took effect. A parallel reduction splits its terms into
+                one chunk per thread and adds the partial sums at the end: another order per count. The ranks of a
+                multi-rank check set one thread each (conformance.launch: N ranks share the cores), so the thread
+                count reaches the single-process checks and the caller's side only.
   world_size    ranks of the multi-rank checks, 1 to 4 (--world-size): how a batch, a layer or an optimizer state is
                 split, and the order in which the all-reduce adds the ranks' parts; 3 finds padding bugs (sizes that
                 do not divide).
@@ -151,7 +153,7 @@ class Cell:
 
     def args(self) -> list[str]:
         """The suite's flags for this cell."""
-        args = ["--world-size", str(self.world_size)]
+        args = ["--world-size", str(self.world_size), "--threads", str(self.threads)]
         if self.precision is not None:
             args += ["--matmul-precision", self.precision]
         if self.tf32 is not None:

@@ -126,7 +126,7 @@ def _cells_see_this_checkout(monkeypatch, *extra: Path) -> None:
 @pytest.mark.slow
 def test_a_real_run_of_two_cells_holds_and_writes_the_table_and_each_cells_report(tmp_path, capsys, monkeypatch):
     _cells_see_this_checkout(monkeypatch)
-    cells = "native-t1-w1-highest,default-t2-w2-medium"
+    cells = "native-t1-w1-highest,default-t4-w2-medium"
     assert main(["--cells", cells, "--only", "schedules", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "conformance matrix: one run of the suite per cell" in out and "2 of 2 cells hold" in out
@@ -139,9 +139,9 @@ def test_a_real_run_of_two_cells_holds_and_writes_the_table_and_each_cells_repor
     assert all(c["returncode"] == 0 and c["fail"] == 0 and c["hold"] == c["rows"] > 0 for c in data["cells"])
     # the settings took effect in the suite's process
     assert by_name["native-t1-w1-highest"]["effective"] == {"cpu_threads": 1, "world_size": 1}
-    assert by_name["default-t2-w2-medium"]["effective"] == {"cpu_threads": 2, "world_size": 2}
-    assert by_name["default-t2-w2-medium"]["env"]["ATEN_CPU_CAPABILITY"] == "default"
-    assert "--matmul-precision medium" in (tmp_path / "default-t2-w2-medium" / "cell.log").read_text()
+    assert by_name["default-t4-w2-medium"]["effective"] == {"cpu_threads": 4, "world_size": 2}  # not capped at cores
+    assert by_name["default-t4-w2-medium"]["env"]["ATEN_CPU_CAPABILITY"] == "default"
+    assert "--matmul-precision medium" in (tmp_path / "default-t4-w2-medium" / "cell.log").read_text()
     assert "None: every row holds in every cell." in (tmp_path / "matrix.md").read_text()
 
 
