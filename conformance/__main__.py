@@ -5,6 +5,7 @@
     torchrun --nproc-per-node 8 -m conformance  one rank per GPU, launched by torchrun (also across nodes)
     python -m conformance plan --help           the parallel-strategy planner
     python -m conformance compare OLD/report.json NEW/report.json    what changed between two reports
+    python -m conformance matrix --help         the suite under several machine settings (ISA, threads, ranks, ...)
 
 The terminal shows one line per check and the seed's claims with their verdicts (-v: every row); the report folder
 holds everything. Exit status: 0 when every equivalence holds, 1 when any fails or a check crashes, 2 for bad
@@ -25,6 +26,7 @@ COMMANDS = {
     "compare": "conformance.compare",
     "bench": "conformance.bench",
     "gpu": "conformance.gpu",
+    "matrix": "conformance.matrix",
 }
 """Subcommands: `python -m conformance NAME ...` calls `main(argv)` of the module; without one, the suite runs."""
 
@@ -76,6 +78,17 @@ def _parser() -> argparse.ArgumentParser:
                         "equivalence, the measurements as properties (pytest's flag name)")
     parser.add_argument("--timeout", type=positive_float, default=600.0,
                         help="seconds a multi-rank run may take before its ranks are killed (default: 600)")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="intra-op threads of this process, torch.set_num_threads (default: torch's, "
+                        "OMP_NUM_THREADS capped at the cores); spawned CPU ranks use one each")
+    matmul = parser.add_mutually_exclusive_group()
+    matmul.add_argument("--matmul-precision", choices=("highest", "high", "medium"), default=None,
+                        help="torch.set_float32_matmul_precision in this process (default: torch's, highest); on a "
+                        "CPU with AMX, medium forms float32 matmuls from bfloat16 products. Ranks spawned on CPU "
+                        "keep torch's default")
+    matmul.add_argument("--tf32", choices=("on", "off"), default=None,
+                        help="CUDA: torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32 in "
+                        "this process (default: torch's)")
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="-v: every row of the report in the terminal; -vv: also debug logging (e.g. attention "
                         "dispatch)")
@@ -146,7 +159,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args = _parse(argv)
 
+    import torch
     import torch.distributed as dist
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.matmul_precision is not None:
+        torch.set_float32_matmul_precision(args.matmul_precision)
+    if args.tf32 is not None:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32 == "on"
 
     from conformance.launch import under_torchrun
     from conformance.report import environment, print_summary, print_table, write_junit, write_report
