@@ -132,7 +132,7 @@ def _run_in_place(fn, world_size, args, kwargs, backend, device, timeout) -> lis
 # ---- the rank's side -------------------------------------------------------------------------------------------------
 # Files in the workdir, each written once and atomically (a temp name, then os.replace): a reader sees the whole file
 # or none of it.
-#   call.pt           (fn, args, kwargs), written by the caller before any rank starts
+#   call.pt           (fn, args, kwargs, numerics), written by the caller before any rank starts
 #   store             the FileStore of the rendezvous
 #   alive_<r>         locked (a POSIX record lock, lockf) by rank r for its whole life: the kernel releases the lock
 #                     when r dies, however it dies, so a peer can tell "r is gone" from "r is slow" without any message
@@ -227,12 +227,26 @@ def _record_error(workdir: str, rank: int, world_size: int) -> NoReturn:
     os._exit(1)
 
 
+def _numerics() -> dict[str, Any]:
+    """The caller's process-wide numeric settings that a fresh interpreter would not inherit: a rank must compute
+    as the caller does (float32 matmuls in bf16 under "medium" on CPU, TF32 on CUDA), or the caller's expected
+    values and the ranks' results differ by the setting, not by the technique."""
+    return {"float32_matmul_precision": torch.get_float32_matmul_precision(),
+            "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32}
+
+
+def _apply_numerics(numerics: dict[str, Any]) -> None:
+    torch.set_float32_matmul_precision(numerics["float32_matmul_precision"])
+    torch.backends.cudnn.allow_tf32 = numerics["cudnn_allow_tf32"]
+
+
 def _rank_main(rank, world_size, backend, device_type, timeout, workdir, caller_alive) -> None:
     """Body of one rank process. Reads the call from workdir; writes result_<rank>.pt or error_<rank>.json there."""
     try:
         _die_with_caller(caller_alive, workdir)
         _hold_alive_lock(workdir, rank)
-        fn, args, kwargs = torch.load(os.path.join(workdir, "call.pt"), weights_only=False)
+        fn, args, kwargs, numerics = torch.load(os.path.join(workdir, "call.pt"), weights_only=False)
+        _apply_numerics(numerics)
         if device_type == "cpu":
             torch.set_num_threads(1)  # N ranks share the cores; one intra-op thread each avoids oversubscription
         else:
@@ -276,7 +290,7 @@ def _spawn_processes(fn, world_size, args, kwargs, backend, device, timeout) -> 
     try:
         # The call travels as a file, not as Process arguments: multiprocessing would share tensor arguments
         # through one file descriptor per storage, which runs out of descriptors for a model's worth of tensors.
-        torch.save((fn, args, kwargs), os.path.join(workdir, "call.pt"))
+        torch.save((fn, args, kwargs, _numerics()), os.path.join(workdir, "call.pt"))
         for rank in range(world_size):
             p = ctx.Process(
                 target=_rank_main,

@@ -83,11 +83,30 @@ class Equivalence:
                f"bound={self.bound:.3g} ({self.rule})"
 
 
+MATMUL_PRECISION_EPS = {"highest": torch.finfo(torch.float32).eps, "high": 2.0**-10, "medium": 2.0**-7}
+"""The machine epsilon float32 matmuls may run at under torch.set_float32_matmul_precision: "high" allows TF32 (10
+explicit mantissa bits; bf16x3 where a backend has it is closer to float32), "medium" allows bfloat16 (7 bits;
+oneDNN does so on CPUs with AMX)."""
+
+
+def working_eps(dtype: torch.dtype) -> float:
+    """The machine epsilon results of `dtype` are computed at: the dtype's own, or for float32 the coarser one that
+    the process's float32 matmul precision allows. A user who sets "medium" asks for bf16 matmuls; a verdict that
+    held them to float32's epsilon would fail correct code on their machine."""
+    eps = torch.finfo(dtype).eps
+    if dtype == torch.float32:
+        eps = max(eps, MATMUL_PRECISION_EPS[torch.get_float32_matmul_precision()])
+    return eps
+
+
 def default_tolerances(dtype: torch.dtype) -> tuple[float, float]:
-    """(rtol, atol) that torch.testing.assert_close uses for `dtype`."""
+    """(rtol, atol) that torch.testing.assert_close uses for `dtype`; for float32 scaled by how much coarser the
+    process's float32 matmul precision is than float32 itself (`working_eps`)."""
     if dtype not in _DEFAULT_TOLERANCES:
         raise ValueError(f"no default tolerance for dtype {dtype}; allowed: {list(_DEFAULT_TOLERANCES)}")
-    return _DEFAULT_TOLERANCES[dtype]
+    rtol, atol = _DEFAULT_TOLERANCES[dtype]
+    coarser = working_eps(dtype) / torch.finfo(dtype).eps
+    return rtol * coarser, atol * coarser
 
 
 def _check_pair(actual: Tensor, expected: Tensor, name: str) -> None:
@@ -148,8 +167,13 @@ def bitwise(actual: Tensor, expected: Tensor, *, name: str = "") -> Equivalence:
 
 
 def dtype_floor(dtype: torch.dtype, magnitude: float = 1.0, ulps: float = FLOOR_ULPS) -> float:
-    """`ulps` units in the last place of `dtype` at `magnitude` (at least 1): the error no result can avoid."""
-    return ulps * torch.finfo(dtype).eps * max(1.0, magnitude)
+    """`ulps` units in the last place of `dtype` at `magnitude` (at least 1): the error no result can avoid. A
+    float32 result computed by matmuls at a coarser precision (`working_eps`) cannot avoid that precision's ulp, nor
+    can a half-precision one whose kernel accumulates in such float32."""
+    eps = torch.finfo(dtype).eps
+    if dtype.is_floating_point and torch.finfo(dtype).bits <= 32:
+        eps = max(eps, working_eps(torch.float32))
+    return ulps * eps * max(1.0, magnitude)
 
 
 def error_ratio(
@@ -182,7 +206,7 @@ def error_ratio(
     magnitude = float(ref.detach().abs().max()) if ref.numel() else 1.0
     if not cancellation >= 0:
         raise ValueError(f"cancellation must be >= 0, got {cancellation}")
-    floor = dtype_floor(dtype, magnitude) + FLOOR_ULPS * torch.finfo(torch.float32).eps * cancellation
+    floor = dtype_floor(dtype, magnitude) + FLOOR_ULPS * working_eps(torch.float32) * cancellation
     bound = factor * base_max + floor
     passed = bool(torch.isfinite(err).all()) and max_err <= bound
     rule = f"error ratio: <= {factor:g} x naive {str(dtype).removeprefix('torch.')} error + {floor:.2g} floor"

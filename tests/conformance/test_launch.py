@@ -320,3 +320,19 @@ def test_a_killed_caller_leaves_no_process_and_no_temp_dir(tmp_path, request, si
                      f"resource tracker {helpers})"
     # Only the launcher's own dir: multiprocessing's pymp-* (the forkserver's socket) and torch's caches are theirs.
     assert not list(tmp.glob("pretrain-spec-launch-*")), "the launcher's temp dir was left behind"
+
+
+def _matmul_precision():
+    return torch.get_float32_matmul_precision()
+
+
+def test_ranks_compute_with_the_callers_matmul_precision():
+    """A rank is a fresh interpreter: without the hand-over it would run float32 matmuls at "highest" while the
+    caller (say under "medium", bf16 on an AMX CPU) computes the expected values another way."""
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        assert spawn(_matmul_precision, 2, timeout=60) == ["medium", "medium"]
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert spawn(_matmul_precision, 1, timeout=60) == [before]

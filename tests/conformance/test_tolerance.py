@@ -9,6 +9,8 @@ from conformance.tolerance import (
     assert_equivalent,
     bitwise,
     combine,
+    default_tolerances,
+    dtype_floor,
     error_ratio,
     nudge_,
     rounding_spread,
@@ -155,3 +157,21 @@ def test_combine_names_a_failing_part_and_allclose_prints_true_comparisons():
     nan = error_ratio(torch.tensor([float("nan")]), torch.zeros(1, dtype=torch.float64), torch.zeros(1))
     assert "worst of 2: " in combine("with nan", [allclose(e, e, name="fine"), nan]).rule
     assert not combine("with nan", [allclose(e, e, name="fine"), nan]).passed
+
+
+def test_float32_bounds_follow_the_processs_matmul_precision():
+    """Under "medium" float32 matmuls may run in bf16 (oneDNN on AMX CPUs): the float32 bounds widen by exactly
+    bf16's epsilon over float32's, half-precision floors to bf16's ulp; float64 does not move."""
+    before = torch.get_float32_matmul_precision()
+    highest = default_tolerances(torch.float32), dtype_floor(torch.float16), dtype_floor(torch.float64)
+    try:
+        torch.set_float32_matmul_precision("medium")
+        rtol, atol = default_tolerances(torch.float32)
+        coarser = 2.0**-7 / torch.finfo(torch.float32).eps
+        assert rtol == pytest.approx(highest[0][0] * coarser) and atol == pytest.approx(highest[0][1] * coarser)
+        assert dtype_floor(torch.float16) == 2.0**-7 and dtype_floor(torch.float64) == highest[2]
+        torch.set_float32_matmul_precision("high")
+        assert dtype_floor(torch.float32) == 2.0**-10
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert (default_tolerances(torch.float32), dtype_floor(torch.float16), dtype_floor(torch.float64)) == highest
