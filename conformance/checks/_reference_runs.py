@@ -12,6 +12,10 @@ not assumed (conformance.tolerance.within_spread):
   product that follows);
 - for the whole run (the ranks' own AdamW): the run repeated from initial weights nudged by one ulp.
 
+For techniques checked on one forward and backward (pipeline, context parallelism), `step_reference` and
+`input_spread` give the same yardstick for a single step: the float64 result and its spread under another batch order
+or a one-ulp nudge of the weights or inputs.
+
 Everything here is the reference's own code (reference.training) and torch.optim; nothing of optimized/.
 """
 
