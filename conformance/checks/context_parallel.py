@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from conformance.checks import CheckSpec, Context
-from conformance.checks._reference_runs import input_spread
+from conformance.checks._reference_runs import input_spread, one_thread
 from conformance.claims import Verdict
 from conformance.figure import Figure, Panel, Series
 from conformance.launch import spawn
@@ -77,8 +77,9 @@ def _one_process(q, k, v, dout, causal: bool) -> dict[str, torch.Tensor]:
 
 def _reference(seq_len: int, causal: bool) -> tuple[dict[str, torch.Tensor], Spread]:
     """The one-process result in float64 and its rounding spread (the same on inputs nudged by one ulp)."""
-    return input_spread(functools.partial(_one_process, causal=causal), _inputs(seq_len),
-                        origin="float64 attention and its gradients")
+    with one_thread():
+        return input_spread(functools.partial(_one_process, causal=causal), _inputs(seq_len),
+                            origin="float64 attention and its gradients")
 
 
 def _equivalence_worker(device_type: str, seq_len: int) -> dict:

@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch import nn
 
 from conformance.checks import CheckSpec, Context
-from conformance.checks._reference_runs import ReferenceRun, reference_run
+from conformance.checks._reference_runs import ReferenceRun, one_thread, reference_run
 from conformance.claims import Verdict, equivalence_verdict
 from conformance.launch import spawn
 from conformance.measure import CollectiveCounter, time_fn
@@ -66,8 +66,9 @@ def _batches(sizes: dict, world_size: int, vary_length: bool) -> list:
 def _reference(sizes: dict, world_size: int, vary_length: bool) -> ReferenceRun:
     """One process, the whole batch, AdamW in float64: the state before each step, its loss and gradients, and the
     reference's own rounding spread."""
-    return reference_run(lambda: GPT(GPTConfig(**sizes["config"])), _batches(sizes, world_size, vary_length),
-                         lr=LR, weight_decay=WD)
+    with one_thread():
+        return reference_run(lambda: GPT(GPTConfig(**sizes["config"])), _batches(sizes, world_size, vary_length),
+                             lr=LR, weight_decay=WD)
 
 
 # --- one rank --------------------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from conformance.checks import CheckSpec, Context
-from conformance.checks._reference_runs import reference_run, step_reference
+from conformance.checks._reference_runs import one_thread, reference_run, step_reference
 from conformance.claims import Verdict
 from conformance.figure import Bar, Figure, Panel
 from conformance.launch import spawn, under_torchrun
@@ -307,8 +307,9 @@ def _adam_row(p, sizes, per_rank) -> Result:
     run's own whole-run spread (the run repeated from initial weights nudged by one ulp)."""
     steps = sizes["adam_steps"]
     batches = _batches(sizes, 2, seed=2)
-    ref = reference_run(lambda: GPT(GPTConfig(**sizes["config"])), [batches[s % 2] for s in range(steps)], lr=LR,
-                        weight_decay=WD)
+    with one_thread():
+        ref = reference_run(lambda: GPT(GPTConfig(**sizes["config"])), [batches[s % 2] for s in range(steps)],
+                            lr=LR, weight_decay=WD)
     pipe = {n: q for res in per_rank for n, q in res["adam"][1].items()}
     pipe["loss"] = torch.stack(per_rank[-1]["adam"][0]).double()
     parts = [within_spread(pipe, {n: ref.final[n] for n in pipe}, ref.run_spread, name="losses and parameters"),
@@ -332,7 +333,9 @@ def run(ctx: Context) -> list[Result]:
     per_rank = spawn(_worker, p, sizes, names, llama_names, backend="gloo", device="cpu", timeout=ctx.timeout)
     rows = []
     for family, family_names in (("gpt2", names), ("llama", llama_names)):
-        ref, spread = step_reference(lambda family=family: GPT(_config(sizes, family)), _batches(sizes, 1, seed=1)[0])
+        with one_thread():
+            ref, spread = step_reference(lambda family=family: GPT(_config(sizes, family)),
+                                         _batches(sizes, 1, seed=1)[0])
         rows += [_equivalence_row(ctx, name, p, sizes, per_rank, ref, spread, family) for name in family_names]
     if sizes["adam_steps"]:
         rows.append(_adam_row(p, sizes, per_rank))

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from conformance.checks import CheckSpec, Context
-from conformance.checks._reference_runs import ReferenceRun, reference_run
+from conformance.checks._reference_runs import ReferenceRun, one_thread, reference_run
 from conformance.claims import Verdict
 from conformance.launch import spawn
 from conformance.measure import CollectiveCounter, tensor_bytes
@@ -82,7 +82,8 @@ def _batches(sizes: dict) -> list:
 def _reference(sizes: dict) -> ReferenceRun:
     """One process, AdamW in float64: the parameters before each step, its loss and gradients, and the reference's
     own rounding spread."""
-    return reference_run(lambda: GPT(_config(sizes)), _batches(sizes), lr=LR, weight_decay=WD)
+    with one_thread():
+        return reference_run(lambda: GPT(_config(sizes)), _batches(sizes), lr=LR, weight_decay=WD)
 
 
 # --- one rank --------------------------------------------------------------------------------------------------------
