@@ -12,12 +12,17 @@ not assumed (conformance.tolerance.within_spread):
   product that follows);
 - for the whole run (the ranks' own AdamW): the run repeated from initial weights nudged by one ulp.
 
+For techniques checked on one forward and backward (pipeline, context parallelism), `step_reference` and
+`input_spread` give the same yardstick for a single step: the float64 result and its spread under another batch order
+or a one-ulp nudge of the weights or inputs.
+
 Everything here is the reference's own code (reference.training) and torch.optim; nothing of optimized/.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -111,3 +116,48 @@ def reference_run(make_model: Callable[[], nn.Module], batches: Sequence[Batch],
     run_spread = rounding_spread(final, runs, origin=f"AdamW x{len(batches)} in float64 from initial weights nudged "
                                  f"by one ulp, {len(NUDGE_SEEDS)} seeds")
     return ReferenceRun(states, losses, grads, final, step_spread, run_spread)
+
+
+def step_reference(make_model: Callable[[], nn.Module], batch: Batch, *,
+                   micro_batches: int = 2) -> tuple[dict[str, torch.Tensor], Spread]:
+    """One forward and backward in float64, without an update (what a pipeline or any other single-step parallel
+    technique computes): the whole batch's token-mean loss (tensor "loss") and every gradient, and their rounding
+    spread: the same quantities recomputed with the batch in `micro_batches` parts (another order of the batch sum)
+    and from the initial weights nudged by one ulp (`NUDGE_SEEDS`)."""
+    model = make_model().to(torch.float64)
+    whole = _step_quantities(model, [batch])
+    variants = [_step_quantities(model, split_batch(batch, micro_batches))]
+    for seed in NUDGE_SEEDS:
+        nudged = make_model().to(torch.float64)
+        nudge_(nudged.parameters(), seed=seed)
+        variants.append(_step_quantities(nudged, [batch]))
+    return whole, rounding_spread(whole, variants, origin=f"float64 loss and gradients, batch in {micro_batches} "
+                                  "micro-batches or initial weights nudged by one ulp")
+
+
+def input_spread(compute: Callable[..., Mapping[str, torch.Tensor]], inputs: Sequence[torch.Tensor], *,
+                 origin: str) -> tuple[dict[str, torch.Tensor], Spread]:
+    """`compute(*inputs)` (a one-process reference, e.g. attention and its gradients, in float64) and its rounding
+    spread: the same computed on copies of `inputs` nudged by one ulp (`NUDGE_SEEDS`); `origin` says what was
+    computed, for the record."""
+    ref = dict(compute(*inputs))
+    variants = []
+    for seed in NUDGE_SEEDS:
+        nudged = [t.detach().clone() for t in inputs]
+        nudge_(nudged, seed=seed)
+        variants.append(compute(*nudged))
+    return ref, rounding_spread(ref, variants, origin=f"{origin} on inputs nudged by one ulp, "
+                                f"{len(NUDGE_SEEDS)} seeds")
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """One intra-op thread inside the block, as every rank runs (conformance.launch): the reference's tiny models gain
+    nothing from threads, and on a machine whose cores are busy a second thread that waits at every op's barrier made
+    a float64 reference run 100x slower (14 s instead of 0.14 s, 2 cores shared)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -1,4 +1,9 @@
-"""The pipeline executor on real ranks (gloo): loss and every gradient equal the single-process model's."""
+"""The pipeline executor on real ranks (gloo): loss and every gradient equal the single-process model's.
+
+The claim is algorithmic, so both sides run in float64 and every bound is the reference's own rounding spread,
+measured beside it (conformance.checks._reference_runs: one step recomputed with the batch in two micro-batches or
+from weights nudged by one ulp; a whole AdamW run repeated from nudged initial weights), the same verdict on any CPU
+ISA, thread count or world size (conformance.tolerance.within_spread)."""
 
 import functools
 
@@ -6,8 +11,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from conformance.checks._reference_runs import reference_run, step_reference
 from conformance.launch import RankError, spawn
-from conformance.tolerance import GRADIENT_FACTOR, assert_equivalent, error_ratio
+from conformance.tolerance import Spread, assert_equivalent, within_spread
 from optimized.pipeline import (
     Deadlock,
     PipelineExecutor,
@@ -20,15 +26,20 @@ from optimized.pipeline import (
 from optimized.pipeline.split import token_loss_sum
 from reference.data import make_batches
 from reference.model import GPT, IGNORE_INDEX, GPTConfig
-from reference.training import accumulate_gradients, train
+from reference.training import accumulate_gradients
 
 CONFIG = dict(vocab_size=64, block_size=32, n_layer=4, n_head=4, n_embd=32)
 ROWS_PER_MICROBATCH = 2
-TOL = dict(rtol=1e-5, atol=1e-6)
+LR, WD = 1e-2, 0.01  # torch.optim.AdamW's default weight decay
 
 
-def assert_close(actual, expected, what):
-    torch.testing.assert_close(actual, expected, **TOL, msg=lambda text: f"{what}: {text}")
+def _model() -> GPT:
+    return GPT(GPTConfig(**CONFIG)).to(torch.float64)
+
+
+def assert_within(actual: dict, expected: dict, spread: Spread, what: str) -> None:
+    """Every tensor of `actual` within 10x the reference's rounding spread of `expected`'s tensor of that name."""
+    assert_equivalent(within_spread(actual, {n: expected[n] for n in actual}, spread, name=what))
 
 
 def _schedule(name, p, m, v=1):
@@ -53,7 +64,7 @@ def _one_step_worker(cases):
     rank = dist.get_rank()
     out = []
     for name, p, m, v in cases:
-        model = GPT(GPTConfig(**CONFIG))
+        model = _model()
         schedule = _schedule(name, p, m, v)
         stages = split(model, schedule.num_stages)
         executor = PipelineExecutor([stages[s] for s in schedule.stages_of(rank)], schedule)
@@ -65,16 +76,14 @@ def _one_step_worker(cases):
 
 @functools.cache
 def _reference_step(m):
-    model = GPT(GPTConfig(**CONFIG))
-    idx, targets = _batches(1, m, seed=m)[0]
-    loss = accumulate_gradients(model, [(idx, targets)])  # the whole batch in one piece
-    return loss, {n: p.grad for n, p in model.named_parameters()}
+    """The whole batch in one piece, float64: the loss (tensor "loss"), every gradient, and their rounding spread."""
+    return step_reference(lambda: GPT(GPTConfig(**CONFIG)), _batches(1, m, seed=m)[0])
 
 
 def _check_against_reference(p, cases, per_rank):
     names = set(dict(GPT(GPTConfig(**CONFIG)).named_parameters()))
     for k, (name, _, m, v) in enumerate(cases):
-        ref_loss, ref_grads = _reference_step(m)
+        ref, spread = _reference_step(m)
         label = f"{name} p={p} m={m} v={v}"
         schedule = _schedule(name, p, m, v)
         seen = set()
@@ -82,11 +91,10 @@ def _check_against_reference(p, cases, per_rank):
             loss, grads, actions = results[k]
             assert actions == list(schedule[rank]), label
             if rank == schedule.rank_of(schedule.num_stages - 1):
-                assert_close(loss, ref_loss, f"{label}: loss")
+                assert_within({"loss": loss.reshape(1)}, ref, spread, f"{label}: loss")
             else:
                 assert loss is None
-            for n, g in grads.items():
-                assert_close(g, ref_grads[n], f"{label}: rank {rank} grad {n}")
+            assert_within(grads, ref, spread, f"{label}: rank {rank} gradients")
             seen |= set(grads)
         assert seen == names, f"{label}: parameters on no rank: {names - seen}"
 
@@ -120,10 +128,10 @@ STEPS = 10
 def _train_worker(name, m):
     rank = dist.get_rank()
     p = dist.get_world_size()
-    model = GPT(GPTConfig(**CONFIG))
+    model = _model()
     schedule = _schedule(name, p, m)
     executor = PipelineExecutor(split(model, p)[rank], schedule)
-    opt = torch.optim.AdamW(executor.parameters(), lr=1e-2)
+    opt = torch.optim.AdamW(executor.parameters(), lr=LR, weight_decay=WD)
     losses = []
     batches = _batches(2, m, seed=7)
     for step in range(STEPS):
@@ -135,37 +143,22 @@ def _train_worker(name, m):
     return losses, {n: q.detach().clone() for n, q in model.named_parameters() if id(q) in mine}
 
 
-def _reference_run(m, dtype):
-    model = GPT(GPTConfig(**CONFIG)).to(dtype)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    history = train(model, opt, _batches(2, m, seed=7), steps=STEPS, accumulation_steps=m)
-    return history.loss, dict(model.named_parameters())
-
-
 @pytest.mark.parametrize("name, p, m", [("1f1b", 3, 3)])
 def test_ten_adamw_steps_stay_equal(name, p, m):
-    """Losses: equal to the single-process run on the same micro-batches (reference.training, accumulation_steps=m).
-    Parameters: Adam turns last-bit gradient differences (the tied weight's two halves are added in another order)
-    into ~1e-6..1e-5 after 10 steps at lr 1e-2, so they are held by the FlashAttention rule: no farther from a
-    float64 run than 3x the single-process fp32 run is, over all parameters."""
-    losses32, params32 = _reference_run(m, torch.float32)
-    _, params64 = _reference_run(m, torch.float64)
+    """The losses and every parameter after 10 AdamW steps, in float64, within 10x the single-process run's own
+    whole-run spread (the tied weight's two gradient halves are added in another order, which Adam carries on)."""
+    batches = _batches(2, m, seed=7)
+    ref = reference_run(lambda: GPT(GPTConfig(**CONFIG)), [batches[step % 2] for step in range(STEPS)], lr=LR,
+                        weight_decay=WD)
     per_rank = spawn(_train_worker, p, name, m, timeout=120)
-    assert_close(torch.stack(per_rank[-1][0]), torch.tensor(losses32), "losses")
-    assert losses32[-2] < losses32[0] - 0.1  # same batch, 8 steps later: a run that learns, not a stalled one
+    assert ref.losses[-2] < ref.losses[0] - 0.1  # same batch, 8 steps later: a run that learns, not a stalled one
     pipe = {n: q for _, params in per_rank for n, q in params.items()}
-    assert set(pipe) == set(params32)
+    assert set(pipe) == set(ref.final) - {"loss"}
     for rank, (_, params) in enumerate(per_rank):  # both copies of the tied weight stayed equal
         if "wte.weight" in params:
             assert torch.equal(params["wte.weight"], pipe["wte.weight"]), f"rank {rank}"
-    names = sorted(pipe)
-
-    def flat(params):
-        return torch.cat([params[n].detach().reshape(-1).double() for n in names])
-
-    eq = error_ratio(flat(pipe), flat(params64), flat(params32), name="parameters after 10 AdamW steps",
-                     factor=GRADIENT_FACTOR, dtype=torch.float32)
-    assert_equivalent(eq)
+    pipe["loss"] = torch.stack(per_rank[-1][0])
+    assert_equivalent(within_spread(pipe, ref.final, ref.run_spread, name="losses and parameters after 10 steps"))
 
 
 # --- bad input on real ranks: every rank raises before anything is sent ---------------------------------------------
@@ -173,7 +166,7 @@ def test_ten_adamw_steps_stay_equal(name, p, m):
 
 def _bad_input_worker():
     rank = dist.get_rank()
-    model = GPT(GPTConfig(**CONFIG))
+    model = _model()
     stages = split(model, 2)
     errors = []
     stuck = Schedule.parse("rank 0: F0 B0 F1 B1\nrank 1: F0 F1 B0 B1")
@@ -198,8 +191,8 @@ def test_bad_input_raises_on_every_rank_before_any_message():
         assert len(errors) == 2
         assert "rank 0 waits at B0@0 for B0@1 on rank 1" in errors[0]
         assert "batch of 4 rows does not split into num_microbatches=3" in errors[1]
-    ref = GPT(GPTConfig(**CONFIG))
-    assert_close(per_rank[1][1], accumulate_gradients(ref, _batches(1, 3, seed=0)), "loss")
+    ref, spread = step_reference(lambda: GPT(GPTConfig(**CONFIG)), _batches(1, 3, seed=0)[0])
+    assert_within({"loss": per_rank[1][1].reshape(1)}, ref, spread, "loss")
 
 
 def _mismatched_world_worker():
@@ -222,7 +215,7 @@ def _torch_pipelining_worker(cases):
     for name, m in cases:
         grads = []
         for runner in ("ours", "torch"):
-            model = GPT(GPTConfig(**CONFIG))
+            model = _model()
             stage = split(model, p)[rank]
             idx, targets = _batches(1, m, seed=m)[0]
             if runner == "ours":
@@ -253,10 +246,11 @@ def _torch_pipelining_worker(cases):
 
 @pytest.mark.parametrize("p, cases", [(3, (("1f1b", 3), ("gpipe", 5), ("1f1b", 6)))])
 def test_torch_pipelining_agrees_with_ours(p, cases):
-    """torch.distributed.pipelining runs on CPU with gloo; its Schedule1F1B refuses m < p, so m >= p here."""
+    """torch.distributed.pipelining runs on CPU with gloo; its Schedule1F1B refuses m < p, so m >= p here. Both in
+    float64, within 10x the single-process reference's rounding spread on the same batch."""
     per_rank = spawn(_torch_pipelining_worker, p, cases, timeout=120)
     for rank, results in enumerate(per_rank):
         for (name, m), (ours, theirs) in zip(cases, results, strict=True):
             assert set(ours) == set(theirs)
-            for n in ours:
-                assert_close(ours[n], theirs[n], f"{name} p={p} m={m} rank {rank} {n}")
+            spread = _reference_step(m)[1]
+            assert_within(ours, theirs, spread, f"{name} p={p} m={m} rank {rank}")
