@@ -5,6 +5,7 @@
     torchrun --nproc-per-node 8 -m conformance  one rank per GPU, launched by torchrun (also across nodes)
     python -m conformance plan --help           the parallel-strategy planner
     python -m conformance compare OLD/report.json NEW/report.json    what changed between two reports
+    python -m conformance mutate                injected bugs in optimized/ that the checks must catch
 
 The terminal shows one line per check and the seed's claims with their verdicts (-v: every row); the report folder
 holds everything. Exit status: 0 when every equivalence holds, 1 when any fails or a check crashes, 2 for bad
@@ -25,6 +26,7 @@ COMMANDS = {
     "compare": "conformance.compare",
     "bench": "conformance.bench",
     "gpu": "conformance.gpu",
+    "mutate": "conformance.mutate",
 }
 """Subcommands: `python -m conformance NAME ...` calls `main(argv)` of the module; without one, the suite runs."""
 
