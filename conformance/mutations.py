@@ -255,7 +255,7 @@ MUTATIONS: tuple[Mutation, ...] = (
        "return float(step) / float(max(1, self.warmup_steps))",
        "return float(step + 1) / float(max(1, self.warmup_steps))",
        "linear warmup is one step ahead: lr = (step + 1) / W, not 0 at step 0 (the warmup boundary off by one)",
-       "schedules", "warmup"),
+       "schedules"),
     _m("schedules-wsd-decay-length", "schedules.py",
        "_FALL[self.decay_type](float(step - w - s) / float(max(1, d)))",
        "_FALL[self.decay_type](float(step - w - s) / float(max(1, d - 1)))",

@@ -209,13 +209,13 @@ def _overflowing(loss: torch.Tensor, step: int) -> torch.Tensor:
     return _OverflowBackward.apply(loss) if step in OVERFLOW_STEPS else loss
 
 
-def _reference_scaled_run(s: Sizes, device: torch.device, batches) -> dict[str, list]:
-    """The spec: fp32 model, reference.loss_scaling.DynamicLossScaler, the same overflows, reference clipping, SGD
-    (torch.optim.SGD for-loop, the peer every side uses)."""
+def _reference_scaled_run(s: Sizes, device: torch.device, batches, clip: float | None) -> dict[str, list]:
+    """The spec: fp32 model, reference.loss_scaling.DynamicLossScaler, the same overflows, reference clipping (to
+    `clip`; None: the norm is measured, nothing clipped), SGD (torch.optim.SGD for-loop, the peer every side uses)."""
     model = _model(s, device)
     opt = torch.optim.SGD(model.parameters(), lr=SGD_LR, foreach=False)
     scaler = DynamicLossScaler(**SCALER)
-    out = {"loss": [], "scale": [], "skipped": []}
+    out = {"loss": [], "scale": [], "skipped": [], "norm": []}
     for step in range(s.steps):
         idx, targets = batches[step % len(batches)]
         opt.zero_grad(set_to_none=True)
@@ -223,7 +223,8 @@ def _reference_scaled_run(s: Sizes, device: torch.device, batches) -> dict[str, 
         loss = model(idx, targets)[1]
         scaler.scale(_overflowing(loss, step)).backward()
         scaler.unscale_(opt)
-        clip_grad_norm([p for p in model.parameters() if p.grad is not None], CLIP)
+        norm = clip_grad_norm([p for p in model.parameters() if p.grad is not None], math.inf if clip is None else clip)
+        out["norm"].append(float(norm))
         scaler.step(opt)
         out["skipped"].append(bool(scaler.found_inf(opt)))
         scaler.update()
@@ -238,7 +239,7 @@ def _scaler_rows(ctx: Context) -> list[Result]:
     sequence exactly, the fp16 loss within one fp16 ulp per step, the master-weight parameters to fp32 defaults."""
     s, device = _sizes(ctx, "equivalence"), ctx.device
     batches = _batches(s, device)
-    ref = _reference_scaled_run(s, device, batches)
+    ref = _reference_scaled_run(s, device, batches, CLIP)
     rows = []
     expected_skips = [step in OVERFLOW_STEPS for step in range(s.steps)]
     notes = (f"tiny GPT, {s.steps} SGD steps lr {SGD_LR}, clipped to {CLIP}, dynamic scale {SCALER}; inf gradients "
@@ -272,10 +273,12 @@ def _scaler_rows(ctx: Context) -> list[Result]:
         equivalence=combine("fp16 GradScaler path", parts),
         notes=notes + f" Scales {history.scale}; skipped {history.skipped}."))
 
+    # Unclipped: clipping at every step would absorb a constant factor on the gradients just as AdamW does.
+    ref = _reference_scaled_run(s, device, batches, None)
     model = _model(s, device)
-    opt = MasterWeightOptimizer(model.parameters(), torch.optim.SGD, loss_scale="dynamic", max_grad_norm=CLIP,
-                                lr=SGD_LR, foreach=False, **SCALER)
-    scales, skipped = [], []
+    opt = MasterWeightOptimizer(model.parameters(), torch.optim.SGD, loss_scale="dynamic", lr=SGD_LR, foreach=False,
+                                **SCALER)
+    scales, skipped, norms = [], [], []
     for step in range(s.steps):
         idx, targets = batches[step % len(batches)]
         opt.zero_grad()
@@ -283,20 +286,25 @@ def _scaler_rows(ctx: Context) -> list[Result]:
         opt.scale_loss(_overflowing(model(idx, targets)[1], step)).backward()
         opt.step()
         skipped.append(bool(opt.last_step_skipped))
+        norms.append(float(opt.last_grad_norm))
+    clean = [i for i in range(s.steps) if not ref["skipped"][i]]
     parts = [
         bitwise(_series(skipped), _series(ref["skipped"]), name="skipped steps vs reference"),
         bitwise(_series(scales), _series(ref["scale"]),
                 name="loss scale at each step vs reference"),
+        allclose(torch.tensor([norms[i] for i in clean]), torch.tensor([ref["norm"][i] for i in clean]),
+                 name="gradient norm of each clean step vs reference"),
         *[allclose(m, r, name=f"master {i} vs reference") for i, (m, r) in
           enumerate(zip(opt.master_params(), ref["params"], strict=True))],
     ]
     rows.append(SPEC.row(
-        ctx, "MasterWeightOptimizer: overflow skips, scale, unscale, clipping, SGD",
+        ctx, "MasterWeightOptimizer: overflow skips, scale, unscale, SGD",
         optimized="optimized.mixed_precision.MasterWeightOptimizer(SGD, fp32 weights)",
         reference="reference.loss_scaling.DynamicLossScaler + reference.clipping (fp32)",
         equivalence=combine("master-weight loss scaling", parts),
-        notes=notes + " fp32 weights: the same arithmetic as the reference up to the norm's summation order, so the "
-        "parameters are held to fp32 defaults."))
+        notes=notes + " Here unclipped (clipping every step would hide a wrong unscale factor). fp32 weights: the "
+        "same arithmetic as the reference up to the norm's summation order, so the parameters are held to fp32 "
+        "defaults."))
     return rows
 
 
