@@ -13,7 +13,9 @@ mutation names>` with that copy as cwd and PYTHONPATH. The verdict per mutation:
               apart, since a crash proves less than a failed comparison);
     SURVIVED  every row held: the checks cannot tell the bug from the spec;
     baseline  the same checks already fail on the unmutated copy, so a failure proves nothing about the mutation.
-Each distinct set of checks is first run once on an unmutated copy (the baseline).
+Each distinct set of checks is first run once on an unmutated copy (the baseline). A mutation may name an
+environment its checks need on a CPU-only machine to reach the mutated code (TRITON_INTERPRET=1 for the Triton
+kernels); its baseline then runs with it too.
 
 A mutation whose snippet does not occur exactly once in the current tree is refused before anything runs (exit 2),
 so the list cannot rot silently. Exit status: 0 when every mutation is killed (or crashed), 1 when any survives or
@@ -136,8 +138,9 @@ def _judge(report: Path, returncode: int, output: str) -> Outcome:
 
 
 def run_suite(root: Path, checks: Sequence[str] | None, mutation: Mutation | None, *, timeout: float,
-              device: str, world_size: int | None) -> Outcome:
-    """Copy the tree, apply `mutation` (None: the baseline), run the quick suite on `checks` (None: all)."""
+              device: str, world_size: int | None, env: Sequence[tuple[str, str]] = ()) -> Outcome:
+    """Copy the tree, apply `mutation` (None: the baseline), run the quick suite on `checks` (None: all), with the
+    extra environment `env`."""
     start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="mutate-") as tmp:
         copy = Path(tmp) / "repo"
@@ -150,9 +153,9 @@ def run_suite(root: Path, checks: Sequence[str] | None, mutation: Mutation | Non
             cmd += ["--only", ",".join(checks)]
         if world_size is not None:
             cmd += ["--world-size", str(world_size)]
-        env = {**os.environ, "PYTHONPATH": str(copy), "PYTHONDONTWRITEBYTECODE": "1"}
+        environ = {**os.environ, **dict(env), "PYTHONPATH": str(copy), "PYTHONDONTWRITEBYTECODE": "1"}
         try:
-            proc = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True, timeout=timeout)
+            proc = subprocess.run(cmd, cwd=copy, env=environ, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
             return Outcome("crashed", f"timed out after {timeout:g} s (a hang counts as a crash)",
                            seconds=time.monotonic() - start)
@@ -172,6 +175,12 @@ class Verdict:
     status: str
     detail: str
     seconds: float
+
+
+def _cuda_visible() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -268,18 +277,22 @@ def _main(argv: list[str]) -> int:
     command = "python -m conformance mutate " + " ".join(argv)
     start = time.monotonic()
 
-    def check_set(m: Mutation) -> tuple[str, ...] | None:
-        return None if args.all_checks else tuple(dict.fromkeys(m.checks))
+    on_cpu = args.device == "cpu" or (args.device == "auto" and not _cuda_visible())
 
-    def key(checks: tuple[str, ...] | None) -> str:
-        return "all checks" if checks is None else ",".join(checks)
+    def check_set(m: Mutation) -> tuple[tuple[str, ...] | None, tuple[tuple[str, str], ...]]:
+        """What a run is: the checks (None: all) and the extra environment (a baseline per distinct pair)."""
+        return (None if args.all_checks else tuple(dict.fromkeys(m.checks))), (m.cpu_env if on_cpu else ())
+
+    def key(run: tuple) -> str:
+        checks, env = run
+        return ("all checks" if checks is None else ",".join(checks)) + "".join(f" {k}={v}" for k, v in env)
 
     sets = list(dict.fromkeys(check_set(m) for m in selected))
     suite = dict(timeout=args.timeout, device=args.device, world_size=args.world_size)
     console.print(f"[bold]mutation testing[/bold]: {len(selected)} mutations, {len(sets)} baselines, "
                   f"{args.jobs} at a time", highlight=False)
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        base_futures = {key(s): pool.submit(run_suite, root, s, None, **suite) for s in sets}
+        base_futures = {key(s): pool.submit(run_suite, root, s[0], None, env=s[1], **suite) for s in sets}
         baselines = {}
         for k, f in base_futures.items():
             b = f.result()
@@ -288,7 +301,8 @@ def _main(argv: list[str]) -> int:
             state = "passes" if b.status == "passes" else f"[red]FAILS[/red] ({b.detail})"
             console.print(f"baseline {k}: {state} in {b.seconds:.0f} s", highlight=False)
         runnable = [m for m in selected if baselines[key(check_set(m))].status == "passes"]
-        futures = {m.id: pool.submit(run_suite, root, check_set(m), m, **suite) for m in runnable}
+        futures = {m.id: pool.submit(run_suite, root, check_set(m)[0], m, env=check_set(m)[1], **suite)
+                   for m in runnable}
         verdicts = []
         for m in selected:
             base = baselines[key(check_set(m))]

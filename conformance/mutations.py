@@ -27,6 +27,9 @@ class Mutation:
     """The realistic bug, in one line."""
     checks: tuple[str, ...]
     """The conformance checks that must catch it."""
+    cpu_env: tuple[tuple[str, str], ...] = ()
+    """Environment the suite needs on a CPU-only run to reach the mutated code (TRITON_INTERPRET=1: the Triton
+    kernels run only on CUDA or under Triton's interpreter); its baseline runs with the same environment."""
 
     def __post_init__(self) -> None:
         if not self.file.startswith("optimized/"):
@@ -38,9 +41,13 @@ class Mutation:
             raise ValueError(f"mutation {self.id!r}: names no check that should catch it")
 
 
-def _m(id: str, file: str, original: str, replacement: str, description: str, *checks: str) -> Mutation:
+def _m(id: str, file: str, original: str, replacement: str, description: str, *checks: str,
+       cpu_env: tuple[tuple[str, str], ...] = ()) -> Mutation:
     return Mutation(id=id, file=f"optimized/{file}", original=original, replacement=replacement,
-                    description=description, checks=tuple(checks))
+                    description=description, checks=tuple(checks), cpu_env=cpu_env)
+
+
+TRITON_INTERPRETER = (("TRITON_INTERPRET", "1"),)
 
 
 MUTATIONS: tuple[Mutation, ...] = (
@@ -54,7 +61,7 @@ MUTATIONS: tuple[Mutation, ...] = (
        "last_key = offs_m + causal_offset  # causal: query i sees keys j <= i + offset",
        "last_key = offs_m + causal_offset + 1  # causal: query i sees keys j <= i + offset",
        "the Triton forward kernel's causal mask is one key too wide (j <= i + 1)",
-       "attention"),
+       "attention", cpu_env=TRITON_INTERPRETER),
     _m("attention-blocked-no-rescale", "attention/blocked.py",
        "o_i = alpha.unsqueeze(-1) * o_i + p_tilde @ v_j",
        "o_i = o_i + p_tilde @ v_j",
