@@ -12,14 +12,17 @@ mutation names>` with that copy as cwd and PYTHONPATH. The verdict per mutation:
     crashed   no equivalence failed but a check crashed, or the suite died or hung (killed by a crash: counted
               apart, since a crash proves less than a failed comparison);
     SURVIVED  every row held: the checks cannot tell the bug from the spec;
-    baseline  the same checks already fail on the unmutated copy, so a failure proves nothing about the mutation.
-Each distinct set of checks is first run once on an unmutated copy (the baseline). A mutation may name an
+    baseline  the unmutated copy crashed or failed every row of these checks: nothing can be judged.
+Each distinct set of checks is first run once on an unmutated copy (the baseline). Rows that fail there (a bound
+being reworked, a machine the check does not hold on yet) are not judged for the mutation: only a row the baseline
+holds can kill it, and the verdict names the rows set aside. A mutation may name an
 environment its checks need on a CPU-only machine to reach the mutated code (TRITON_INTERPRET=1 for the Triton
 kernels); its baseline then runs with it too.
 
 A mutation whose snippet does not occur exactly once in the current tree is refused before anything runs (exit 2),
-so the list cannot rot silently. Exit status: 0 when every mutation is killed (or crashed), 1 when any survives or
-its baseline fails, 2 for bad arguments. The table goes to the terminal; mutate.json and mutate.md to --out.
+so the list cannot rot silently. Exit status: 0 when every mutation is killed (or crashed) and every baseline passes,
+1 when any survives or a baseline fails, 2 for bad arguments. The table goes to the terminal; mutate.json and
+mutate.md to --out.
 """
 
 from __future__ import annotations
@@ -110,37 +113,46 @@ class Outcome:
     """The first failing row (check/name: error vs bound), the crash, or 'all N rows hold'."""
     rows: int = 0
     failed_rows: list[str] = field(default_factory=list)
+    """check/name of every failing row."""
     seconds: float = 0.0
+    wrote_report: bool = True
 
 
-def _judge(report: Path, returncode: int, output: str) -> Outcome:
+def _judge(report: Path, returncode: int, output: str, ignore: frozenset[str] = frozenset()) -> Outcome:
+    """The verdict of one run from its report.json; rows named in `ignore` (check/name: those the baseline already
+    fails) do not count."""
     if not report.is_file():
         tail = output.strip().splitlines()[-1] if output.strip() else f"exit status {returncode}"
-        return Outcome("crashed", f"the suite wrote no report (exit {returncode}): {tail}")
+        return Outcome("crashed", f"the suite wrote no report (exit {returncode}): {tail}", wrote_report=False)
     results = json.loads(report.read_text())["results"]
-    unequal, crashed = [], []
+    unequal, crashed, labels = [], [], []
     for r in results:
         eq = r.get("equivalence")
         label = f"{r['check']}/{r['name']}"
+        if label in ignore:
+            continue
+        if eq is not None and not eq["passed"] or r.get("error"):
+            labels.append(label)
         if eq is not None and not eq["passed"]:
             unequal.append(f"{label}: {eq['name']}: error {eq['max_error']:.3g} > bound {eq['bound']:.3g}")
         elif r.get("error"):
             last = [line for line in r["error"].strip().splitlines() if line.strip()][-1:]
             crashed.append(f"{label}: {last[0].strip() if last else 'crashed'}")
-    failed = unequal + crashed
+    judged = len(results) - sum(f"{r['check']}/{r['name']}" in ignore for r in results)
     if unequal:
-        return Outcome("killed", unequal[0], len(results), failed)
+        return Outcome("killed", unequal[0], len(results), labels)
     if crashed:
-        return Outcome("crashed", crashed[0], len(results), failed)
-    if returncode != 0:
+        return Outcome("crashed", crashed[0], len(results), labels)
+    if returncode != 0 and not ignore:
         return Outcome("crashed", f"exit status {returncode} with every row holding", len(results))
-    return Outcome("SURVIVED", f"all {len(results)} rows hold", len(results))
+    return Outcome("SURVIVED", f"all {judged} judged rows hold", len(results))
 
 
 def run_suite(root: Path, checks: Sequence[str] | None, mutation: Mutation | None, *, timeout: float,
-              device: str, world_size: int | None, env: Sequence[tuple[str, str]] = ()) -> Outcome:
+              device: str, world_size: int | None, env: Sequence[tuple[str, str]] = (),
+              ignore: frozenset[str] = frozenset()) -> Outcome:
     """Copy the tree, apply `mutation` (None: the baseline), run the quick suite on `checks` (None: all), with the
-    extra environment `env`."""
+    extra environment `env`; rows in `ignore` are not judged."""
     start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="mutate-") as tmp:
         copy = Path(tmp) / "repo"
@@ -159,7 +171,7 @@ def run_suite(root: Path, checks: Sequence[str] | None, mutation: Mutation | Non
         except subprocess.TimeoutExpired:
             return Outcome("crashed", f"timed out after {timeout:g} s (a hang counts as a crash)",
                            seconds=time.monotonic() - start)
-        outcome = _judge(out / "report.json", proc.returncode, proc.stdout + proc.stderr)
+        outcome = _judge(out / "report.json", proc.returncode, proc.stdout + proc.stderr, ignore)
     outcome.seconds = time.monotonic() - start
     return outcome
 
@@ -300,15 +312,22 @@ def _main(argv: list[str]) -> int:
             baselines[k] = b
             state = "passes" if b.status == "passes" else f"[red]FAILS[/red] ({b.detail})"
             console.print(f"baseline {k}: {state} in {b.seconds:.0f} s", highlight=False)
-        runnable = [m for m in selected if baselines[key(check_set(m))].status == "passes"]
-        futures = {m.id: pool.submit(run_suite, root, check_set(m)[0], m, env=check_set(m)[1], **suite)
+        # A baseline with failing rows still judges a mutation, on the rows it holds; one that wrote no report
+        # (or whose rows all fail) cannot.
+        runnable = [m for m in selected if baselines[key(check_set(m))].wrote_report
+                    and len(baselines[key(check_set(m))].failed_rows) < baselines[key(check_set(m))].rows]
+        futures = {m.id: pool.submit(run_suite, root, check_set(m)[0], m, env=check_set(m)[1],
+                                     ignore=frozenset(baselines[key(check_set(m))].failed_rows), **suite)
                    for m in runnable}
         verdicts = []
         for m in selected:
             base = baselines[key(check_set(m))]
             if m.id in futures:
                 o = futures[m.id].result()
-                verdicts.append(Verdict(m.id, m.file, m.description, list(m.checks), o.status, o.detail,
+                detail = o.detail if base.status == "passes" else (
+                    f"{o.detail} (judged on the rows the baseline holds; it fails {len(base.failed_rows)}: "
+                    f"{', '.join(base.failed_rows)})")
+                verdicts.append(Verdict(m.id, m.file, m.description, list(m.checks), o.status, detail,
                                         round(o.seconds, 1)))
             else:
                 verdicts.append(Verdict(m.id, m.file, m.description, list(m.checks), "baseline",
@@ -328,7 +347,8 @@ def _main(argv: list[str]) -> int:
     console.print(f"{counts['killed'] + counts['crashed']}/{len(verdicts)} killed ({counts['crashed']} by a crash), "
                   f"{counts['SURVIVED']} survived, {counts['baseline']} not judged (baseline fails); "
                   f"{seconds:.0f} s; report: {md_path} (and {json_path.name})", highlight=False)
-    return 1 if counts["SURVIVED"] or counts["baseline"] else 0
+    baseline_failed = any(b.status != "passes" for b in baselines.values())
+    return 1 if counts["SURVIVED"] or counts["baseline"] or baseline_failed else 0
 
 
 if __name__ == "__main__":

@@ -78,3 +78,19 @@ def test_end_to_end_a_real_bug_is_killed_and_a_harmless_edit_survives(tmp_path, 
     assert verdicts["harmless-comment"]["status"] == "SURVIVED"
     assert report["baselines"]["schedules"]["status"] == "passes"  # every row of the unmutated copy holds
     assert "| schedules-warmup-off-by-one |" in (tmp_path / "mutate.md").read_text()
+
+
+def test_rows_the_baseline_fails_do_not_judge_a_mutation(tmp_path):
+    def row(name, passed=True, error=None):
+        eq = {"name": name, "passed": passed, "max_error": 2.0, "bound": 1.0}
+        return {"check": "zero", "name": name, "equivalence": eq, "error": error}
+
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"results": [row("a", passed=False), row("b")]}))
+    assert mutate._judge(report, 1, "", ignore=frozenset({"zero/a"})).status == "SURVIVED"
+    killed = mutate._judge(report, 1, "")
+    assert killed.status == "killed" and killed.failed_rows == ["zero/a"] and "error 2 > bound 1" in killed.detail
+    report.write_text(json.dumps({"results": [row("b"), row("c", error="Traceback\nValueError: boom\n")]}))
+    crashed = mutate._judge(report, 1, "")
+    assert crashed.status == "crashed" and "ValueError: boom" in crashed.detail
+    assert mutate._judge(tmp_path / "missing.json", 1, "Killed").status == "crashed"
