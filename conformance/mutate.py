@@ -213,7 +213,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="passed to the suite (default: auto)")
     parser.add_argument("--world-size", type=positive_int, default=None, help="passed to the suite")
     parser.add_argument("--out", type=writable_dir, default=None,
-                        help="folder for mutate.json and mutate.md (default: ./mutate-report)")
+                        help="folder for mutate.json and mutate.md (default: ./conformance-report/mutate)")
     parser.add_argument("--list", action="store_true", help="print the mutations and exit")
     return parser
 
@@ -281,7 +281,7 @@ def _main(argv: list[str]) -> int:
                      + "; ".join(problems))
     out = args.out
     if out is None:
-        out = writable_dir("mutate-report")
+        out = writable_dir("conformance-report/mutate")
     from rich.console import Console
     from rich.table import Table
 
