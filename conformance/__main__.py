@@ -6,6 +6,7 @@
     python -m conformance plan --help           the parallel-strategy planner
     python -m conformance compare OLD/report.json NEW/report.json    what changed between two reports
     python -m conformance matrix --help         the suite under several machine settings (ISA, threads, ranks, ...)
+    python -m conformance mutate                injected bugs in optimized/ that the checks must catch
 
 The terminal shows one line per check and the seed's claims with their verdicts (-v: every row); the report folder
 holds everything. Exit status: 0 when every equivalence holds, 1 when any fails or a check crashes, 2 for bad
@@ -27,6 +28,7 @@ COMMANDS = {
     "bench": "conformance.bench",
     "gpu": "conformance.gpu",
     "matrix": "conformance.matrix",
+    "mutate": "conformance.mutate",
 }
 """Subcommands: `python -m conformance NAME ...` calls `main(argv)` of the module; without one, the suite runs."""
 

@@ -84,6 +84,10 @@ class _AveragingWrapper(torch.nn.Module):
         return self.module(idx, targets, reduction=reduction)
 
     def reduce(self):
+        """The all-reduce a real wrapper runs in the backward of a micro-batch outside no_sync: none if the last one
+        ran under no_sync (then no gradient is ever synchronised)."""
+        if not (self.synced and self.synced[-1]):
+            return
         for p in self.module.parameters():
             dist.all_reduce(p.grad)
             p.grad /= dist.get_world_size()
@@ -101,7 +105,7 @@ def _data_parallel_worker(device_type: str):
                                 process_group=dist.group.WORLD)
     model.reduce()
     n_local = int((mine[1] != IGNORE_INDEX).sum())
-    return loss.cpu(), _grads(model.module), n_local, model.synced
+    return loss.cpu(), _grads(model.module), n_local, model.synced, len(sizes)
 
 
 def run(ctx: Context) -> list[Result]:
@@ -145,9 +149,12 @@ def run(ctx: Context) -> list[Result]:
     ws = ctx.world_size
     per_rank = spawn(_data_parallel_worker, ws, device.type, device=device.type, timeout=ctx.timeout)
     parts = []
-    for r, (loss_r, grads_r, *_) in enumerate(per_rank):
+    for r, (loss_r, grads_r, _, synced, count) in enumerate(per_rank):
+        expected = [0.0] * (count - 1) + [1.0]  # every micro-batch but the last under no_sync, the last synchronised
         parts += [allclose(loss_r, loss_big, name=f"rank {r} loss", rtol=1e-6, atol=0.0),
-                  _close(f"rank {r} gradients", grads_r, g_big)]
+                  _close(f"rank {r} gradients", grads_r, g_big),
+                  bitwise(torch.tensor([float(x) for x in synced], dtype=torch.float64),
+                          torch.tensor(expected, dtype=torch.float64), name=f"rank {r} no_sync pattern")]
     rows.append(SPEC.row(
         ctx, f"{ws} ranks, no_sync + token count all-reduced",
         optimized="optimized.accumulation.accumulate_gradients(no_sync=..., process_group=...)",

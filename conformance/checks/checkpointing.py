@@ -2,8 +2,9 @@
 bytes it keeps held to reference.memory's count per policy (Korthikanti et al. 2022, arXiv 2205.05198, Sec. 4-5).
 
 1. Equivalence. The tiny GPT (and the Llama-style model where reference.model has it), each policy: gradients after
-   one backward bitwise equal to the unwrapped model's; on ctx.world_size ranks the same under DataParallel and
-   ZeroOptimizer stage 3 (parameters after two AdamW steps, bitwise).
+   one backward bitwise equal to the unwrapped model's; a two-block net with dropout 0.3 (attention weights,
+   projection, MLP) the same, the RNG seeded alike, so recomputation must restore the RNG state; on ctx.world_size
+   ranks the same under DataParallel and ZeroOptimizer stage 3 (parameters after two AdamW steps, bitwise).
 2. Memory (claim checkpointing.memory). Bytes one block saves for backward (unique storages, parameters excluded,
    conformance.measure.saved_tensor_bytes) per policy and sequence length, against
    reference.memory.activation_bytes_per_layer(recompute=...) to the byte; Korthikanti's own count (half precision,
@@ -18,6 +19,8 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
 
 from conformance.checks import CheckSpec, Context
 from conformance.claims import Verdict
@@ -74,8 +77,80 @@ def _grads(model: GPT, batch) -> list[torch.Tensor]:
     return [p.grad.detach().cpu() for p in model.parameters()]
 
 
+DROPOUT = 0.3
+"""Dropout of the RNG rows: recomputation must draw the forward's masks again (torch.utils.checkpoint's
+preserve_rng_state), which only a model with dropout > 0 can show; reference.model's GPT has none."""
+
+
+class _DropoutAttention(nn.Module):
+    """Causal self-attention whose core (the callable attribute `attention`, what policy="selective" recomputes)
+    applies dropout to the attention weights; dropout on the output projection too."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        att = (q @ k.transpose(-2, -1)) * q.size(-1) ** -0.5  # (B, T, T)
+        causal = torch.ones(q.size(1), q.size(1), dtype=torch.bool, device=q.device).triu(1)  # (T, T)
+        att = att.masked_fill(causal, float("-inf")).softmax(dim=-1)  # (B, T, T)
+        return F.dropout(att, DROPOUT, self.training) @ v  # (B, T, C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).chunk(3, dim=-1)  # 3 x (B, T, C)
+        return F.dropout(self.proj(self.attention(q, k, v)), DROPOUT, self.training)  # (B, T, C)
+
+
+class _DropoutBlock(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.attn = _DropoutAttention(width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width),
+                                 nn.Dropout(DROPOUT))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))  # (B, T, C)
+        return x + self.mlp(self.ln2(x))  # (B, T, C)
+
+
+class _DropoutNet(nn.Module):
+    """Two blocks with dropout in attention and MLP, in a ModuleList named `blocks` (as apply_activation_checkpointing
+    finds them)."""
+
+    def __init__(self, width: int = 32, layers: int = 2) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(_DropoutBlock(width) for _ in range(layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x.square().mean()
+
+
+def _dropout_grads(policy: str, device: torch.device) -> list[torch.Tensor]:
+    """Gradients of one forward + backward of the dropout net, the RNG seeded the same just before the forward."""
+    torch.manual_seed(0)
+    model = _DropoutNet().to(device).train()
+    if policy != "none":
+        apply_activation_checkpointing(model, policy)
+    x = torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(1)).to(device)  # (B, T, C)
+    torch.manual_seed(123)
+    model(x).backward()
+    return [p.grad.detach().cpu() for p in model.parameters()]
+
+
 def _equivalence_rows(ctx: Context) -> list[Result]:
     rows = []
+    expected = _dropout_grads("none", ctx.device)
+    for policy in ("selective", "full"):
+        got = _dropout_grads(policy, ctx.device)
+        eq = combine(f"dropout {DROPOUT}, {policy}: gradients vs unwrapped",
+                     [bitwise(a, b, name=f"grad {i}") for i, (a, b) in enumerate(zip(got, expected, strict=True))])
+        rows.append(SPEC.row(ctx, f"dropout {DROPOUT}, policy={policy}, gradients (RNG state restored)",
+                             reference="the unwrapped model, the same RNG seed", equivalence=eq,
+                             notes="2 blocks with dropout on attention weights, projection and MLP, B=2, T=16, fp32; "
+                                   "recomputation must redraw the forward's dropout masks; bitwise"))
     for label, config in _configs(64):
         batch = _batch(config, 2, 64, ctx.device)
         expected = _grads(_model(config, "none", ctx.device), batch)

@@ -2,7 +2,7 @@
 
 1. The tiny GPT's real gradients, norm types 1, 2, inf: optimized.clipping.clip_grad_norm_ (foreach) and the peer
    torch.nn.utils.clip_grad_norm_ against reference.clipping.clip_grad_norm (total norm and every clipped
-   gradient, fp32 defaults).
+   gradient, fp32 defaults); and p = 2 with max_norm above the norm, where nothing may change.
 2. fp16 gradients whose norm exceeds fp16's largest value (65504): the optimized norm (fp32 accumulation) against
    the float64 norm; torch's fp16 norm is reported beside it (it overflows to inf and zeroes the gradients).
 3. Sharded: each of `world_size` ranks holds a disjoint slice of every weight's gradient plus the full LayerNorm and
@@ -57,8 +57,10 @@ def _params_with(grads: list[torch.Tensor]) -> list[torch.nn.Parameter]:
 def _single_process_rows(device: torch.device) -> list[Result]:
     grads = _grads(device)
     rows = []
-    for norm_type in NORMS:
-        max_norm = 0.5 * float(torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads]), norm_type))
+    # Clipped to half the norm for each p, and once with max_norm above the norm: clipping must then leave the
+    # gradients as they are (min(1, max_norm / norm) is 1, never a scale-up).
+    for norm_type, fraction in [(p, 0.5) for p in NORMS] + [(2.0, 2.0)]:
+        max_norm = fraction * float(torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads]), norm_type))
         spec, mine, theirs = _params_with(grads), _params_with(grads), _params_with(grads)
         t_spec = clip_grad_norm(spec, max_norm, norm_type)
         t_mine = clip_grad_norm_(mine, max_norm, norm_type)
@@ -72,10 +74,11 @@ def _single_process_rows(device: torch.device) -> list[Result]:
                 *[allclose(p.grad, q.grad, name=f"grad {i}") for i, (p, q) in enumerate(zip(params, spec,
                                                                                               strict=True))],
             ])
+            what = "clipped to half" if fraction < 1 else "max_norm twice the norm (no clipping)"
             rows.append(SPEC.row(
-                None, f"p={norm_type:g}, {label}", optimized=optimized, peer=peer, device=device.type,
-                equivalence=eq,
-                notes=f"tiny GPT gradients ({len(grads)} tensors), norm {float(t_spec):.4g} clipped to half"))
+                None, f"p={norm_type:g}, {label}" + ("" if fraction < 1 else ", max_norm above the norm"),
+                optimized=optimized, peer=peer, device=device.type, equivalence=eq,
+                notes=f"tiny GPT gradients ({len(grads)} tensors), norm {float(t_spec):.4g} {what}"))
     return rows
 
 
