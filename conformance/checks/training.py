@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from conformance.checks import CheckSpec, Context
+from conformance.checks._reference_runs import NUDGE_SEEDS, one_thread
 from conformance.claims import equivalence_verdict
 from conformance.launch import spawn
 from conformance.result import Result
@@ -36,10 +37,6 @@ def _setup(world_size: int, quick: bool):
         steps, batch_size=4 * world_size, seq_len=32, vocab_size=32, seed=1, task="copy", vary_length=True
     )
     return steps, batches
-
-
-NUDGE_SEEDS = (1, 2)
-"""The reference's re-runs with one-ulp nudged initial weights, whose distance from it is the yardstick."""
 
 
 def _state(model: torch.nn.Module, losses: list[float]) -> dict[str, torch.Tensor]:
@@ -103,10 +100,10 @@ def run(ctx: Context) -> list[Result]:
     per_rank = spawn(_by_hand_data_parallel, ws, ws, ctx.quick, ctx.device.type, device=ctx.device.type,
                      timeout=ctx.timeout)
     state = per_rank[0]
-    ref = _reference_run(ws, ctx.quick, ctx.device, torch.float64)
-    spread = rounding_spread(ref, [_reference_run(ws, ctx.quick, ctx.device, torch.float64, seed)
-                                   for seed in NUDGE_SEEDS],
-                             origin=f"AdamW x{steps}, float64, initial weights nudged by one ulp, "
+    with one_thread():
+        ref = _reference_run(ws, ctx.quick, ctx.device, torch.float64)
+        variants = [_reference_run(ws, ctx.quick, ctx.device, torch.float64, seed) for seed in NUDGE_SEEDS]
+    spread = rounding_spread(ref, variants, origin=f"AdamW x{steps}, float64, initial weights nudged by one ulp, "
                              f"{len(NUDGE_SEEDS)} seeds")
     parts = [within_spread(state, ref, spread, name=f"{ws} ranks vs one process")]
     parts += [bitwise(s[k], state[k], name=f"rank {r} {k}") for r, s in enumerate(per_rank) for k in state]

@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from conformance.checks import CheckSpec, Context
+from conformance.checks._reference_runs import one_thread
 from conformance.claims import Verdict
 from conformance.figure import Figure, Panel, Series
 from conformance.launch import spawn, under_torchrun
@@ -292,10 +293,12 @@ def reference_state(world_size: int, steps: int, device: torch.device | None = N
 
 def reference_and_spread(world_size: int, steps: int, device: torch.device | None = None,
                          dtype: torch.dtype = torch.float32, trajectory: list | None = None):
-    """(the reference's parameters, its own rounding spread) in `dtype`: the yardstick of every equivalence row."""
-    ref = reference_state(world_size, steps, device, dtype, trajectory=trajectory)
-    variants = [reference_state(world_size, steps, device, dtype, seed) for seed in NUDGE_SEEDS]
-    variants.append(reference_state(world_size, steps, device, dtype, micro_batches=max(world_size, 2)))
+    """(the reference's parameters, its own rounding spread) in `dtype`: the yardstick of every equivalence row.
+    One intra-op thread, as the ranks run."""
+    with one_thread():
+        ref = reference_state(world_size, steps, device, dtype, trajectory=trajectory)
+        variants = [reference_state(world_size, steps, device, dtype, seed) for seed in NUDGE_SEEDS]
+        variants.append(reference_state(world_size, steps, device, dtype, micro_batches=max(world_size, 2)))
     origin = (f"AdamW x{steps} in {str(dtype).removeprefix('torch.')}: initial weights nudged by one ulp "
               f"({len(NUDGE_SEEDS)} seeds), the batch summed in {max(world_size, 2)} parts")
     return ref, rounding_spread(ref, variants, origin=origin)

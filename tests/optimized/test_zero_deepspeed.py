@@ -9,7 +9,6 @@ steps: ours, DeepSpeed and the unsharded run must agree within 10x the float32 r
 import importlib.util
 
 import pytest
-
 import torch
 
 from conformance.checks.zero import PEER_CONFIGS, peer_worker, reference_and_spread
@@ -39,7 +38,8 @@ def test_parameters_equal_deepspeed_after_10_steps(trained, reference, config):
     # and both equal the unsharded run: DeepSpeed in float32, ours in float64 too
     assert_equivalent(within_spread(theirs, ref32, spread32, name="DeepSpeed vs unsharded"))
     ref64, spread64 = reference[torch.float64]
-    assert_equivalent(within_spread(trained[0]["ours64"][config][-1], ref64, spread64, name="ours vs unsharded, float64"))
+    ours64 = trained[0]["ours64"][config][-1]
+    assert_equivalent(within_spread(ours64, ref64, spread64, name="ours vs unsharded, float64"))
 
 
 def test_ranks_end_with_the_same_parameters(trained):
