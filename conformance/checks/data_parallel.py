@@ -18,9 +18,9 @@ Rows
 2. The claim's condition: with uneven padding the ranks score different numbers of tokens, and the mean of the
    ranks' mean losses is not the token mean of the batch. The gap is measured (and is far outside the spread);
    weighting each rank's summed loss by N / (scored tokens of the whole batch) restores equality.
-3. vs torch DDP (float64 too, gloo): the loss and every gradient at every step within the per-step spread, and the
-   fp32 step time of DataParallel and of the naive version (one blocking all-reduce per parameter) as ratios to DDP,
-   timed in the same run.
+3. vs torch DDP (float64 too, gloo): the loss and every gradient at every step within the per-step spread; the
+   naive version (one blocking all-reduce per parameter) against one process the same way; and the fp32 step time
+   of DataParallel and of the naive version as ratios to DDP, timed in the same run.
 """
 
 from __future__ import annotations
@@ -117,6 +117,8 @@ def _per_step(kind: str, sizes: dict, device: torch.device, states: list[dict], 
         else:
             _, loss = wrapped(idx, targets)
         loss.backward()
+        if kind == "naive":
+            wrapped.sync_gradients()  # one blocking all-reduce per parameter, after backward
         total = loss.detach() / world
         dist.all_reduce(total)
         out["loss"].append(float(total))
@@ -186,6 +188,7 @@ def _worker(quick: bool, device_type: str, reference_states: tuple[list[dict], l
     return {
         "bucketed": _per_step("bucketed", sizes, device, states),
         "ddp": _per_step("ddp", sizes, device, states),
+        "naive": _per_step("naive", sizes, device, states),
         "trajectory": _trajectory(sizes, device),
         "uneven_mean": _per_step("bucketed", sizes, device, uneven_states, vary_length=True),
         "uneven_token_weighted": _per_step("bucketed", sizes, device, uneven_states, vary_length=True,
@@ -273,9 +276,10 @@ def run(ctx: Context) -> list[Result]:
 
     # 3. vs torch DDP, and the step time.
     ddp = first["ddp"]
-    eq = combine("DataParallel vs DDP", step_by_step(first["bucketed"]["loss"], first["bucketed"]["grads"],
-                                                     ddp["loss"], ddp["grads"], name="per step",
-                                                     spread=ref.step_spread))
+    eq = combine("DataParallel vs DDP, NaiveDataParallel vs one process",
+                 step_by_step(first["bucketed"]["loss"], first["bucketed"]["grads"], ddp["loss"], ddp["grads"],
+                              name="DataParallel vs DDP", spread=ref.step_spread)
+                 + _per_step_vs(first["naive"], ref, "NaiveDataParallel"))
     off_gpu = ctx.device.type != "cuda"
     rows.append(SPEC.row(
         ctx, f"vs torch DDP, {ws} ranks", reference="torch.nn.parallel.DistributedDataParallel",
@@ -285,7 +289,8 @@ def run(ctx: Context) -> list[Result]:
                Metric("step time NaiveDataParallel / DDP", times["naive"] / times["ddp"], "x"),
                Metric("DDP step time (median)", times["ddp"], "s")],
         notes=f"float64 on both sides, each from the reference's state: the loss and every gradient at every step "
-              f"within 10x the reference's per-step rounding spread {ref.step_spread.value:.2g} + 1 ulp; timed in "
+              f"of DataParallel vs DDP, and of NaiveDataParallel vs one process, within 10x the reference's "
+              f"per-step rounding spread {ref.step_spread.value:.2g} + 1 ulp; timed in "
               f"fp32, step = zero_grad, forward, backward, AdamW; median of {sizes['reps']} after "
               f"{sizes['warmup']} warm-up, rank 0"
               + ("; gloo on CPU, not the NCCL/GPU setting DDP is tuned for" if off_gpu else ""),

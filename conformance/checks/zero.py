@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -193,16 +194,37 @@ def _ds_step(engine, batch, rank, world, device):
     return loss
 
 
+def _resumed_run(stage: int, offload: bool, batches, steps_before: int, directory: str, rank: int, world: int,
+                 device: torch.device) -> dict[str, torch.Tensor]:
+    """Ours in float64: `steps_before` steps, a checkpoint, a fresh model and optimizer that load it, the other
+    steps; the parameters at the end (equal to an uninterrupted run's, if the resume restores everything: the
+    masters, Adam's moments and its step count, which sets the bias correction)."""
+    model = GPT(GPTConfig(**CONFIG)).to(device, torch.float64)
+    opt = ZeroOptimizer(model, torch.optim.AdamW, stage=stage, offload=offload, **ADAMW)
+    for batch in batches[:steps_before]:
+        _ours_step(model, opt, batch, rank, world, device)
+    opt.save_checkpoint(directory)
+    model = GPT(GPTConfig(**CONFIG)).to(device, torch.float64)
+    opt = ZeroOptimizer(model, torch.optim.AdamW, stage=stage, offload=offload, **ADAMW)
+    opt.load_checkpoint(directory)
+    for batch in batches[steps_before:]:
+        _ours_step(model, opt, batch, rank, world, device)
+    with opt.gathered_parameters():
+        return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
 def peer_worker(configs, steps: int, timing_reps: int, device_type: str, memory_cases=(),
-                with_deepspeed: bool = True) -> dict:
+                with_deepspeed: bool = True, checkpoint_dir: str | None = None) -> dict:
     """On each rank: for every (stage, offload), train ours and DeepSpeed's `steps` steps from the same weights;
     return both final states, the bytes our collectives carried in one step, step times (reps > 0), and the
-    model-state bytes of `memory_cases` (memory_worker)."""
+    model-state bytes of `memory_cases` (memory_worker); with `checkpoint_dir` (a directory every rank sees), also
+    ours resumed from a checkpoint taken one step before the end."""
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device(device_type, torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
     batches = _batches(world, steps)
-    out: dict = {"ours": {}, "ours64": {}, "deepspeed": {}, "torch": {}, "comm": {}, "time_ours": {}, "time_ds": {},
-                 "time_torch": {}, "time_ddp": None, "memory": memory_worker(memory_cases, device_type)}
+    out: dict = {"ours": {}, "ours64": {}, "resumed64": {}, "deepspeed": {}, "torch": {}, "comm": {},
+                 "time_ours": {}, "time_ds": {}, "time_torch": {}, "time_ddp": None,
+                 "memory": memory_worker(memory_cases, device_type)}
     for stage, offload in configs:
         model = GPT(GPTConfig(**CONFIG)).to(device, torch.float64)
         opt = ZeroOptimizer(model, torch.optim.AdamW, stage=stage, offload=offload, **ADAMW)
@@ -212,6 +234,10 @@ def peer_worker(configs, steps: int, timing_reps: int, device_type: str, memory_
             with opt.gathered_parameters():
                 trajectory.append({k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
         out["ours64"][(stage, offload)] = trajectory
+        if checkpoint_dir is not None:
+            out["resumed64"][(stage, offload)] = _resumed_run(
+                stage, offload, batches, steps - 1, os.path.join(checkpoint_dir, f"zero{stage}-offload{offload}"),
+                rank, world, device)
 
         model = GPT(GPTConfig(**CONFIG)).to(device)
         opt = ZeroOptimizer(model, torch.optim.AdamW, stage=stage, offload=offload, **ADAMW)
@@ -462,8 +488,10 @@ def run(ctx: Context) -> list[Result]:
     cases = MEMORY_CASES if not ctx.quick else tuple(c for c in MEMORY_CASES if not (c.mixed and c.offload))
     rows: list[Result] = []
 
-    peer = spawn(peer_worker, ws, PEER_CONFIGS, steps, reps, device_type, cases, with_ds, device=device_type,
-                 timeout=ctx.timeout)
+    # A resume needs one directory every rank sees: a temporary one here; under torchrun the nodes may not share one.
+    with tempfile.TemporaryDirectory(prefix="zero-resume-") as checkpoints:
+        peer = spawn(peer_worker, ws, PEER_CONFIGS, steps, reps, device_type, cases, with_ds,
+                     None if under_torchrun() else checkpoints, device=device_type, timeout=ctx.timeout)
     ref_trajectory: list[dict] = []
     ref64, spread64 = reference_and_spread(ws, steps, ctx.device, torch.float64, ref_trajectory)
     ref32, spread32 = reference_and_spread(ws, steps, ctx.device)
@@ -483,6 +511,13 @@ def run(ctx: Context) -> list[Result]:
                              equivalence=vs_ref, notes="each rank its slice of every batch, gradients averaged; "
                              "clipping 1.0; float64 on both sides, within 10x the reference's own rounding spread"
                              + where, **common))
+        resumed = peer[0]["resumed64"].get((stage, offload))
+        if resumed is not None:
+            rows.append(SPEC.row(
+                ctx, f"{label}: saved after {steps - 1} steps, loaded into a fresh optimizer, 1 more step",
+                equivalence=within_spread(resumed, ref64, spread64, name=f"{label} resumed vs unsharded AdamW"),
+                notes="save_checkpoint / load_checkpoint between the steps (masters, Adam's moments and step count); "
+                "float64, the uninterrupted reference within 10x its own rounding spread", **common))
         if not offload:
             theirs = peer[0]["torch"][stage]
             torch_name = TORCH_PEERS[stage]
