@@ -40,11 +40,9 @@ Dimensions (what a cell sets, and why it moves the last bits):
                 bfloat16 products where the CPU has them fast (AMX): max error of a 256x512 @ 512x256 product against
                 float64 5.2e-5 at "highest", 0.26 at "medium" on a Sapphire Rapids; with ONEDNN_MAX_CPU_ISA below
                 AVX512_CORE_AMX "medium" stays float32 but goes through oneDNN instead of MKL (8.9e-5: another
-                kernel). The flag sets the suite's own process; ranks spawned by conformance.launch are fresh
-                interpreters. "high" reaches them through TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1 (torch starts every
-                process at "high" with it); "medium" has no variable, so its ranks run at "highest" while the caller
-                computes the single-process expectation in bfloat16 products: the multi-rank rows of a "medium"
-                cell fail for that mismatch (MEDIUM_NOTE), not for a bug, until the launcher carries the setting.
+                kernel). The flag sets the suite's own process, and conformance.launch hands it to every rank it
+                spawns (a fresh interpreter would start at "highest"); the float32 bounds follow it
+                (conformance.tolerance.working_eps: TF32's epsilon under "high", bf16's under "medium").
   tf32          CUDA only, in place of `precision` (on CUDA set_float32_matmul_precision is the TF32 switch of
                 matmuls): on / off sets torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
                 (--tf32 of the suite). TF32 keeps 10 of float32's 23 mantissa bits in the products. "on" also sets
@@ -94,18 +92,14 @@ IMPORTANT_PAIRS = (("isa", "precision"), ("tf32", "world_size"))
 """Pairs of dimensions that interact (the module docstring says how); --pairwise covers each of their combinations.
 A pair whose dimensions this machine does not have is left out."""
 
-REDUCED_CELLS = ("native-t2-w2-high", "avx2-t1-w3-highest", "default-t4-w1-high")
+REDUCED_CELLS = ("native-t2-w2-medium", "avx2-t1-w3-highest", "default-t4-w1-high")
 """--reduced (the CI step): every ISA family a CI runner has (avx2 and default run on any x86; native is the
-widest), threads 1/2/4 and world sizes 1/2/3 in three cells; no "medium" (see MEDIUM_NOTE)."""
+widest), threads 1/2/4, world sizes 1/2/3 and every matmul precision in three cells."""
 REDUCED_CHECKS = ("clipping", "training")
 """--reduced: cheap checks whose rows move with the settings: clipping's global norms (reductions: ISA, threads),
 the training step (matmuls: ISA, precision) and training's all-reduced gradients (world size)."""
 CUDA_REDUCED_CELLS = ("native-t2-w1-tf32on", "avx2-t1-w2-tf32off")
 """--reduced on CUDA: TF32 on and off, one and two GPUs (the second cell needs two)."""
-
-MEDIUM_NOTE = ("ranks spawned by conformance.launch run at matmul precision 'highest' (no variable carries 'medium'), "
-               "the caller's single-process expectation at 'medium': multi-rank rows compare the two")
-"""Shown beside a CPU cell with precision "medium" (module docstring, `precision`)."""
 
 LOG_TAIL_LINES = 15
 """How much of a crashed cell's output the matrix shows."""
@@ -145,11 +139,6 @@ class Cell:
         if self.tf32 == "on" or self.precision == "high":  # every process, spawned ranks included, starts at "high"
             env["TORCH_ALLOW_TF32_CUBLAS_OVERRIDE"] = "1"
         return env
-
-    @property
-    def note(self) -> str:
-        """What the cell cannot set everywhere, if anything."""
-        return MEDIUM_NOTE if self.precision == "medium" else ""
 
     def args(self) -> list[str]:
         """The suite's flags for this cell."""
@@ -297,7 +286,7 @@ class Outcome:
 
     def to_dict(self) -> dict:
         return {"cell": self.cell.name, "settings": asdict(self.cell), "env": self.cell.env(), "args": self.cell.args(),
-                "note": self.cell.note or None, "folder": str(self.folder), "returncode": self.returncode,
+                "folder": str(self.folder), "returncode": self.returncode,
                 "seconds": round(self.seconds, 1), "rows": self.rows, "hold": self.rows - len(self.failures),
                 "fail": len(self.failures), "failures": [asdict(f) for f in self.failures],
                 "problem": self.problem or None, "effective": self.effective}
@@ -390,8 +379,7 @@ def write_markdown(outcomes: list[Outcome], header: dict, path: Path) -> None:
     for o in failed:
         lines.append(f"### {o.cell.name}  (`{' '.join(f'{k}={v}' for k, v in o.cell.env().items())} python -m "
                      f"conformance {' '.join(o.cell.args())}`; report: {o.cell.name}/report.md)")
-        lines += [""] + ([f"Note: {o.cell.note}.", ""] if o.cell.note else [])
-        lines += [f"- {line}".replace("|", "\\|") for line in _details(o)] + [""]
+        lines += [""] + [f"- {line}".replace("|", "\\|") for line in _details(o)] + [""]
     if not failed:
         lines.append("None: every row holds in every cell.")
     path.write_text("\n".join(lines) + "\n")
@@ -509,8 +497,6 @@ def main(argv: list[str] | None = None) -> int:
     for i, cell in enumerate(cells, 1):
         console.print(f"cell {i}/{len(cells)} {cell.name}: {' '.join(f'{k}={v}' for k, v in cell.env().items())} "
                       f"{' '.join(cell.args())}", highlight=False)
-        if cell.note:
-            console.print(f"  note: {cell.note}", highlight=False)
         outcome = run_cell(cell, suite_args, out, args.cell_timeout)
         outcomes.append(outcome)
         console.print(f"  {'ERROR' if outcome.problem else 'FAIL' if outcome.failures else 'holds'}: "
