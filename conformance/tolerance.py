@@ -239,8 +239,8 @@ def step_by_step(
 
 def combine(name: str, parts: Iterable[Equivalence]) -> Equivalence:
     """One record for many comparisons (e.g. every parameter of a model): passes iff all pass. Its max error and
-    bound are those of the worst part by error-to-bound ratio (the pair that decides), named in the rule; its mean
-    error is the mean of the parts' mean errors."""
+    bound are those of the worst part by error-to-bound ratio (the pair that decides), named in the rule, and so is
+    the first part to fail when that is another; its mean error is the mean of the parts' mean errors."""
     parts = list(parts)
     if not parts:
         raise ValueError(f"{name}: nothing to combine")
@@ -249,13 +249,17 @@ def combine(name: str, parts: Iterable[Equivalence]) -> Equivalence:
         return (not e.passed, math.isnan(e.max_error), ratio)
 
     worst = max(parts, key=badness)
+    failing = [p for p in parts if not p.passed]
+    # In a trajectory the parts come in order (steps, then parameters in model order): the first to fail is where
+    # the run left its band, which the worst need not be.
+    first = f"; first to fail: {failing[0].name}" if failing and failing[0] is not worst else ""
     return Equivalence(
         name,
-        all(p.passed for p in parts),
+        not failing,
         worst.max_error,
         sum(p.mean_error for p in parts) / len(parts),
         worst.bound,
-        f"{worst.rule}; worst of {len(parts)}: {worst.name}",
+        f"{worst.rule}; worst of {len(parts)}: {worst.name}{first}",
         baseline_error=worst.baseline_error,
     )
 

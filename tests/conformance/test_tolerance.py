@@ -175,3 +175,11 @@ def test_float32_bounds_follow_the_processs_matmul_precision():
     finally:
         torch.set_float32_matmul_precision(before)
     assert (default_tolerances(torch.float32), dtype_floor(torch.float16), dtype_floor(torch.float64)) == highest
+
+
+def test_combine_names_the_first_part_to_fail_when_it_is_not_the_worst():
+    e = torch.zeros(1)
+    parts = [allclose(e, e, name="step 0"), allclose(e + 1e-3, e, name="step 1"), allclose(e + 1.0, e, name="step 2")]
+    c = combine("run", parts)
+    assert not c.passed and "worst of 3: step 2; first to fail: step 1" in c.rule
+    assert "first to fail" not in combine("run", parts[::2]).rule  # the first failing part is the worst: said once
