@@ -26,6 +26,7 @@ from conformance.checks import CheckSpec, Context
 from conformance.claims import Verdict
 from conformance.figure import Figure, Panel, Series
 from conformance.launch import spawn
+from conformance.localize import localize
 from conformance.measure import PeakLiveBytes, cuda_peak_bytes, saved_tensor_bytes, time_fn
 from conformance.result import Metric, Result
 from conformance.tolerance import bitwise, combine
@@ -128,16 +129,31 @@ class _DropoutNet(nn.Module):
         return x.square().mean()
 
 
-def _dropout_grads(policy: str, device: torch.device) -> list[torch.Tensor]:
-    """Gradients of one forward + backward of the dropout net, the RNG seeded the same just before the forward."""
+def _dropout_net(policy: str, device: torch.device) -> tuple[nn.Module, torch.Tensor]:
+    """The dropout net (wrapped by `policy`) and its input, the weights from one seed whatever the policy."""
     torch.manual_seed(0)
     model = _DropoutNet().to(device).train()
     if policy != "none":
         apply_activation_checkpointing(model, policy)
-    x = torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(1)).to(device)  # (B, T, C)
+    return model, torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(1)).to(device)  # (B, T, C)
+
+
+def _dropout_grads(policy: str, device: torch.device) -> list[torch.Tensor]:
+    """Gradients of one forward + backward of the dropout net, the RNG seeded the same just before the forward."""
+    model, x = _dropout_net(policy, device)
     torch.manual_seed(123)
     model(x).backward()
     return [p.grad.detach().cpu() for p in model.parameters()]
+
+
+def _where_it_parts(policy: str, device: torch.device) -> str:
+    """For a failing row: the first module whose output or gradient differs from the unwrapped net's (layer level
+    only: recomputation runs the forward's ops again inside backward by design, so the op sequences always part)."""
+    model, x = _dropout_net(policy, device)
+    plain, _ = _dropout_net("none", device)
+    found = localize(model, plain, x, band=lambda name, a, e: bitwise(a, e, name=name), loss=lambda out: out,
+                     ops=False, seed=123)
+    return f"; {found}" if found is not None else ""
 
 
 def _equivalence_rows(ctx: Context) -> list[Result]:
@@ -150,7 +166,8 @@ def _equivalence_rows(ctx: Context) -> list[Result]:
         rows.append(SPEC.row(ctx, f"dropout {DROPOUT}, policy={policy}, gradients (RNG state restored)",
                              reference="the unwrapped model, the same RNG seed", equivalence=eq,
                              notes="2 blocks with dropout on attention weights, projection and MLP, B=2, T=16, fp32; "
-                                   "recomputation must redraw the forward's dropout masks; bitwise"))
+                                   "recomputation must redraw the forward's dropout masks; bitwise"
+                                   + ("" if eq.passed else _where_it_parts(policy, ctx.device))))
     for label, config in _configs(64):
         batch = _batch(config, 2, 64, ctx.device)
         expected = _grads(_model(config, "none", ctx.device), batch)

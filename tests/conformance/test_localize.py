@@ -339,3 +339,15 @@ def test_bfloat16_layers_are_banded_and_unbandable_ops_are_noted():
     assert found.layer.module == BUGGY and found.op is None  # RMSNorm casts to float32; the float64 copy does not
     assert len(found.notes) == 1 and found.notes[0].startswith("ops compared up to call #")
     assert str(found).endswith(found.notes[0])
+
+
+def test_the_checkpointing_check_names_the_module_where_recomputation_parts(monkeypatch):
+    """The checkpointing check's failing dropout row says where: recomputation that does not restore the RNG state
+    first differs at the last dropout of the last block, in backward."""
+    import optimized.checkpointing as recompute
+    from conformance.checks.checkpointing import _where_it_parts
+
+    assert _where_it_parts("full", torch.device("cpu")) == ""  # restored: nothing parts
+    real = recompute.checkpoint
+    monkeypatch.setattr(recompute, "checkpoint", lambda *a, **k: real(*a, **{**k, "preserve_rng_state": False}))
+    assert "first layer: blocks.1.mlp.3 (backward" in _where_it_parts("full", torch.device("cpu"))
