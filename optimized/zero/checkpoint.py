@@ -28,11 +28,16 @@ re-sliced the same way; scalar state (Adam's step) is the same on every rank and
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
+import math
 import os
+import secrets
 import shutil
+import socket
+import stat
 import uuid
 from pathlib import Path
 from typing import Any
@@ -61,42 +66,125 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write `data` to `path` all at once: a fresh temporary file beside it, fsynced, renamed onto it.
+
+    The temporary name is unpredictable and created with O_EXCL | O_NOFOLLOW, so nothing planted in the directory
+    (a symlink or a file at a guessed name) can redirect the write outside it or be written through."""
+    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(8)}")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(tmp, flags, 0o644)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _lock_file(path: Path) -> Path:
+    return path.parent / f".{path.name}.lock"
+
+
+def _acquire_lock(path: Path) -> str | None:
+    """Rank 0: take the one-writer-per-name lock of `path` (created with O_EXCL); None, or why it cannot.
+
+    Two jobs saving to one name would otherwise remove each other's staging directories and publish a checkpoint
+    holding only its manifest. A lock left by a process that is gone is reported, never taken over silently: the
+    save it belonged to may have been cut off anywhere, and only a person can tell that no other job is writing."""
+    lock = _lock_file(path)
+    owner = f"{os.getpid()} {socket.gethostname()}"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    except FileExistsError:
+        pass
+    except OSError as e:
+        return f"could not create the lock file {lock}: {e}"
+    else:
+        try:
+            os.write(fd, owner.encode())
+        finally:
+            os.close(fd)
+        return None
+    try:
+        held = lock.read_text()[:200]
+    except OSError:
+        held = ""
+    pid, _, host = held.partition(" ")
+    if pid.isdigit() and host == socket.gethostname() and not _alive(int(pid)):
+        return (f"{path} is locked by a stale lock file {lock}: process {pid} on {host}, which wrote it, is no "
+                f"longer running (a save that was cut off); remove the lock file if no other job saves to {path}")
+    return (f"another save to {path} is in progress (lock file {lock} held by {held or 'an unknown process'!r}); "
+            f"two jobs must not save to one name")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _release_lock(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(_lock_file(path))
 
 
 def save_checkpoint(opt, path: str | os.PathLike) -> Path:
-    """Write the checkpoint directory `path` (see the module docstring); every rank must call it. Returns path."""
+    """Write the checkpoint directory `path` (see the module docstring); every rank must call it. Returns path.
+
+    Any exception on any rank (not only OSError) makes every rank raise, naming that rank: the ranks always meet
+    at the same collectives, so a failure can never leave the others waiting. One job saves to a name at a time
+    (a lock file beside it, see _acquire_lock); a second is refused."""
     path = Path(path)
     group = opt.group
-    token = group.all_gather_object(uuid.uuid4().hex[:12])[0]  # rank 0's: one staging directory for all
-    staging = path.parent / f".{path.name}.staging-{token}"
-    state = opt.state_dict()
-    if opt.rank != 0:
-        state["replicated"] = {}  # the same on every rank: saved once, by rank 0
-    name = shard_file(opt.rank, opt.world_size)
-    entry, error = None, None
+    lock_error = _acquire_lock(path) if opt.rank == 0 else None
+    token, lock_error = group.all_gather_object((uuid.uuid4().hex[:12], lock_error))[0]  # rank 0's, for all
+    if lock_error is not None:
+        raise RuntimeError(f"save_checkpoint({str(path)!r}): {lock_error}; nothing was written")
     try:
+        return _save_locked(opt, path, token)
+    finally:
+        if opt.rank == 0:
+            _release_lock(path)
+
+
+def _save_locked(opt, path: Path, token: str) -> Path:
+    group = opt.group
+    staging = path.parent / f".{path.name}.staging-{token}"
+    name = shard_file(opt.rank, opt.world_size)
+    entry, error, state = None, None, None
+    try:
+        state = opt.state_dict()
+        if opt.rank != 0:
+            state["replicated"] = {}  # the same on every rank: saved once, by rank 0
         staging.mkdir(parents=True, exist_ok=True)
         buffer = io.BytesIO()
         torch.save(state, buffer)
         data = buffer.getvalue()
         _atomic_write(staging / name, data)
         entry = {"rank": opt.rank, "file": name, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-    except OSError as e:
-        error = f"could not write its shard {staging / name}: {e}"
+    except Exception as e:  # noqa: BLE001 - every rank must reach the all_gather below, whatever went wrong
+        error = f"could not write its shard {staging / name}: {type(e).__name__}: {e}"
     outcomes = group.all_gather_object((error, entry))
     failed = [(r, e) for r, (e, _) in enumerate(outcomes) if e is not None]
     publish_error = None
     if not failed and opt.rank == 0:
         try:
-            _publish(path, staging, token, state, [e for _, e in outcomes])
-        except OSError as e:
-            publish_error = f"could not publish {path}: {e}"
+            _publish(path, staging, state, [e for _, e in outcomes])
+        except Exception as e:  # noqa: BLE001 - reported to every rank by group.agree below
+            publish_error = str(e) if isinstance(e, _PublishError) else f"could not publish {path}: " \
+                f"{type(e).__name__}: {e}; the previous checkpoint (if any) is untouched"
     elif failed and opt.rank == 0:
         shutil.rmtree(staging, ignore_errors=True)
     if failed:
@@ -107,11 +195,34 @@ def save_checkpoint(opt, path: str | os.PathLike) -> Path:
     return path
 
 
-def _publish(path: Path, staging: Path, token: str, state: dict, entries: list[dict]) -> None:
-    """Rank 0, after every shard is written: the manifest, then one rename onto path, then `latest`."""
+class _PublishError(RuntimeError):
+    """A failure after the commit rename: the message says the checkpoint itself is in place."""
+
+
+def _commit_of(directory: Path) -> int:
+    """The commit sequence number a checkpoint directory's manifest records; 0 when it has none or is unreadable
+    (older checkpoints, a directory cut off before its manifest)."""
+    try:
+        commit = json.loads(_read_regular(directory / MANIFEST, None)).get("commit", 0)
+    except Exception:  # noqa: BLE001 - an unreadable manifest simply ranks below every readable one
+        return 0
+    return commit if isinstance(commit, int) and not isinstance(commit, bool) and commit >= 0 else 0
+
+
+def _asides(path: Path) -> list[Path]:
+    return list(path.parent.glob(f".{path.name}.previous-*"))
+
+
+def _publish(path: Path, staging: Path, state: dict, entries: list[dict]) -> None:
+    """Rank 0, after every shard is written: the manifest, then one rename onto path, then `latest`.
+
+    The manifest records a commit number one above every checkpoint ever published at this name that is still on
+    disk (at path or set aside), so resolve() can tell the newest of several set-aside copies by commit order."""
     meta = {k: v for k, v in state["zero"].items() if k != "rank"}
+    commit = 1 + max([_commit_of(path)] + [_commit_of(a) for a in _asides(path)])
     manifest = {
         "format": FORMAT,
+        "commit": commit,
         "zero": meta,
         "layouts": state["layouts"],
         "group_params": state["group_params"],
@@ -121,15 +232,27 @@ def _publish(path: Path, staging: Path, token: str, state: dict, entries: list[d
     }
     _atomic_write(staging / MANIFEST, json.dumps(manifest, indent=1).encode())
     _fsync_dir(staging)
-    previous = path.parent / f".{path.name}.previous-{token}"
+    previous = path.parent / f".{path.name}.previous-{commit - 1:012d}-{secrets.token_hex(6)}"
     if path.exists():
         os.rename(path, previous)  # kept until the new one is in place (load falls back to it in between)
     os.rename(staging, path)
     _fsync_dir(path.parent)
-    _atomic_write(path.parent / LATEST, path.name.encode())
-    shutil.rmtree(previous, ignore_errors=True)
-    for stale in path.parent.glob(f".{path.name}.staging-*"):  # left by saves that failed before publishing
-        shutil.rmtree(stale, ignore_errors=True)
+    try:
+        _atomic_write(path.parent / LATEST, path.name.encode())
+    except OSError as e:
+        raise _PublishError(f"{path} was published (commit {commit}, complete and loadable by its name), but "
+                            f"{path.parent / LATEST} could not be updated to point at it: {e}") from e
+    finally:
+        shutil.rmtree(previous, ignore_errors=True)
+        for stale in path.parent.glob(f".{path.name}.staging-*"):  # left by saves that failed before publishing
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _newest_aside(path: Path) -> Path | None:
+    """Of the set-aside copies `.NAME.previous-*`, the one with the highest commit (never the name's order: its
+    suffix is random), among those that hold a manifest."""
+    candidates = [(_commit_of(a), a) for a in _asides(path) if (a / MANIFEST).exists()]
+    return max(candidates, key=lambda c: c[0])[1] if candidates else None
 
 
 def resolve(path: str | os.PathLike) -> Path:
@@ -143,9 +266,9 @@ def resolve(path: str | os.PathLike) -> Path:
         _check_plain_name(name, path / LATEST)
         return path / name
     if not path.exists():
-        aside = sorted(path.parent.glob(f".{path.name}.previous-*"))
-        if aside and (aside[-1] / MANIFEST).exists():
-            return aside[-1]
+        aside = _newest_aside(path)
+        if aside is not None:
+            return aside
     return path
 
 
@@ -154,16 +277,58 @@ def _check_plain_name(name: Any, source: Path) -> None:
         raise ValueError(f"{source}: entry {name!r} must be a plain file name inside the checkpoint directory")
 
 
+MAX_MANIFEST_BYTES = 1 << 30
+
+
+def _read_regular(file: Path, size: int | None) -> bytes:
+    """The bytes of `file`, which must be a regular file (not a symlink, FIFO or device): at most `size` + 1 of
+    them, so a file longer than the manifest says is detected without reading it all (size None: the manifest
+    itself, up to MAX_MANIFEST_BYTES). A FIFO would block the read forever and a link to /dev/zero would fill
+    memory, so both are refused before opening for a read that could block."""
+    st = os.lstat(file)
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a symlink" if stat.S_ISLNK(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode) else \
+            "a directory" if stat.S_ISDIR(st.st_mode) else "a device or other special file"
+        raise ValueError(f"{file}: not a regular file ({kind}); checkpoint files must be regular files")
+    limit = MAX_MANIFEST_BYTES if size is None else size + 1
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(file, flags)
+    try:
+        st2 = os.fstat(fd)
+        if not stat.S_ISREG(st2.st_mode) or (st2.st_dev, st2.st_ino) != (st.st_dev, st.st_ino):
+            raise ValueError(f"{file}: changed while being opened (no longer the regular file it was)")
+        if size is None and st2.st_size > MAX_MANIFEST_BYTES:
+            raise ValueError(f"{file}: {st2.st_size} bytes, more than a manifest can be ({MAX_MANIFEST_BYTES})")
+        chunks, total = [], 0
+        while total < limit:
+            chunk = os.read(fd, min(limit - total, 1 << 24))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def _is_int(value: Any, low: int = 0, high: int | None = None) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low and (high is None or value <= high)
+
+
+MAX_ELEMENTS = 1 << 48  # far beyond any model; bounds the arithmetic a forged manifest can ask for
+
+
 def read_manifest(path: str | os.PathLike) -> dict:
     """The manifest of the checkpoint `path` names (see resolve), validated: every section present, world_size
-    an integer >= 1, one shard entry per rank with a plain file name, a SHA-256 and a size."""
+    an integer >= 1, one shard entry per rank with a plain file name, a SHA-256 and a size, layouts of named
+    parameters with integer shapes and a torch dtype. Anything else is a ValueError naming the file."""
     file = resolve(path) / MANIFEST
     try:
-        manifest = json.loads(file.read_text())
+        manifest = json.loads(_read_regular(file, None))
     except FileNotFoundError:
         raise FileNotFoundError(f"{file}: no ZeRO checkpoint manifest (was save_checkpoint finished?)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{file}: not a valid manifest ({e})") from e
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise ValueError(f"{file}: not a valid manifest ({type(e).__name__}: {e})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ValueError(f"{file}: not a {FORMAT} manifest")
     missing = [k for k in SECTIONS if k not in manifest]
@@ -171,25 +336,50 @@ def read_manifest(path: str | os.PathLike) -> dict:
         raise ValueError(f"{file}: manifest has no {missing[0]!r} section (it needs {list(SECTIONS)})")
     zero = manifest["zero"]
     n = zero.get("world_size") if isinstance(zero, dict) else None
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    if not _is_int(n, 1):
         raise ValueError(f"{file}: zero.world_size must be an integer >= 1, got {n!r}")
     files = manifest["files"]
     if not isinstance(files, list) or not all(isinstance(e, dict) for e in files):
-        raise ValueError(f"{file}: 'files' must be a list of shard entries, got {files!r}")
+        raise ValueError(f"{file}: 'files' must be a list of shard entries, got {str(files)[:200]}")
     for e in files:
         for key in ("rank", "file", "sha256", "bytes"):
             if key not in e:
                 raise ValueError(f"{file}: shard entry {e!r} has no {key!r}")
         _check_plain_name(e["file"], file)
-    ranks = sorted(e["rank"] for e in files if isinstance(e["rank"], int))
-    if ranks != list(range(n)):
-        lost = sorted(set(range(n)) - set(ranks))
-        raise ValueError(f"{file}: world_size is {n} but the shard entries are for ranks {ranks}"
+        if not isinstance(e["sha256"], str) or not _is_int(e["bytes"], 0, 1 << 48):
+            raise ValueError(f"{file}: shard entry {str(e)[:200]} needs a string 'sha256' and an integer 'bytes' "
+                             f">= 0")
+    ranks = sorted(e["rank"] for e in files if _is_int(e["rank"]))
+    if len(files) != n or ranks != list(range(n)):
+        lost = sorted(set(range(min(n, len(files) + 1))) - set(ranks))
+        raise ValueError(f"{file}: world_size is {n} but the shard entries are for ranks {ranks[:20]}"
                          + (f" (rank {lost[0]} has no shard)" if lost else " (duplicates or out of range)"))
-    if not isinstance(manifest["layouts"], list) or not all(
-            isinstance(ld, dict) and {"group", "dtype", "params"} <= ld.keys() for ld in manifest["layouts"]):
-        raise ValueError(f"{file}: 'layouts' must be a list of {{group, dtype, params}}")
+    _check_layouts(manifest["layouts"], file)
+    for key in ("group_params", "state_dict_keys", "replicated"):
+        if not isinstance(manifest[key], list):
+            raise ValueError(f"{file}: {key!r} must be a list, got {type(manifest[key]).__name__}")
     return manifest
+
+
+def _check_layouts(layouts: Any, file: Path) -> None:
+    what = "'layouts' must be a list of {group, dtype, params}, params a list of {names, shape}"
+    if not isinstance(layouts, list) or not all(
+            isinstance(ld, dict) and {"group", "dtype", "params"} <= ld.keys() for ld in layouts):
+        raise ValueError(f"{file}: {what}")
+    for ld in layouts:
+        dtype = getattr(torch, ld["dtype"], None) if isinstance(ld["dtype"], str) else None
+        if not isinstance(dtype, torch.dtype) or not _is_int(ld["group"]) or not isinstance(ld["params"], list):
+            raise ValueError(f"{file}: {what}; got group {ld['group']!r}, dtype {ld['dtype']!r}")
+        numel = 0
+        for p in ld["params"]:
+            ok = isinstance(p, dict) and isinstance(p.get("names"), list) and p["names"] and all(
+                isinstance(n, str) for n in p["names"]) and isinstance(p.get("shape"), list) and all(
+                _is_int(d, 0, MAX_ELEMENTS) for d in p["shape"]) and len(p["shape"]) <= 64
+            if not ok:
+                raise ValueError(f"{file}: {what}; got the parameter entry {str(p)[:200]}")
+            numel += math.prod(p["shape"])  # exact (Python integers), so a forged shape cannot overflow it
+            if numel > MAX_ELEMENTS:
+                raise ValueError(f"{file}: the layout of group {ld['group']} has more than {MAX_ELEMENTS} elements")
 
 
 def _layouts(manifest: dict) -> list[FlatLayout]:
@@ -202,22 +392,32 @@ def _layouts(manifest: dict) -> list[FlatLayout]:
 
 
 def read_shard(path: str | os.PathLike, manifest: dict, rank: int) -> dict:
-    """Rank `rank`'s shard, after its size and SHA-256 match the manifest and its slices match the layout."""
-    entry = next(e for e in manifest["files"] if e["rank"] == rank)
+    """Rank `rank`'s shard, after its size and SHA-256 match the manifest and its slices match the layout.
+
+    The file must be a regular file; at most the manifest's size + 1 bytes are read. Anything wrong with it is a
+    ValueError naming the file (FileNotFoundError when it is missing)."""
+    entry = next((e for e in manifest["files"] if e["rank"] == rank), None)
+    if entry is None:
+        raise ValueError(f"the manifest has no shard entry for rank {rank}")
     file = resolve(path) / entry["file"]
     layouts = _layouts(manifest)
     holds = sorted({name for lay in layouts for name in lay.params_in(*lay.owned_range(rank))})
     try:
-        data = file.read_bytes()
+        data = _read_regular(file, entry["bytes"])
     except FileNotFoundError:
         raise FileNotFoundError(f"{file}: shard of rank {rank} is missing; it holds slices of {holds}") from None
     digest = hashlib.sha256(data).hexdigest()
     if len(data) != entry["bytes"] or digest != entry["sha256"]:
+        size = f"{len(data)} bytes" if len(data) <= entry["bytes"] else f"more than {entry['bytes']} bytes"
         raise ValueError(
-            f"{file}: corrupt shard ({len(data)} bytes, sha256 {digest[:16]}..., the manifest says {entry['bytes']} "
+            f"{file}: corrupt shard ({size}, sha256 {digest[:16]}..., the manifest says {entry['bytes']} "
             f"bytes, sha256 {entry['sha256'][:16]}...); it holds the slices of parameters {holds}"
         )
-    shard = torch.load(io.BytesIO(data), weights_only=True)
+    try:
+        shard = torch.load(io.BytesIO(data), weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a file whose checksum matches a forged manifest may hold anything
+        raise ValueError(f"{file}: not a readable shard ({type(e).__name__}: {e})") from None
+    _check_shard(shard, file, layouts)
     if shard["zero"]["rank"] != rank or shard["zero"]["world_size"] != manifest["zero"]["world_size"]:
         raise ValueError(f"{file}: written by rank {shard['zero']['rank']} of {shard['zero']['world_size']}, the "
                          f"manifest lists it as rank {rank} of {manifest['zero']['world_size']}")
@@ -227,10 +427,27 @@ def read_shard(path: str | os.PathLike, manifest: dict, rank: int) -> dict:
             (f"optimizer state {k!r}", v) for k, v in shard["state"][i].items() if _elementwise(v, lay.shard_numel)
         ]:
             if tuple(t.shape) != (owned,):
-                first = lay.params_in(*lay.owned_range(rank)) or [lay.slots[0].name]
+                first = lay.params_in(*lay.owned_range(rank)) or [s.name for s in lay.slots[:1]] or ["(none)"]
                 raise ValueError(f"{file}: {what} of the flat buffer starting at parameter {first[0]!r} has shape "
                                  f"{tuple(t.shape)}, the layout needs ({owned},)")
     return shard
+
+
+def _check_shard(shard: Any, file: Path, layouts: list[FlatLayout]) -> None:
+    """The structure read_shard, _prepare_load and consolidate index into: a ValueError instead of a KeyError,
+    IndexError or TypeError deep inside them."""
+    n = len(layouts)
+    zero = shard.get("zero") if isinstance(shard, dict) else None
+    ok = (isinstance(zero, dict) and _is_int(zero.get("rank")) and _is_int(zero.get("world_size"), 1)
+          and isinstance(shard.get("masters"), list) and len(shard["masters"]) == n
+          and all(isinstance(t, Tensor) for t in shard["masters"])
+          and isinstance(shard.get("state"), list) and len(shard["state"]) == n
+          and all(isinstance(s, dict) for s in shard["state"])
+          and isinstance(shard.get("param_groups"), list) and all(isinstance(g, dict) for g in shard["param_groups"])
+          and isinstance(shard.get("replicated"), dict))
+    if not ok:
+        raise ValueError(f"{file}: not a ZeRO shard of this manifest (it needs 'zero' with an integer rank and "
+                         f"world_size, {n} master slices, {n} optimizer states, 'param_groups' and 'replicated')")
 
 
 def _elementwise(value: Any, shard_numel: int) -> bool:
@@ -252,13 +469,16 @@ def load_checkpoint(opt, path: str | os.PathLike) -> None:
     prepared, error, digest = None, None, None
     try:
         prepared, digest = _prepare_load(opt, path)
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError, EOFError) as e:
-        error = e
+    except Exception as e:  # noqa: BLE001 - whatever went wrong (IndexError, MemoryError, ...), every rank must
+        error = e  # reach the all_gather below, or the others wait there until the timeout
     outcomes = opt.group.all_gather_object((None if error is None else f"{type(error).__name__}: {error}", digest))
     failed = [(r, message) for r, (message, _) in enumerate(outcomes) if message is not None]
     if failed:
+        if isinstance(error, (OSError, ValueError, RuntimeError)):
+            raise error  # the project's own errors, raised as they are on the rank that found them
         if error is not None:
-            raise error
+            raise RuntimeError(f"load_checkpoint({str(path)!r}) failed on rank {opt.rank} of {opt.world_size}, so "
+                               f"no rank loaded it: {type(error).__name__}: {error}") from error
         rank, message = failed[0]
         raise RuntimeError(f"load_checkpoint({str(path)!r}) failed on rank {rank} of {opt.world_size}, so no rank "
                            f"loaded it: {message}")
@@ -274,7 +494,7 @@ def _prepare_load(opt, path: str | os.PathLike) -> tuple[dict, str]:
     digest of the manifest it came from. No state changes."""
     directory = resolve(path)
     manifest = read_manifest(directory)
-    digest = hashlib.sha256((directory / MANIFEST).read_bytes()).hexdigest()
+    digest = hashlib.sha256(_read_regular(directory / MANIFEST, None)).hexdigest()
     source = str(directory / MANIFEST)
     opt.check_compatible(manifest["zero"], manifest["layouts"], manifest["replicated"], source)
     old_layouts = _layouts(manifest)

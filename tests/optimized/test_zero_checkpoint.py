@@ -10,6 +10,7 @@ The same for 1 -> 4 -> 1 (the 4 -> 1 of the issue) with bf16 compute and offload
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -18,6 +19,7 @@ import torch
 from conformance.launch import spawn
 from conformance.tolerance import allclose, assert_equivalent, combine
 from optimized.zero import ZeroOptimizer, consolidate
+from optimized.zero import checkpoint as zero_checkpoint
 from reference.data import make_batches
 from reference.model import GPT, GPTConfig
 from reference.training import accumulate_gradients, split_batch
@@ -214,3 +216,71 @@ def test_state_dict_round_trip_at_the_same_world_size():
     opt2.load_state_dict(saved)
     assert _train(model2, opt2, range(3, 6)) == continued
     assert all(torch.equal(a, b) for a, b in zip(params, model2.parameters(), strict=True))
+
+
+# --- the file system working against the checkpoint -----------------------------------------------------------------
+
+
+def test_an_interrupted_save_falls_back_to_the_newest_set_aside_copy_by_commit(tmp_path):
+    """Several `.NAME.previous-*` copies (saves cut off between their two renames): resolve() takes the one with
+    the highest commit, whatever their random suffixes sort as. Before, it took the last by name: a rollback."""
+    model = GPT(GPTConfig(**{**CFG, "n_layer": 1}))
+    opt = ZeroOptimizer(model, torch.optim.SGD, stage=1, lr=0.1)
+    copies = []
+    for suffix in ("zzzz", "mmmm", "aaaa"):  # oldest sorts last
+        with torch.no_grad():
+            next(model.parameters()).add_(1.0)
+        opt.save_checkpoint(tmp_path / "ckpt")
+        copies.append(tmp_path / f".ckpt.previous-{suffix}")
+        shutil.copytree(tmp_path / "ckpt", copies[-1])
+    assert [zero_checkpoint.read_manifest(c)["commit"] for c in copies] == [1, 2, 3]
+    shutil.rmtree(tmp_path / "ckpt")
+    (tmp_path / "latest").unlink()
+    assert zero_checkpoint.resolve(tmp_path / "ckpt") == copies[-1]
+    shutil.rmtree(copies[-1])
+    assert zero_checkpoint.resolve(tmp_path / "ckpt") == copies[1]
+
+
+def test_a_planted_symlink_cannot_redirect_a_write_outside_the_directory(tmp_path):
+    """The temporary name was predictable (.NAME.tmp-PID) and opened following symlinks."""
+    inside, outside = tmp_path / "ckpt", tmp_path / "outside.txt"
+    inside.mkdir()
+    outside.write_bytes(b"precious")
+    for name in ("x", "latest"):
+        os.symlink(outside, inside / f".{name}.tmp-{os.getpid()}")
+        zero_checkpoint._atomic_write(inside / name, b"new bytes")
+        assert (inside / name).read_bytes() == b"new bytes" and not (inside / name).is_symlink()
+    assert outside.read_bytes() == b"precious"
+    assert not [f for f in inside.iterdir() if ".tmp-" in f.name and not f.is_symlink()]  # no temporaries left
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("kind", ["fifo", "symlink to /dev/zero", "symlink to a copy", "longer", "fifo manifest"])
+def test_a_shard_that_is_not_a_regular_file_of_the_stated_size_is_refused(checkpoint, tmp_path, kind):
+    """A FIFO hung the read and a link to /dev/zero filled memory: only regular files are read, and only as far as
+    the manifest's size + 1."""
+    bad = tmp_path / "bad"
+    shutil.copytree(checkpoint, bad)
+    shard = bad / "shard-00000-of-00001.pt"
+    if kind == "longer":
+        with open(shard, "ab") as f:
+            f.write(b"\0" * 1000)
+        match = r"corrupt shard \(more than \d+ bytes"
+    elif kind == "fifo manifest":
+        (bad / "manifest.json").unlink()
+        os.mkfifo(bad / "manifest.json")
+        shard, match = bad / "manifest.json", r"manifest\.json: not a regular file \(a FIFO\)"
+    else:
+        copy = tmp_path / "copy.pt"
+        shutil.copy(shard, copy)
+        shard.unlink()
+        if kind == "fifo":
+            os.mkfifo(shard)
+        else:
+            os.symlink("/dev/zero" if "zero" in kind else copy, shard)
+        match = r"shard-00000-of-00001\.pt: not a regular file \(a " + ("FIFO" if kind == "fifo" else "symlink")
+    with pytest.raises(ValueError, match=match):
+        consolidate(bad)
+    model = _model()
+    with pytest.raises(ValueError, match=match):
+        _optimizer(model, 1).load_checkpoint(bad)

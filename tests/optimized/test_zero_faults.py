@@ -5,12 +5,17 @@ outside a gather, ranks holding different models, and torch's clip_grad_norm_ on
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import copy
+import errno
 import json
 import os
 import shutil
 import signal
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -274,6 +279,127 @@ def test_a_bad_shard_on_one_rank_makes_every_rank_raise(tmp_path):
     assert m1.startswith("ValueError") and "corrupt shard" in m1  # rank 1 read its own slice from shard 1
     assert m0.startswith("RuntimeError") and "failed on rank 1" in m0 and "no rank loaded it" in m0
     assert same0 and same1
+
+
+def _load_raising_worker(root: str, error: str) -> tuple[str, bool]:
+    """Rank 1's shard read raises `error` (as a forged shard can: IndexError, AttributeError, MemoryError)."""
+    model = _model()
+    opt = ZeroOptimizer(model, torch.optim.AdamW, stage=1, **ADAMW)
+    opt.save_checkpoint(os.path.join(root, "ckpt"))
+    if opt.rank == 1:
+        def forged(*args, **kwargs):
+            raise getattr(builtins, error)("forged shard")
+
+        checkpoint.read_shard = forged
+    model2 = _model()
+    opt2 = ZeroOptimizer(model2, torch.optim.AdamW, stage=1, **ADAMW)
+    with torch.no_grad():
+        for p in model2.parameters():
+            p.add_(1.0)
+    before = _params(model2, opt2)
+    try:
+        opt2.load_checkpoint(os.path.join(root, "ckpt"))
+    except RuntimeError as e:
+        message = f"{type(e).__name__}: {e}"
+    else:
+        message = "loaded"
+    return message, all(torch.equal(a, b) for a, b in zip(before, _params(model2, opt2), strict=True))
+
+
+@pytest.mark.parametrize("error", ["IndexError", "AttributeError", "MemoryError"])
+def test_any_exception_on_one_rank_during_load_makes_every_rank_raise(tmp_path, error):
+    """Not only the expected types: before, these escaped on rank 1 and left rank 0 waiting in the collective."""
+    (m0, same0), (m1, same1) = spawn(_load_raising_worker, 2, str(tmp_path), error, timeout=60)
+    for message in (m0, m1):
+        assert message.startswith("RuntimeError") and "failed on rank 1" in message, message
+        assert "no rank loaded it" in message and f"{error}: forged shard" in message, message
+    assert same0 and same1
+
+
+def _save_raising_worker(root: str) -> tuple[str, list[torch.Tensor]]:
+    model = _model()
+    opt = ZeroOptimizer(model, torch.optim.AdamW, stage=1, **ADAMW)
+    opt.save_checkpoint(os.path.join(root, "ckpt"))
+    saved = _params(model, opt)
+    for batch in make_batches(1, batch_size=4, seq_len=6, vocab_size=CFG["vocab_size"], seed=5):
+        model(*_local(batch, opt))[1].backward()
+        opt.step()
+    if opt.rank == 1:
+        def full(path, data):
+            raise MemoryError("no memory for the shard")
+
+        checkpoint._atomic_write = full
+    try:
+        opt.save_checkpoint(os.path.join(root, "ckpt"))
+    except RuntimeError as e:
+        return f"{type(e).__name__}: {e}", saved
+    return "saved", saved
+
+
+def _load_stage1(root: str) -> list[torch.Tensor]:
+    model = _model()
+    opt = ZeroOptimizer(model, torch.optim.AdamW, stage=1, **ADAMW)
+    opt.load_checkpoint(os.path.join(root, "ckpt"))
+    return _params(model, opt)
+
+
+def test_any_exception_on_one_rank_during_save_makes_every_rank_raise(tmp_path):
+    results = spawn(_save_raising_worker, 2, str(tmp_path), timeout=60)
+    for message, _ in results:
+        assert "failed on rank 1" in message and "MemoryError: no memory for the shard" in message, message
+        assert "previous checkpoint (if any) is untouched" in message
+    for loaded, (_, saved) in zip(spawn(_load_stage1, 2, str(tmp_path), timeout=60), results, strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(loaded, saved, strict=True))  # the previous one, intact
+    assert not list(tmp_path.glob(".ckpt.staging-*")) and not (tmp_path / ".ckpt.lock").exists()
+
+
+def _save_one(root: Path, steps: int = 0) -> ZeroOptimizer:
+    model = _model()
+    opt = ZeroOptimizer(model, torch.optim.AdamW, stage=1, **ADAMW)
+    for batch in make_batches(steps, batch_size=2, seq_len=6, vocab_size=CFG["vocab_size"], seed=5) if steps else []:
+        model(*batch)[1].backward()
+        opt.step()
+    opt.save_checkpoint(root / "ckpt")
+    return opt
+
+
+def test_a_second_writer_to_one_name_is_refused_and_a_stale_lock_is_named(tmp_path):
+    """Before, two jobs saving to one name removed each other's staging and published a manifest-only checkpoint.
+    Now the second is refused while the first holds the lock, and a lock left by a dead process is reported."""
+    _save_one(tmp_path)
+    before = (tmp_path / "ckpt" / "manifest.json").read_bytes()
+    lock = tmp_path / ".ckpt.lock"
+    lock.write_text(f"{os.getpid()} {socket.gethostname()}")  # a live writer: this very process
+    with pytest.raises(RuntimeError, match=r"another save to .*ckpt is in progress .*nothing was written"):
+        _save_one(tmp_path, steps=1)
+    assert (tmp_path / "ckpt" / "manifest.json").read_bytes() == before
+    assert not list(tmp_path.glob(".ckpt.staging-*")) and lock.exists()  # someone else's lock: left alone
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock.write_text(f"{dead.pid} {socket.gethostname()}")
+    with pytest.raises(RuntimeError, match=rf"stale lock file .*process {dead.pid} .* no longer running"):
+        _save_one(tmp_path, steps=1)
+    lock.unlink()
+    _save_one(tmp_path, steps=1)
+    assert not lock.exists() and (tmp_path / "ckpt" / "manifest.json").read_bytes() != before
+
+
+def test_a_full_disk_while_writing_latest_says_the_checkpoint_was_published(tmp_path, monkeypatch):
+    write = checkpoint._atomic_write
+
+    def no_space_for_latest(path, data):
+        if path.name == checkpoint.LATEST:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        write(path, data)
+
+    monkeypatch.setattr(checkpoint, "_atomic_write", no_space_for_latest)
+    with pytest.raises(RuntimeError, match=r"ckpt was published \(commit 1, complete and loadable by its name\), "
+                                           r"but .*latest could not be updated .*No space left"):
+        _save_one(tmp_path)
+    assert checkpoint.read_manifest(tmp_path / "ckpt")["commit"] == 1
+    opt = ZeroOptimizer(_model(), torch.optim.AdamW, stage=1, **ADAMW)
+    opt.load_checkpoint(tmp_path / "ckpt")
+    assert not (tmp_path / ".ckpt.lock").exists()
 
 
 @pytest.fixture(scope="module")
