@@ -11,13 +11,15 @@ Saving commits across ranks, so a crash or a killed rank never leaves a mixture 
     0. rank 0 takes the name's lock (`.NAME.lock`, O_EXCL): one job writes a name at a time;
     1. every rank writes its shard into a staging directory beside the target (`.NAME.staging-TOKEN`), fsynced;
     2. all ranks agree that every shard is written (one all_gather_object of [error or file entry]);
-    3. rank 0 writes the manifest (the commit record, with a commit number one above any before it) into the staging directory and publishes it with one
-       rename onto NAME (a previous checkpoint at NAME is first renamed aside and removed only after), then
-       points `latest` in the parent directory at NAME (write to a temporary file, rename);
+    3. rank 0 writes the manifest (the commit record, with a commit number one above any before it) into the
+       staging directory and publishes it with one rename onto NAME (a previous checkpoint at NAME is first
+       renamed aside and removed only after), then points `latest` in the parent directory at NAME (write to a
+       temporary file, rename);
     4. all ranks agree again: save_checkpoint returns on every rank only once the checkpoint is published.
 Until step 3's rename the previous checkpoint at NAME is untouched. Any exception on any rank, during save or
-load, reaches every rank as an error (the ranks always meet at the same collectives: never a hang). Loading validates everything (manifest, the
-shards this rank needs, checksums, shapes, compatibility) without changing any state, then all ranks agree: either
+load, reaches every rank as an error (the ranks always meet at the same collectives: never a hang). Loading
+validates everything (manifest, the shards this rank needs, checksums, shapes, compatibility) without changing any
+state, then all ranks agree: either
 every rank loads the same checkpoint (same manifest digest) or every rank raises. Manifest entries are plain file
 names inside the checkpoint directory. Files are read with torch.load(weights_only=True) after their checksum
 is verified.
