@@ -100,31 +100,44 @@ def _acquire_lock(path: Path) -> str | None:
     """Rank 0: take the one-writer-per-name lock of `path` (created with O_EXCL); None, or why it cannot.
 
     Two jobs saving to one name would otherwise remove each other's staging directories and publish a checkpoint
-    holding only its manifest. A lock left by a process that is gone is reported, never taken over silently: the
-    save it belonged to may have been cut off anywhere, and only a person can tell that no other job is writing."""
+    holding only its manifest. A lock left by a process on this host that is gone (a job killed mid-save, restarted
+    and saving again: the common case) is taken over: a save publishes atomically, so a cut-off one left only its
+    staging directory, which this save removes. It is first renamed away, which only one of several restarted jobs
+    can do; the others then find a live owner and are refused. A lock of another host, or of a live process, is
+    never taken over."""
     lock = _lock_file(path)
     owner = f"{os.getpid()} {socket.gethostname()}"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
-    except FileExistsError:
-        pass
     except OSError as e:
-        return f"could not create the lock file {lock}: {e}"
-    else:
+        return f"could not create the directory {path.parent}: {e}"
+    for _ in range(2):
         try:
-            os.write(fd, owner.encode())
-        finally:
-            os.close(fd)
-        return None
-    try:
-        held = lock.read_text()[:200]
-    except OSError:
-        held = ""
-    pid, _, host = held.partition(" ")
-    if pid.isdigit() and host == socket.gethostname() and not _alive(int(pid)):
-        return (f"{path} is locked by a stale lock file {lock}: process {pid} on {host}, which wrote it, is no "
-                f"longer running (a save that was cut off); remove the lock file if no other job saves to {path}")
+            fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        except FileExistsError:
+            pass
+        except OSError as e:
+            return f"could not create the lock file {lock}: {e}"
+        else:
+            try:
+                os.write(fd, owner.encode())
+            finally:
+                os.close(fd)
+            return None
+        try:
+            held = lock.read_text()[:200]
+        except OSError:
+            held = ""
+        pid, _, host = held.partition(" ")
+        if not (pid.isdigit() and host == socket.gethostname() and not _alive(int(pid))):
+            break
+        try:  # stale: rename it away (atomic, so one taker wins), then create ours
+            os.replace(lock, lock.with_name(f"{lock.name}.stale-{uuid.uuid4().hex}"))
+        except OSError:
+            continue  # another job took it over first: look again
+        for old in lock.parent.glob(f"{lock.name}.stale-*"):
+            with contextlib.suppress(OSError):
+                old.unlink()
     return (f"another save to {path} is in progress (lock file {lock} held by {held or 'an unknown process'!r}); "
             f"two jobs must not save to one name")
 

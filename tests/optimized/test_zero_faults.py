@@ -363,9 +363,10 @@ def _save_one(root: Path, steps: int = 0) -> ZeroOptimizer:
     return opt
 
 
-def test_a_second_writer_to_one_name_is_refused_and_a_stale_lock_is_named(tmp_path):
+def test_a_second_writer_to_one_name_is_refused_and_a_stale_lock_is_taken_over(tmp_path):
     """Before, two jobs saving to one name removed each other's staging and published a manifest-only checkpoint.
-    Now the second is refused while the first holds the lock, and a lock left by a dead process is reported."""
+    Now the second is refused while the first holds the lock; a lock left by a dead process on this host (a job
+    killed mid-save and restarted) is taken over, and the lock of another host never is."""
     _save_one(tmp_path)
     before = (tmp_path / "ckpt" / "manifest.json").read_bytes()
     lock = tmp_path / ".ckpt.lock"
@@ -376,12 +377,14 @@ def test_a_second_writer_to_one_name_is_refused_and_a_stale_lock_is_named(tmp_pa
     assert not list(tmp_path.glob(".ckpt.staging-*")) and lock.exists()  # someone else's lock: left alone
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    lock.write_text(f"{dead.pid} {socket.gethostname()}")
-    with pytest.raises(RuntimeError, match=rf"stale lock file .*process {dead.pid} .* no longer running"):
+    lock.write_text(f"{dead.pid} other-host-{socket.gethostname()}")  # gone here, but whose host we cannot see
+    with pytest.raises(RuntimeError, match=r"another save to .*ckpt is in progress"):
         _save_one(tmp_path, steps=1)
-    lock.unlink()
+    lock.write_text(f"{dead.pid} {socket.gethostname()}")  # gone, on this host: a cut-off save
+    (tmp_path / ".ckpt.staging-cutoff").mkdir()  # what a save cut off before publishing leaves
     _save_one(tmp_path, steps=1)
     assert not lock.exists() and (tmp_path / "ckpt" / "manifest.json").read_bytes() != before
+    assert not list(tmp_path.glob(".ckpt.lock*")) and not list(tmp_path.glob(".ckpt.staging-*"))
 
 
 def test_a_full_disk_while_writing_latest_says_the_checkpoint_was_published(tmp_path, monkeypatch):
