@@ -1,4 +1,4 @@
-"""When is an optimized result equal to its reference? Two rules, each returning an `Equivalence` record.
+"""When is an optimized result equal to its reference? Three rules, each returning an `Equivalence` record.
 
 1. `allclose` (and `bitwise`): where the optimized path can mirror the reference's arithmetic (fp32, same
    reduction order or nearly), demand what torch.testing.assert_close demands by default for the dtype:
@@ -24,6 +24,9 @@
    the spread is then ~1e-15 on any machine, and a real bug (a missing average, a stale shard, a wrong clipping
    norm) is 1e-8 or more even where AdamW's scale invariance hides it in float32. Where the dtype is the point
    (peers that only run in float32), the same rule runs in float32.
+
+Float32 bounds follow the process's float32 matmul precision (`working_eps`): a user who allows TF32 or bf16
+matmuls gets results at that precision, and a bound at float32's epsilon would fail correct code.
 
 Every record carries the max and mean error and the bound, whether it passed or not: the report always shows them,
 and says where the bound came from.
