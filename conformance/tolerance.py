@@ -140,6 +140,10 @@ def allclose(
     NaN matches NaN at the same position (as torch.testing with equal_nan=True); inf must match exactly."""
     _check_pair(actual, expected, name)
     d_rtol, d_atol = default_tolerances(expected.dtype) if expected.is_floating_point() else (0.0, 0.0)
+    origin = (f"; torch.testing's {str(expected.dtype).removeprefix('torch.')} defaults"
+              + (f" at matmul precision {torch.get_float32_matmul_precision()!r}"
+                 if expected.dtype == torch.float32 and working_eps(torch.float32) > torch.finfo(torch.float32).eps
+                 else "")) if rtol is None and atol is None and expected.is_floating_point() else ""
     rtol = d_rtol if rtol is None else rtol
     atol = d_atol if atol is None else atol
     a = actual.detach().double().cpu()
@@ -155,7 +159,7 @@ def allclose(
     ratio = err / allowed.clamp(min=torch.finfo(torch.float64).tiny) if not passed else err
     at = int(ratio.argmax()) if ratio.numel() else 0
     bound = float(allowed.flatten()[at]) if allowed.numel() else atol
-    return Equivalence(name, passed, max_err, mean_err, bound, f"allclose rtol={rtol:g} atol={atol:g}")
+    return Equivalence(name, passed, max_err, mean_err, bound, f"allclose rtol={rtol:g} atol={atol:g}{origin}")
 
 
 def bitwise(actual: Tensor, expected: Tensor, *, name: str = "") -> Equivalence:

@@ -183,3 +183,15 @@ def test_combine_names_the_first_part_to_fail_when_it_is_not_the_worst():
     c = combine("run", parts)
     assert not c.passed and "worst of 3: step 2; first to fail: step 1" in c.rule
     assert "first to fail" not in combine("run", parts[::2]).rule  # the first failing part is the worst: said once
+
+
+def test_allclose_says_where_its_default_bound_came_from():
+    e = torch.ones(3)
+    assert allclose(e, e).rule.endswith("torch.testing's float32 defaults")
+    assert "defaults" not in allclose(e, e, rtol=1e-3).rule  # a stated bound is the caller's to explain
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        assert allclose(e, e).rule.endswith("float32 defaults at matmul precision 'medium'")
+    finally:
+        torch.set_float32_matmul_precision(before)
