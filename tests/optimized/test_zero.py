@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from conformance.launch import spawn
 from conformance.measure import CollectiveCounter, tensor_bytes
-from conformance.tolerance import allclose, assert_equivalent, combine, error_ratio
+from conformance.tolerance import assert_equivalent, combine, error_ratio, nudge_, rounding_spread, within_spread
 from optimized.zero import ZeroOptimizer
 from reference import memory
 from reference.data import make_batches
@@ -78,26 +78,30 @@ def _batches(world_size: int):
     return make_batches(STEPS, batch_size=4 * world_size, seq_len=12, vocab_size=CFG["vocab_size"], seed=1)
 
 
-def _reference(run: Run, world_size: int, dtype: torch.dtype = torch.float32) -> dict:
-    """Unsharded AdamW on the whole batch in `dtype`; with run.param_dtype, compute in it with `dtype` masters."""
+def _reference(run: Run, world_size: int, dtype: torch.dtype = torch.float32, nudge_seed: int | None = None) -> dict:
+    """Unsharded AdamW on the whole batch in `dtype`; with run.param_dtype, compute in it with `dtype` masters;
+    `nudge_seed`: from initial weights nudged by one ulp (the re-run whose distance is the rounding spread)."""
     # Stage, offload and buckets do not change the reference: compute each one once.
-    return _cached_reference(run.param_dtype, run.accumulation, run.groups, run.norm_type, world_size, dtype)
+    return _cached_reference(run.param_dtype, run.accumulation, run.groups, run.norm_type, world_size, dtype,
+                             nudge_seed)
 
 
 @functools.cache
-def _cached_reference(param_dtype, accumulation, groups, norm_type, world_size, dtype) -> dict:
+def _cached_reference(param_dtype, accumulation, groups, norm_type, world_size, dtype, nudge_seed) -> dict:
     """On one thread, as the ranks run, so that the result does not depend on this machine's core count."""
     run = Run(1, param_dtype=param_dtype, accumulation=accumulation, groups=groups, norm_type=norm_type)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _reference_run(run, world_size, dtype)
+        return _reference_run(run, world_size, dtype, nudge_seed)
     finally:
         torch.set_num_threads(threads)
 
 
-def _reference_run(run: Run, world_size: int, dtype: torch.dtype) -> dict:
+def _reference_run(run: Run, world_size: int, dtype: torch.dtype, nudge_seed: int | None = None) -> dict:
     master = _model(run).to(dtype)
+    if nudge_seed is not None:
+        nudge_(master.parameters(), seed=nudge_seed)
     compute = copy.deepcopy(master).to(run.param_dtype) if run.param_dtype else master
     opt = torch.optim.AdamW(_param_groups(master) if run.groups else master.parameters(), **ADAMW)
     trainable = [p for p in master.parameters() if p.requires_grad]
@@ -205,7 +209,10 @@ def trained(request):
     f"stage{r.stage}{'-offload' if r.offload else ''}{'-bf16' if r.param_dtype else ''}-acc{r.accumulation}"
     f"{'' if r.groups else '-1group'}{'-inf' if r.norm_type == math.inf else ''}" for r in RUNS])
 def test_matches_unsharded_adamw_with_clipping(trained, i):
-    """fp32: losses, norms, parameters within torch.testing's fp32 defaults of the unsharded run.
+    """fp32: losses, norms, parameters within 10x the unsharded run's own rounding spread, measured in float32 (a
+    fixed bound fails correct code on another CPU: an AVX2 one failed torch.testing's fp32 defaults here; AdamW
+    turns each machine's rounding into ~lr steps). The float64 rows of the zero check, test_zero_models and
+    test_zero_deepspeed hold ZeRO to the unsharded run at ~1e-14.
 
     bf16 compute: a bf16 rounding that differs (the gradient of a rank's slice of the batch, not of the whole
     batch) changes Adam's steps from then on, so no elementwise tolerance holds. The FlashAttention rule instead:
@@ -217,11 +224,14 @@ def test_matches_unsharded_adamw_with_clipping(trained, i):
     run = RUNS[i]
     ours = per_rank[0][i]
     if run.param_dtype is None:
-        ref = _reference(run, world)
-        parts = [allclose(torch.tensor(ours["loss"]), torch.tensor(ref["loss"]), name="loss"),
-                 allclose(torch.tensor(ours["norm"]), torch.tensor(ref["norm"]), name="clip_grad_norm_")]
-        parts += [allclose(ours["params"][k], ref["params"][k], name=k) for k in ref["params"]]
-        equivalence = combine(f"{run} on {world} ranks", parts)
+        def tensors(r: dict) -> dict[str, torch.Tensor]:
+            return {"loss": torch.tensor(r["loss"], dtype=torch.float64),
+                    "clip_grad_norm_": torch.tensor(r["norm"], dtype=torch.float64), **r["params"]}
+
+        ref = tensors(_reference(run, world))
+        spread = rounding_spread(ref, [tensors(_reference(run, world, torch.float32, seed)) for seed in (1, 2)],
+                                 origin=f"AdamW x{STEPS} in float32 from initial weights nudged by one ulp")
+        equivalence = within_spread(tensors(ours), ref, spread, name=f"{run} on {world} ranks")
     else:
         exact = _reference(dataclasses.replace(run, param_dtype=None), world, torch.float64)
         base = _reference(run, world)
