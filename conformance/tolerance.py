@@ -280,6 +280,10 @@ def assert_equivalent(eq: Equivalence) -> None:
 # ---- trajectories: the reference's own rounding spread as the yardstick -------------------------------------------
 
 
+NUDGE_SEEDS = (1, 2)
+"""Seeds of the reference's one-ulp nudged re-runs; its rounding spread is the largest distance over them."""
+
+
 def nudge_(tensors: Iterable[Tensor], *, seed: int = 0) -> None:
     """Move every element of every floating tensor one ulp up or down (a random direction per element, from `seed`),
     in place: a rounding-level change of the initial weights, whose effect on a run is the run's own rounding spread.

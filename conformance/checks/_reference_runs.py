@@ -28,11 +28,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from conformance.tolerance import Spread, nudge_, rounding_spread
+from conformance.tolerance import NUDGE_SEEDS, Spread, nudge_, rounding_spread
 from reference.training import Batch, accumulate_gradients, split_batch, train_step
-
-NUDGE_SEEDS = (1, 2)
-"""Seeds of the one-ulp nudges; the spread is the largest distance over them."""
 
 
 @dataclass(frozen=True)
@@ -57,7 +54,8 @@ def _params(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def _load(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+def load_parameters(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy `state` (parameter name -> tensor) into the model's parameters, in place (buffers and tied names aside)."""
     with torch.no_grad():
         for n, p in model.named_parameters():
             p.copy_(state[n])
@@ -96,13 +94,13 @@ def reference_run(make_model: Callable[[], nn.Module], batches: Sequence[Batch],
     probe = make_model().to(torch.float64)
     step_ref, step_variants = {}, [{} for _ in range(1 + len(NUDGE_SEEDS))]
     for step, (state, batch) in enumerate(zip(states, batches, strict=True)):
-        _load(probe, state)
+        load_parameters(probe, state)
         whole = _step_quantities(probe, [batch])
         step_ref.update({f"step {step} {k}": v for k, v in whole.items()})
         split = _step_quantities(probe, split_batch(batch, micro_batches))
         step_variants[0].update({f"step {step} {k}": v for k, v in split.items()})
         for variant, seed in zip(step_variants[1:], NUDGE_SEEDS, strict=True):
-            _load(probe, state)
+            load_parameters(probe, state)
             nudge_(probe.parameters(), seed=seed + step)
             variant.update({f"step {step} {k}": v for k, v in _step_quantities(probe, [batch]).items()})
     step_spread = rounding_spread(step_ref, step_variants, origin=f"float64 loss and gradients at each reference "

@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch import nn
 
 from conformance.checks import CheckSpec, Context
-from conformance.checks._reference_runs import ReferenceRun, one_thread, reference_run
+from conformance.checks._reference_runs import ReferenceRun, load_parameters, one_thread, reference_run
 from conformance.claims import Verdict, equivalence_verdict
 from conformance.launch import spawn
 from conformance.measure import CollectiveCounter, time_fn
@@ -91,12 +91,6 @@ def _model(sizes: dict, device: torch.device) -> nn.Module:
     return GPT(GPTConfig(**sizes["config"])).to(device, torch.float64)
 
 
-def _load(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            p.copy_(state[n])
-
-
 def _per_step(kind: str, sizes: dict, device: torch.device, states: list[dict], *, vary_length: bool = False,
               token_weighted: bool = False) -> dict:
     """Each step from the reference's state: the loss (mean over ranks) and every gradient, in float64."""
@@ -105,7 +99,7 @@ def _per_step(kind: str, sizes: dict, device: torch.device, states: list[dict], 
     wrapped = _wrap(kind, model, device)
     out: dict = {"loss": [], "grads": []}
     for step, (idx, targets) in enumerate(_local_batches(sizes, vary_length, device)):
-        _load(model, states[step])
+        load_parameters(model, states[step])
         model.zero_grad(set_to_none=True)
         if token_weighted:
             # Weight every token by 1 / (scored tokens of the whole batch); DataParallel's mean over N ranks

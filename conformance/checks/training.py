@@ -15,11 +15,11 @@ import torch
 import torch.distributed as dist
 
 from conformance.checks import CheckSpec, Context
-from conformance.checks._reference_runs import NUDGE_SEEDS, one_thread
+from conformance.checks._reference_runs import one_thread
 from conformance.claims import equivalence_verdict
 from conformance.launch import spawn
 from conformance.result import Result
-from conformance.tolerance import bitwise, combine, nudge_, rounding_spread, within_spread
+from conformance.tolerance import NUDGE_SEEDS, bitwise, combine, nudge_, rounding_spread, within_spread
 from reference.data import make_batches
 from reference.model import GPT, IGNORE_INDEX, GPTConfig
 from reference.training import train

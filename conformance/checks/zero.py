@@ -42,7 +42,7 @@ from conformance.localize import first_divergence
 from conformance.measure import CollectiveCounter, tensor_bytes, time_fn
 from conformance.peers import import_deepspeed
 from conformance.result import Metric, Result
-from conformance.tolerance import nudge_, rounding_spread, within_spread
+from conformance.tolerance import NUDGE_SEEDS, nudge_, rounding_spread, within_spread
 from optimized.zero import ZeroOptimizer
 from reference import memory
 from reference.data import make_batches
@@ -64,8 +64,6 @@ SEQ_LEN = 32
 LOCAL_BATCH = 4
 PEER_CONFIGS = ((1, False), (2, False), (3, False), (2, True))
 """(stage, offload) compared with the reference and DeepSpeed (and, without offload, torch's peer)."""
-NUDGE_SEEDS = (1, 2)
-"""The reference's re-runs from one-ulp nudged initial weights: their distance from it is the yardstick."""
 TORCH_PEERS = {1: "ZeroRedundancyOptimizer (DDP)", 2: "FSDP2 (reshard_after_forward=False)",
                3: "FSDP2 (reshard_after_forward=True)"}
 

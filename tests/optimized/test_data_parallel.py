@@ -26,7 +26,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from conformance.checks._reference_runs import ReferenceRun, reference_run
+from conformance.checks._reference_runs import ReferenceRun, load_parameters, reference_run
 from conformance.launch import RankError, spawn
 from conformance.measure import CollectiveCounter
 from conformance.tolerance import allclose, assert_equivalent, combine, step_by_step, within_spread
@@ -60,12 +60,6 @@ def _grads(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def _model(config: GPTConfig) -> nn.Module:
     return GPT(config).to(torch.float64)
-
-
-def _load(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            p.copy_(state[n])
 
 
 @functools.cache
@@ -120,7 +114,7 @@ def _per_step(variant: str, states: list[dict], rank: int, world: int) -> dict:
     out: dict = {"broadcast": all(torch.equal(v, rank0_init[k]) for k, v in model.state_dict().items()),
                  "loss": [], "grads": [], "comm": []}
     for step in range(STEPS):
-        _load(model, states[step])
+        load_parameters(model, states[step])
         model.zero_grad(set_to_none=True)
         idx, targets = _local(_batches()[step % 3], rank, world)
         with CollectiveCounter() as counter:

@@ -23,7 +23,15 @@ import torch.distributed as dist
 
 from conformance.launch import spawn
 from conformance.measure import CollectiveCounter, tensor_bytes
-from conformance.tolerance import assert_equivalent, combine, error_ratio, nudge_, rounding_spread, within_spread
+from conformance.tolerance import (
+    NUDGE_SEEDS,
+    assert_equivalent,
+    combine,
+    error_ratio,
+    nudge_,
+    rounding_spread,
+    within_spread,
+)
 from optimized.zero import ZeroOptimizer
 from reference import memory
 from reference.data import make_batches
@@ -229,7 +237,7 @@ def test_matches_unsharded_adamw_with_clipping(trained, i):
                     "clip_grad_norm_": torch.tensor(r["norm"], dtype=torch.float64), **r["params"]}
 
         ref = tensors(_reference(run, world))
-        spread = rounding_spread(ref, [tensors(_reference(run, world, torch.float32, seed)) for seed in (1, 2)],
+        spread = rounding_spread(ref, [tensors(_reference(run, world, torch.float32, seed)) for seed in NUDGE_SEEDS],
                                  origin=f"AdamW x{STEPS} in float32 from initial weights nudged by one ulp")
         equivalence = within_spread(tensors(ours), ref, spread, name=f"{run} on {world} ranks")
     else:
