@@ -23,10 +23,10 @@ import os
 import sys
 
 COMMANDS = {
-    "plan": "conformance.plan.cli",
+    "plan": "tools.plan.cli",
     "compare": "conformance.compare",
-    "bench": "conformance.bench",
-    "gpu": "conformance.gpu",
+    "bench": "tools.bench",
+    "gpu": "tools.gpu",
     "matrix": "conformance.matrix",
     "mutate": "conformance.mutate",
 }

@@ -31,7 +31,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from conformance import triton_build
 from conformance.checks import CheckSpec, Context
 from conformance.claims import Verdict
 from conformance.figure import Figure, Panel, Series
@@ -40,6 +39,7 @@ from conformance.result import Metric, Result
 from conformance.tolerance import GRADIENT_FACTOR, Equivalence, allclose, combine, error_ratio
 from optimized.attention import BACKENDS, flash_attention, flash_attention_varlen, unsupported, unsupported_varlen
 from reference.attention import attention, attention_varlen
+from tools import triton_build
 
 SPEC = CheckSpec(
     name="attention", technique="FlashAttention", reference="reference.attention.attention",

@@ -4,7 +4,7 @@
    training step of the implementation (`optimized.data_parallel`, `optimized.zero`, `optimized.tensor_parallel`,
    `optimized.pipeline`; plain DP also with `optimized.checkpointing`'s selective and full recomputation), then
    the model-state bytes of each rank counted tensor by tensor (`conformance.measure`), beside
-   `conformance.plan.estimate` for the same layout; for the layouts without a pipeline also the bytes the
+   `tools.plan.estimate` for the same layout; for the layouts without a pipeline also the bytes the
    transformer blocks save for backward beside the planner's activations. The most
    loaded rank is compared (it is the one that must fit), with the relative error and a stated tolerance. On CUDA
    also `torch.cuda.memory_allocated` after the step and the step's `max_memory_allocated`. A layout whose
@@ -32,17 +32,17 @@ from conformance.figure import Figure, Panel, Series
 from conformance.launch import spawn, under_torchrun
 from conformance.measure import SavedTensorBytes, tensor_bytes
 from conformance.peers import import_deepspeed
-from conformance.plan import GB, PRESETS, Cluster, Layout, estimate, workload
 from conformance.result import Metric, Result
 from conformance.tolerance import Equivalence
 from reference.data import make_batches
 from reference.memory import activation_bytes_per_layer, gpt_parameters
 from reference.model import GPT, GPTConfig
 from reference.parallelism import largest_module_parameters
+from tools.plan import GB, PRESETS, Cluster, Layout, estimate, workload
 
 SPEC = CheckSpec(
-    name="plan", technique="parallel-strategy planner", reference="conformance.plan.estimate (reference.memory)",
-    optimized="conformance.plan.estimate", order=130, peers=("deepspeed",),
+    name="plan", technique="parallel-strategy planner", reference="tools.plan.estimate (reference.memory)",
+    optimized="tools.plan.estimate", order=130, peers=("deepspeed",),
 )
 CONFIG = dict(vocab_size=64, block_size=32, n_layer=4, n_head=4, n_embd=64, seed=0)
 """The tiny GPT with 4 blocks, so that 2- and 4-stage pipelines and 2- and 4-way tensor parallelism all apply."""
@@ -415,7 +415,7 @@ def deepspeed_rows(cases: list[tuple[str, int, int, int, int]]) -> list[Result]:
             bound = 1.0  # DeepSpeed truncates to whole bytes
             rows.append(SPEC.row(
                 None, f"{name} per GPU vs DeepSpeed's estimator, {label}",
-                reference="conformance.plan.estimate (ZeRO paper accounting)",
+                reference="tools.plan.estimate (ZeRO paper accounting)",
                 peer=f"deepspeed estimate_zero{stage}_model_states_mem_needs_all_cold", device="cpu", world_size=n,
                 equivalence=Equivalence(
                     name=f"DeepSpeed = planner + explained terms, {name}, {label}",

@@ -10,7 +10,7 @@ import pytest
 
 from conformance.checks import plan as plan_check
 from conformance.launch import spawn
-from conformance.plan import GB
+from tools.plan import GB
 
 W3_SPECS = [
     plan_check.LayoutRun(1, 1, 3, 0),

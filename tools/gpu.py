@@ -8,7 +8,7 @@ about 8 minutes in all:
     tests        pytest -m gpu: the gpu-marked tests (junit XML parsed for the counts, failures' short tracebacks
                  printed)
     conformance  python -m conformance --device cuda: every check, each check's rows held / failed and verdicts
-    bench        python -m conformance bench attention --quick (conformance/bench.py): TFLOP/s of our Triton
+    bench        python -m conformance bench attention --quick (tools/bench.py): TFLOP/s of our Triton
                  kernels, SDPA's backends and flash-attn, and the naive / flash peak-memory ratio at N=4K
 
 Last it prints a short summary: GPU, driver, torch, triton, python; each step's counts and time; each check's

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from conformance import bench
 from conformance.__main__ import main as cli_main
-from conformance.bench import Case, CaseResult, MemoryResult, Timing, attention_flops, peak_tflops
+from tools import bench
+from tools.bench import Case, CaseResult, MemoryResult, Timing, attention_flops, peak_tflops
 
 FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
 

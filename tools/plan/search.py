@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from conformance.plan.model import (
+from tools.plan.model import (
     GB,
     PRECISIONS,
     ZERO_NAMES,
@@ -19,7 +19,7 @@ from conformance.plan.model import (
     _require,
     estimate,
 )
-from conformance.plan.model import (
+from tools.plan.model import (
     decimal_bytes as _gb,
 )
 

@@ -13,7 +13,9 @@ import sys
 from rich.console import Console
 
 from conformance.flags import Parser, fraction, in_range, parse, positive_float, positive_int, writable_file
-from conformance.plan.model import (
+from reference.memory import gpt_parameters
+from reference.model import GPTConfig
+from tools.plan.model import (
     CHECKPOINTING,
     GB,
     PRECISIONS,
@@ -24,10 +26,8 @@ from conformance.plan.model import (
     Workload,
     workload,
 )
-from conformance.plan.render import count_text, render
-from conformance.plan.search import plan
-from reference.memory import gpt_parameters
-from reference.model import GPTConfig
+from tools.plan.render import count_text, render
+from tools.plan.search import plan
 
 FLAGS = {"num_params": "--params", "seq_len": "--seq-len", "micro_batch": "--micro-batch",
          "global_batch": "--global-batch", "precision": "--precision", "gpus": "--gpus",
