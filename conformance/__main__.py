@@ -25,7 +25,7 @@ import sys
 COMMANDS = {
     "plan": "tools.plan.cli",
     "compare": "conformance.compare",
-    "bench": "tools.bench",
+    "bench": "tools.bench.cli",
     "gpu": "tools.gpu",
     "matrix": "conformance.matrix",
     "mutate": "conformance.mutate",

@@ -40,6 +40,8 @@ from pathlib import Path
 
 import torch
 
+from tools.cuda import cuda_missing
+
 STEPS = ("tests", "conformance", "bench")
 BUDGETS = {"tests": 120.0, "conformance": 210.0, "bench": 130.0}
 """Seconds per step: 460 s in all, under 8 minutes with the start-up."""
@@ -327,8 +329,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    if not torch.cuda.is_available():
-        print("gpu needs a CUDA device", file=sys.stderr)
+    if cuda_missing("gpu"):
         return 2
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
