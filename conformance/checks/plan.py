@@ -12,14 +12,11 @@
 2. The planner's ZeRO-2/ZeRO-3 figures beside DeepSpeed's own estimators
    (`estimate_zero2_model_states_mem_needs_all_cold`, `estimate_zero3_model_states_mem_needs_all_cold`) for the same
    inputs, and the difference in accounting explained term by term: the row passes when DeepSpeed's figure equals
-   the planner's plus the named terms.
+   the planner's plus the named terms (checks/_plan_deepspeed.py).
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
-import re
 import traceback
 from collections import defaultdict
 from dataclasses import dataclass
@@ -28,17 +25,17 @@ import torch
 import torch.distributed as dist
 
 from conformance.checks import CheckSpec, Context
+from conformance.checks._plan_deepspeed import deepspeed_rows
 from conformance.figure import Figure, Panel, Series
 from conformance.launch import spawn, under_torchrun
 from conformance.measure import SavedTensorBytes, tensor_bytes
-from conformance.peers import import_deepspeed
 from conformance.result import Metric, Result
 from conformance.tolerance import Equivalence
 from reference.data import make_batches
 from reference.memory import activation_bytes_per_layer, gpt_parameters
 from reference.model import GPT, GPTConfig
 from reference.parallelism import largest_module_parameters
-from tools.plan import GB, PRESETS, Cluster, Layout, estimate, workload
+from tools.plan import PRESETS, Cluster, Layout, estimate, workload
 
 SPEC = CheckSpec(
     name="plan", technique="parallel-strategy planner", reference="tools.plan.estimate (reference.memory)",
@@ -64,11 +61,17 @@ class LayoutRun:
     """One layout to run: tp x pp x dp = world size, ZeRO stage (0 = plain DP), offload, parameter dtype."""
 
     tp: int
+    """Tensor-parallel degree."""
     pp: int
+    """Pipeline stages."""
     dp: int
+    """Data-parallel degree (the ranks a ZeRO stage shards over)."""
     zero: int = 0
+    """ZeRO stage, 0 = plain data parallel."""
     offload: bool = False
+    """Optimizer state and step on the CPU (ZeRO-Offload)."""
     bf16: bool = False
+    """bf16 parameters with fp32 master weights (else fp32 throughout)."""
     recompute: str = "none"
     """Activation checkpointing policy (optimized.checkpointing): "none", "selective" or "full"."""
 
@@ -344,94 +347,6 @@ def _layout_rows(spec: LayoutRun, per_rank: list[dict], device: str) -> list[Res
     return rows
 
 
-# --- DeepSpeed's estimators ------------------------------------------------------------------------------------------
-
-
-def _deepspeed_printed_gpu_gib(fn, **kwargs) -> dict[str, float]:
-    """Run one of DeepSpeed's *_all_cold estimators (they print a table) and read its per-GPU column by options."""
-    text = io.StringIO()
-    with contextlib.redirect_stdout(text):
-        fn(**kwargs)
-    out = {}
-    for line in text.getvalue().splitlines():
-        m = re.match(r"\s*([\d.]+)GB \|\s*([\d.]+)GB \| (.*)$", line)
-        if m:
-            out[m.group(3).replace("OffloadDeviceEnum.", "").strip()] = float(m.group(2))
-    return out
-
-
-def deepspeed_rows(cases: list[tuple[str, int, int, int, int]]) -> list[Result]:
-    """cases: (label, total params, largest module's params, nodes, GPUs per node). DeepSpeed is an optional peer:
-    without it, one row says the comparison was not run."""
-    try:
-        import_deepspeed("cpu")  # the estimators are arithmetic; quiet about the accelerator it would guess
-        from deepspeed.runtime.zero.stage3 import (
-            estimate_zero3_model_states_mem_needs,
-            estimate_zero3_model_states_mem_needs_all_cold,
-        )
-        from deepspeed.runtime.zero.stage_1_and_2 import (
-            estimate_zero2_model_states_mem_needs,
-            estimate_zero2_model_states_mem_needs_all_cold,
-        )
-    except ImportError as e:
-        return [SPEC.row(None, "per GPU vs DeepSpeed's estimators: not run", peer="deepspeed", device="cpu",
-                         world_size=1, notes=f"peer not run: {e} (pip install deepspeed)")]
-
-    rows = []
-    for label, psi, largest, nodes, per_node in cases:
-        n = nodes * per_node
-        work = workload(None, num_params=psi, seq_len=1, global_batch=n, precision="bf16")
-        cluster = Cluster(gpus=n, gpus_per_node=per_node)
-        printed2 = _deepspeed_printed_gpu_gib(estimate_zero2_model_states_mem_needs_all_cold, total_params=psi,
-                                              num_gpus_per_node=per_node, num_nodes=nodes)
-        printed3 = _deepspeed_printed_gpu_gib(estimate_zero3_model_states_mem_needs_all_cold, total_params=psi,
-                                              largest_layer_params=largest, num_gpus_per_node=per_node,
-                                              num_nodes=nodes)
-        variants = [
-            ("ZeRO-2", 2, False, estimate_zero2_model_states_mem_needs(psi, per_node, nodes, cpu_offload=False)[1],
-             printed2.get("offload_optimizer=none"), 4 * psi / n,
-             "DeepSpeed 2Ψ + 18Ψ/Nd, paper 2Ψ + 14Ψ/Nd: DeepSpeed also counts the fp32 gradient partition its "
-             "optimizer steps from (4Ψ/Nd; its comment: 18 = 2 grads16 + 4 grads32 + 4 params32 + 8 moments)"),
-            ("ZeRO-2 + optimizer offload", 2, True,
-             estimate_zero2_model_states_mem_needs(psi, per_node, nodes, cpu_offload=True)[1],
-             printed2.get("offload_optimizer=cpu"), 0.0,
-             "both count only the bf16 parameters on the GPU (2Ψ); gradients and optimizer live on the CPU"),
-            ("ZeRO-3", 3, False, estimate_zero3_model_states_mem_needs(
-                psi, largest, per_node, nodes, cpu_offload=False, cpu_offload_params=False)[1],
-             printed3.get("offload_param=none, offload_optimizer=none, zero_init=1"), 2 * psi / n + 4 * largest,
-             "DeepSpeed 18Ψ/Nd + 4·L, paper 16Ψ/Nd: DeepSpeed counts an fp32 gradient partition (4Ψ/Nd) where "
-             "the paper counts a bf16 one (2Ψ/Nd), and the largest module L gathered whole in bf16 with its bf16 "
-             "gradient (4 bytes per parameter of L) while it computes"),
-            ("ZeRO-3 + optimizer offload", 3, True, estimate_zero3_model_states_mem_needs(
-                psi, largest, per_node, nodes, cpu_offload=True, cpu_offload_params=False)[1],
-             printed3.get("offload_param=none, offload_optimizer=cpu, zero_init=1"), 4 * largest,
-             "both keep the parameter shard on the GPU (2Ψ/Nd); DeepSpeed adds the gathered largest module and its "
-             "gradient (4·L)"),
-        ]
-        for name, stage, offload, ds_bytes, printed_gib, explained, why in variants:
-            ours = estimate(work, cluster, Layout(1, 1, n, stage, offload)).model_states.device
-            residual = abs(ds_bytes - (ours + explained))
-            printed_ok = printed_gib is not None and abs(printed_gib - ds_bytes / 2**30) < 0.006
-            bound = 1.0  # DeepSpeed truncates to whole bytes
-            rows.append(SPEC.row(
-                None, f"{name} per GPU vs DeepSpeed's estimator, {label}",
-                reference="tools.plan.estimate (ZeRO paper accounting)",
-                peer=f"deepspeed estimate_zero{stage}_model_states_mem_needs_all_cold", device="cpu", world_size=n,
-                equivalence=Equivalence(
-                    name=f"DeepSpeed = planner + explained terms, {name}, {label}",
-                    passed=residual <= bound and printed_ok, max_error=residual, mean_error=residual, bound=bound,
-                    rule="|DeepSpeed - (planner + explained difference)| <= 1 byte, and DeepSpeed's printed table "
-                    "shows the same figure"),
-                memory=[Metric("planner (ZeRO paper: 2+2+12 bytes)", ours, "bytes"),
-                        Metric("DeepSpeed's estimate", ds_bytes, "bytes"),
-                        Metric("explained difference", explained, "bytes"),
-                        Metric("DeepSpeed / planner", ds_bytes / ours, "x")],
-                notes=f"Ψ = {psi:,}, largest module L = {largest:,} parameters, {nodes} node(s) x {per_node} GPUs. "
-                f"{why}. DeepSpeed prints GiB ({printed_gib} GiB); the planner writes GB = 1e9 bytes "
-                f"({ours / GB:.4g} GB)."))
-    return rows
-
-
 def _figure(rows: list[tuple[str, float, float]]) -> Figure:
     """Predicted and measured model-state MB per rank of each layout, side by side."""
     xs = range(len(rows))
@@ -475,5 +390,5 @@ def run(ctx: Context) -> list[Result]:
     if not ctx.quick:
         cases.append((f"tiny GPT, 1 x {max(ctx.world_size, 2)} GPUs", gpt_parameters(tiny),
                       largest_module_parameters(tiny), 1, max(ctx.world_size, 2)))
-    rows += deepspeed_rows(cases)
+    rows += deepspeed_rows(SPEC, cases)
     return rows

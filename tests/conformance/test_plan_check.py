@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 
 from conformance.checks import plan as plan_check
+from conformance.checks._plan_deepspeed import deepspeed_rows
 from conformance.launch import spawn
 from tools.plan import GB
 
@@ -42,7 +43,7 @@ def test_planner_predicts_measured_bytes_per_rank(world_size, specs):
 
 def test_deepspeed_estimators_differ_by_the_explained_terms():
     psi, largest = 7_500_000_000, 4 * 4096 * 4096 + 4 * 4096
-    rows = plan_check.deepspeed_rows([("7.5B", psi, largest, 8, 8)])
+    rows = deepspeed_rows(plan_check.SPEC, [("7.5B", psi, largest, 8, 8)])
     assert len(rows) == 4
     for row in rows:
         assert row.equivalence.passed, (row.name, str(row.equivalence))
