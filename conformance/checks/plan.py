@@ -58,26 +58,14 @@ TOLERANCE = {
 
 @dataclass(frozen=True)
 class LayoutRun:
-    """One layout to run: tp x pp x dp = world size, ZeRO stage (0 = plain DP), offload, parameter dtype."""
+    """One layout to run: the planner's Layout, the parameter dtype and the recomputation policy."""
 
-    tp: int
-    """Tensor-parallel degree."""
-    pp: int
-    """Pipeline stages."""
-    dp: int
-    """Data-parallel degree (the ranks a ZeRO stage shards over)."""
-    zero: int = 0
-    """ZeRO stage, 0 = plain data parallel."""
-    offload: bool = False
-    """Optimizer state and step on the CPU (ZeRO-Offload)."""
+    layout: Layout
+    """The planner's layout, run as it says: tp x pp x dp = world size, ZeRO stage, offload."""
     bf16: bool = False
     """bf16 parameters with fp32 master weights (else fp32 throughout)."""
     recompute: str = "none"
     """Activation checkpointing policy (optimized.checkpointing): "none", "selective" or "full"."""
-
-    @property
-    def layout(self) -> Layout:
-        return Layout(self.tp, self.pp, self.dp, self.zero, self.offload)
 
     @property
     def label(self) -> str:
@@ -86,32 +74,32 @@ class LayoutRun:
 
     @property
     def world_size(self) -> int:
-        return self.tp * self.pp * self.dp
+        return self.layout.tp * self.layout.pp * self.layout.dp
 
     @property
     def family(self) -> str:
-        return "pp" if self.pp > 1 else "tp" if self.tp > 1 else "zero"
+        return "pp" if self.layout.pp > 1 else "tp" if self.layout.tp > 1 else "zero"
 
 
 def specs_for(world_size: int, quick: bool, cuda: bool) -> list[LayoutRun]:
     """The layouts run at this world size (quick: one of each kind)."""
     w = world_size
-    specs = [LayoutRun(1, 1, w, 0)] + [LayoutRun(1, 1, w, s) for s in (1, 2, 3)]
-    specs += [LayoutRun(1, 1, w, 0, recompute=r) for r in ("selective", "full")]
-    specs += [LayoutRun(1, 1, w, 2, bf16=True), LayoutRun(1, 1, w, 2, offload=True)]
+    specs = [LayoutRun(Layout(1, 1, w, 0))] + [LayoutRun(Layout(1, 1, w, s)) for s in (1, 2, 3)]
+    specs += [LayoutRun(Layout(1, 1, w, 0), recompute=r) for r in ("selective", "full")]
+    specs += [LayoutRun(Layout(1, 1, w, 2), bf16=True), LayoutRun(Layout(1, 1, w, 2, offload=True))]
     if not quick:
-        specs += [LayoutRun(1, 1, w, 1, bf16=True), LayoutRun(1, 1, w, 3, bf16=True),
-                  LayoutRun(1, 1, w, 1, offload=True), LayoutRun(1, 1, w, 3, offload=True)]
+        specs += [LayoutRun(Layout(1, 1, w, 1), bf16=True), LayoutRun(Layout(1, 1, w, 3), bf16=True),
+                  LayoutRun(Layout(1, 1, w, 1, offload=True)), LayoutRun(Layout(1, 1, w, 3, offload=True))]
     heads = CONFIG["n_head"]
     for t in (2, 4):
         if w % t == 0 and heads % t == 0 and (not quick or t == w):
-            specs.append(LayoutRun(t, 1, w // t, 0))
+            specs.append(LayoutRun(Layout(t, 1, w // t, 0)))
             if not quick and w // t > 1:
-                specs.append(LayoutRun(t, 1, w // t, 1))
+                specs.append(LayoutRun(Layout(t, 1, w // t, 1)))
     if not cuda:  # the pipeline executor speaks gloo (tagged point-to-point), not NCCL
         for p in (2, 3, 4):
             if p == w and p <= CONFIG["n_layer"] and (not quick or p == 2):
-                specs.append(LayoutRun(1, p, 1, 0))
+                specs.append(LayoutRun(Layout(1, p, 1, 0)))
     return specs
 
 
@@ -122,13 +110,13 @@ def _groups(spec: LayoutRun) -> tuple[dict[str, dist.ProcessGroup | None], tuple
     """Process groups of each axis (TP fastest, then DP, then PP) and this rank's (pp, dp, tp) coordinates.
     Every rank creates every group, in the same order (dist.new_group is collective over the world)."""
     rank = dist.get_rank()
-    t, d = spec.tp, spec.dp
+    t, d = spec.layout.tp, spec.layout.dp
 
     def coords(r: int) -> tuple[int, int, int]:
         return r // (t * d), (r // t) % d, r % t
 
     mine: dict[str, dist.ProcessGroup | None] = {}
-    for axis, size in (("tp", spec.tp), ("dp", spec.dp), ("pp", spec.pp)):
+    for axis, size in (("tp", spec.layout.tp), ("dp", spec.layout.dp), ("pp", spec.layout.pp)):
         members: dict[tuple, list[int]] = defaultdict(list)
         for r in range(spec.world_size):
             pp_r, dp_r, tp_r = coords(r)
@@ -167,31 +155,31 @@ def _measure(spec: LayoutRun, device: torch.device) -> dict:
         from optimized.checkpointing import apply_activation_checkpointing
 
         apply_activation_checkpointing(model, spec.recompute)
-    rows = MICRO_BATCH * spec.pp
+    rows = MICRO_BATCH * spec.layout.pp
     idx, targets = make_batches(1, batch_size=rows, seq_len=SEQ_LEN, vocab_size=CONFIG["vocab_size"],
                                 seed=1 + dp_rank)[0]
     idx, targets = idx.to(device), targets.to(device)
     out: dict = {"host": 0, "blocks_saved": None, "whole_saved": None, "buffers": 0}
-    if spec.tp > 1:
+    if spec.layout.tp > 1:
         from optimized.tensor_parallel import megatron_plan, parallelize
 
         parallelize(model, megatron_plan(model), process_group=groups["tp"])
-    if spec.pp > 1:
+    if spec.layout.pp > 1:
         from optimized.pipeline import PipelineExecutor, one_f_one_b, split
 
-        stage = split(model, spec.pp)[pp_rank].to(device)
+        stage = split(model, spec.layout.pp)[pp_rank].to(device)
         del model
-        executor = PipelineExecutor(stage, one_f_one_b(spec.pp, spec.pp), process_group=groups["pp"])
+        executor = PipelineExecutor(stage, one_f_one_b(spec.layout.pp, spec.layout.pp), process_group=groups["pp"])
         opt = torch.optim.AdamW(stage.parameters(), lr=1e-3)
         executor.step(idx, targets)
         opt.step()
         params = list(stage.parameters())
         state = {"params": params, "grads": [p.grad for p in params], "optimizer": _optimizer_tensors(opt)}
-    elif spec.zero:
+    elif spec.layout.zero:
         from optimized.zero import ZeroOptimizer
 
-        opt = ZeroOptimizer(model, torch.optim.AdamW, stage=spec.zero, process_group=groups["dp"],
-                            offload=spec.offload, param_dtype=torch.bfloat16 if spec.bf16 else None, lr=1e-3)
+        opt = ZeroOptimizer(model, torch.optim.AdamW, stage=spec.layout.zero, process_group=groups["dp"],
+                            offload=spec.layout.offload, param_dtype=torch.bfloat16 if spec.bf16 else None, lr=1e-3)
         _, loss = model(idx, targets)
         loss.backward()
         opt.step()
@@ -199,7 +187,7 @@ def _measure(spec: LayoutRun, device: torch.device) -> dict:
         out["host"] = tensor_bytes(state["host_grads"] + state["host_optimizer"])
     else:
         net = model
-        if spec.dp > 1:
+        if spec.layout.dp > 1:
             from optimized.data_parallel import DataParallel
 
             net = DataParallel(model, process_group=groups["dp"])
@@ -249,7 +237,7 @@ def _run_specs(specs: list[LayoutRun], device_type: str) -> list[dict]:
 
 def _prediction(spec: LayoutRun):
     cfg = GPTConfig(**CONFIG)
-    work = workload(cfg, micro_batch=MICRO_BATCH, global_batch=MICRO_BATCH * spec.pp * spec.dp,
+    work = workload(cfg, micro_batch=MICRO_BATCH, global_batch=MICRO_BATCH * spec.layout.pp * spec.layout.dp,
                     precision="bf16" if spec.bf16 else "fp32")
     cluster = Cluster(gpus=spec.world_size, gpus_per_node=spec.world_size)
     checkpointing = {"none": "never", "selective": "selective", "full": "always"}[spec.recompute]
@@ -262,18 +250,18 @@ def _relative(predicted: float, measured: float) -> float:
 
 def _implementation(spec: LayoutRun) -> str:
     parts = []
-    if spec.zero:
-        parts.append(f"optimized.zero.ZeroOptimizer(stage={spec.zero}, offload={spec.offload}"
+    if spec.layout.zero:
+        parts.append(f"optimized.zero.ZeroOptimizer(stage={spec.layout.zero}, offload={spec.layout.offload}"
                      + (", param_dtype=bf16)" if spec.bf16 else ")"))
-    elif spec.dp > 1:
+    elif spec.layout.dp > 1:
         parts.append("optimized.data_parallel.DataParallel + torch AdamW")
     else:
         parts.append("torch AdamW")
     if spec.recompute != "none":
         parts.append(f"optimized.checkpointing ({spec.recompute})")
-    if spec.tp > 1:
+    if spec.layout.tp > 1:
         parts.append("optimized.tensor_parallel.parallelize(megatron_plan)")
-    if spec.pp > 1:
+    if spec.layout.pp > 1:
         parts.append("optimized.pipeline (1F1B)")
     return " + ".join(parts)
 
@@ -288,7 +276,7 @@ def _layout_rows(spec: LayoutRun, per_rank: list[dict], device: str) -> list[Res
     worst = max(per_rank, key=lambda r: r["device"])
     errs = [_relative(predicted_device, r["device"]) for r in per_rank]
     err = _relative(predicted_device, worst["device"])
-    host_err = _relative(predicted_host, max(r["host"] for r in per_rank)) if spec.offload else 0.0
+    host_err = _relative(predicted_host, max(r["host"] for r in per_rank)) if spec.layout.offload else 0.0
     tol, why = TOLERANCE[spec.family]
     worst_err = max(err, host_err)
     memory = [
@@ -296,7 +284,7 @@ def _layout_rows(spec: LayoutRun, per_rank: list[dict], device: str) -> list[Res
         Metric("model states per rank, measured (most loaded rank)", worst["device"], "bytes"),
         Metric("relative error", err, "fraction"),
     ]
-    if spec.offload:
+    if spec.layout.offload:
         memory += [Metric("host (offloaded) bytes per rank, predicted", predicted_host, "bytes"),
                    Metric("host bytes per rank, measured", max(r["host"] for r in per_rank), "bytes")]
     notes = (f"measured by kind on the most loaded rank: params {worst['params']}, grads {worst['grads']}, "
