@@ -18,7 +18,7 @@ import torch
 
 from conformance.launch import spawn
 from conformance.tolerance import allclose, assert_equivalent, combine
-from optimized.zero import ZeroOptimizer, consolidate
+from optimized.zero import ZeroOptimizer, commit, consolidate, files
 from optimized.zero import checkpoint as zero_checkpoint
 from reference.data import make_batches
 from reference.model import GPT, GPTConfig
@@ -236,9 +236,9 @@ def test_an_interrupted_save_falls_back_to_the_newest_set_aside_copy_by_commit(t
     assert [zero_checkpoint.read_manifest(c)["commit"] for c in copies] == [1, 2, 3]
     shutil.rmtree(tmp_path / "ckpt")
     (tmp_path / "latest").unlink()
-    assert zero_checkpoint.resolve(tmp_path / "ckpt") == copies[-1]
+    assert commit.resolve(tmp_path / "ckpt") == copies[-1]
     shutil.rmtree(copies[-1])
-    assert zero_checkpoint.resolve(tmp_path / "ckpt") == copies[1]
+    assert commit.resolve(tmp_path / "ckpt") == copies[1]
 
 
 def test_a_planted_symlink_cannot_redirect_a_write_outside_the_directory(tmp_path):
@@ -248,7 +248,7 @@ def test_a_planted_symlink_cannot_redirect_a_write_outside_the_directory(tmp_pat
     outside.write_bytes(b"precious")
     for name in ("x", "latest"):
         os.symlink(outside, inside / f".{name}.tmp-{os.getpid()}")
-        zero_checkpoint._atomic_write(inside / name, b"new bytes")
+        files.atomic_write(inside / name, b"new bytes")
         assert (inside / name).read_bytes() == b"new bytes" and not (inside / name).is_symlink()
     assert outside.read_bytes() == b"precious"
     assert not [f for f in inside.iterdir() if ".tmp-" in f.name and not f.is_symlink()]  # no temporaries left

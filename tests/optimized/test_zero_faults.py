@@ -26,7 +26,7 @@ from torch import nn
 from conformance.launch import RankError, spawn
 from optimized.data_parallel import DataParallel
 from optimized.mixed_precision import MasterWeightOptimizer
-from optimized.zero import ZeroOptimizer, checkpoint
+from optimized.zero import ZeroOptimizer, checkpoint, commit, files
 from optimized.zero.gather import ReleasedParameterError
 from reference.data import make_batches
 from reference.model import GPT, GPTConfig
@@ -218,7 +218,7 @@ def _train_and_save(root: str, steps: int, load: bool, die: str | None) -> list[
         model(*_local(batch, opt))[1].backward()
         opt.step()
     if die is not None and opt.rank == 1:
-        write = checkpoint._atomic_write
+        write = files.atomic_write
 
         def dying(path, data):
             write(path, data[: len(data) // 2])  # half a shard on disk, then the rank is gone
@@ -226,7 +226,7 @@ def _train_and_save(root: str, steps: int, load: bool, die: str | None) -> list[
                 os.kill(os.getpid(), signal.SIGKILL)
             os._exit(3)
 
-        checkpoint._atomic_write = dying
+        files.atomic_write = dying
     opt.save_checkpoint(os.path.join(root, "ckpt"))
     return _params(model, opt)
 
@@ -323,7 +323,7 @@ def _save_raising_worker(root: str) -> tuple[str, list[torch.Tensor]]:
         def full(path, data):
             raise MemoryError("no memory for the shard")
 
-        checkpoint._atomic_write = full
+        files.atomic_write = full
     try:
         opt.save_checkpoint(os.path.join(root, "ckpt"))
     except RuntimeError as e:
@@ -383,14 +383,14 @@ def test_a_second_writer_to_one_name_is_refused_and_a_stale_lock_is_taken_over(t
 
 
 def test_a_full_disk_while_writing_latest_says_the_checkpoint_was_published(tmp_path, monkeypatch):
-    write = checkpoint._atomic_write
+    write = files.atomic_write
 
     def no_space_for_latest(path, data):
-        if path.name == checkpoint.LATEST:
+        if path.name == commit.LATEST:
             raise OSError(errno.ENOSPC, "No space left on device")
         write(path, data)
 
-    monkeypatch.setattr(checkpoint, "_atomic_write", no_space_for_latest)
+    monkeypatch.setattr(files, "atomic_write", no_space_for_latest)
     with pytest.raises(RuntimeError, match=r"ckpt was published \(commit 1, complete and loadable by its name\), "
                                            r"but .*latest could not be updated .*No space left"):
         _save_one(tmp_path)
