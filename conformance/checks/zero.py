@@ -32,25 +32,9 @@ import torch
 import torch.distributed as dist
 
 from conformance.checks import CheckSpec, Context
+from conformance.checks import _zero_peers as peers
+from conformance.checks import _zero_workload as workload
 from conformance.checks._zero_memory import MEMORY_CASES, memory_figure, memory_rows, memory_worker
-from conformance.checks._zero_peers import (
-    TORCH_PEERS,
-    deepspeed_engine,
-    deepspeed_state,
-    deepspeed_version,
-    ds_step,
-    torch_peer,
-)
-from conformance.checks._zero_workload import (
-    ADAMW,
-    CONFIG,
-    LOCAL_BATCH,
-    MAX_NORM,
-    local_slice,
-    ours_step,
-    reference_and_spread,
-    workload_batches,
-)
 from conformance.claims import Verdict
 from conformance.launch import spawn, under_torchrun
 from conformance.localize import first_divergence
@@ -78,16 +62,16 @@ def _resumed_run(stage: int, offload: bool, batches, steps_before: int, director
     """Ours in float64: `steps_before` steps, a checkpoint, a fresh model and optimizer that load it, the other
     steps; the parameters at the end (equal to an uninterrupted run's, if the resume restores everything: the
     masters, Adam's moments and its step count, which sets the bias correction)."""
-    model = GPT(GPTConfig(**CONFIG)).to(device, torch.float64)
-    opt = ZeroOptimizer(model, torch.optim.AdamW, stage=stage, offload=offload, **ADAMW)
+    model = GPT(GPTConfig(**workload.CONFIG)).to(device, torch.float64)
+    opt = ZeroOptimizer(model, torch.optim.AdamW, stage=stage, offload=offload, **workload.ADAMW)
     for batch in batches[:steps_before]:
-        ours_step(model, opt, batch, rank, world, device)
+        workload.ours_step(model, opt, batch, rank, world, device)
     opt.save_checkpoint(directory)
-    model = GPT(GPTConfig(**CONFIG)).to(device, torch.float64)
-    opt = ZeroOptimizer(model, torch.optim.AdamW, stage=stage, offload=offload, **ADAMW)
+    model = GPT(GPTConfig(**workload.CONFIG)).to(device, torch.float64)
+    opt = ZeroOptimizer(model, torch.optim.AdamW, stage=stage, offload=offload, **workload.ADAMW)
     opt.load_checkpoint(directory)
     for batch in batches[steps_before:]:
-        ours_step(model, opt, batch, rank, world, device)
+        workload.ours_step(model, opt, batch, rank, world, device)
     with opt.gathered_parameters():
         return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
@@ -100,16 +84,16 @@ def peer_worker(configs, steps: int, timing_reps: int, device_type: str, memory_
     ours resumed from a checkpoint taken one step before the end."""
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device(device_type, torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
-    batches = workload_batches(world, steps)
+    batches = workload.workload_batches(world, steps)
     out: dict = {"ours": {}, "ours64": {}, "resumed64": {}, "deepspeed": {}, "torch": {}, "comm": {},
                  "time_ours": {}, "time_ds": {}, "time_torch": {}, "time_ddp": None,
                  "memory": memory_worker(memory_cases, device_type)}
     for stage, offload in configs:
-        model = GPT(GPTConfig(**CONFIG)).to(device, torch.float64)
-        opt = ZeroOptimizer(model, torch.optim.AdamW, stage=stage, offload=offload, **ADAMW)
+        model = GPT(GPTConfig(**workload.CONFIG)).to(device, torch.float64)
+        opt = ZeroOptimizer(model, torch.optim.AdamW, stage=stage, offload=offload, **workload.ADAMW)
         trajectory = []  # the parameters after each step: where a failing run left its band
         for batch in batches:
-            ours_step(model, opt, batch, rank, world, device)
+            workload.ours_step(model, opt, batch, rank, world, device)
             with opt.gathered_parameters():
                 trajectory.append({k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
         out["ours64"][(stage, offload)] = trajectory
@@ -118,55 +102,56 @@ def peer_worker(configs, steps: int, timing_reps: int, device_type: str, memory_
                 stage, offload, batches, steps - 1, os.path.join(checkpoint_dir, f"zero{stage}-offload{offload}"),
                 rank, world, device)
 
-        model = GPT(GPTConfig(**CONFIG)).to(device)
-        opt = ZeroOptimizer(model, torch.optim.AdamW, stage=stage, offload=offload, **ADAMW)
+        model = GPT(GPTConfig(**workload.CONFIG)).to(device)
+        opt = ZeroOptimizer(model, torch.optim.AdamW, stage=stage, offload=offload, **workload.ADAMW)
         for step, batch in enumerate(batches):
             if step == 1:
                 with CollectiveCounter() as counter:
-                    ours_step(model, opt, batch, rank, world, device)
+                    workload.ours_step(model, opt, batch, rank, world, device)
                 # the all-reduce of the gradient norm's scalar is not model-state traffic
                 out["comm"][(stage, offload)] = counter.payload_bytes() - counter.payload_bytes("all_reduce")
             else:
-                ours_step(model, opt, batch, rank, world, device)
+                workload.ours_step(model, opt, batch, rank, world, device)
         with opt.gathered_parameters():
             out["ours"][(stage, offload)] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         if timing_reps:
             out["time_ours"][(stage, offload)] = time_fn(
-                lambda model=model, opt=opt: ours_step(model, opt, batches[0], rank, world, device), warmup=1,
+                lambda model=model, opt=opt: workload.ours_step(model, opt, batches[0], rank, world, device), warmup=1,
                 reps=timing_reps, device=device).median_s
 
         if not offload:
-            torch_step, torch_state = torch_peer(stage, device, torch.float64)
+            torch_step, torch_state = peers.torch_peer(stage, device, torch.float64)
             for batch in batches:
                 torch_step(batch, rank, world)
             out["torch"][stage] = torch_state()
             if timing_reps:  # timed in float32, as ours and DeepSpeed are
-                torch_step, _ = torch_peer(stage, device)
+                torch_step, _ = peers.torch_peer(stage, device)
                 out["time_torch"][stage] = time_fn(lambda s=torch_step: s(batches[0], rank, world), warmup=1,
                                                    reps=timing_reps, device=device).median_s
 
         if not with_deepspeed:
             continue
-        ds_model = GPT(GPTConfig(**CONFIG)).to(device)
-        engine = deepspeed_engine(ds_model, stage=stage, offload=offload, micro_batch=LOCAL_BATCH, device=device)
+        ds_model = GPT(GPTConfig(**workload.CONFIG)).to(device)
+        engine = peers.deepspeed_engine(ds_model, stage=stage, offload=offload, micro_batch=workload.LOCAL_BATCH,
+                                        device=device)
         for batch in batches:
-            ds_step(engine, batch, rank, world, device)
-        out["deepspeed"][(stage, offload)] = deepspeed_state(engine)
+            peers.ds_step(engine, batch, rank, world, device)
+        out["deepspeed"][(stage, offload)] = peers.deepspeed_state(engine)
         if timing_reps:
             out["time_ds"][(stage, offload)] = time_fn(
-                lambda engine=engine: ds_step(engine, batches[0], rank, world, device), warmup=1,
+                lambda engine=engine: peers.ds_step(engine, batches[0], rank, world, device), warmup=1,
                 reps=timing_reps, device=device).median_s
         engine.destroy()
     if timing_reps:
-        model = GPT(GPTConfig(**CONFIG)).to(device)
+        model = GPT(GPTConfig(**workload.CONFIG)).to(device)
         ddp = torch.nn.parallel.DistributedDataParallel(model)
-        adamw = torch.optim.AdamW(ddp.parameters(), **ADAMW)
+        adamw = torch.optim.AdamW(ddp.parameters(), **workload.ADAMW)
 
         def ddp_step():
-            idx, targets = local_slice(batches[0], rank, world, device)
+            idx, targets = workload.local_slice(batches[0], rank, world, device)
             _, loss = ddp(idx, targets)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(ddp.parameters(), MAX_NORM)
+            torch.nn.utils.clip_grad_norm_(ddp.parameters(), workload.MAX_NORM)
             adamw.step()
             adamw.zero_grad()
 
@@ -182,8 +167,8 @@ def run(ctx: Context) -> list[Result]:
     steps = 3 if ctx.quick else 10
     reps = 3 if ctx.quick else 10
     device_type = ctx.device.type
-    psi = GPT(GPTConfig(**CONFIG)).num_parameters()
-    ds_version = deepspeed_version()
+    psi = GPT(GPTConfig(**workload.CONFIG)).num_parameters()
+    ds_version = peers.deepspeed_version()
     with_ds = ds_version is not None
     worlds = ([1, 2, 3, 4] if not ctx.quick else sorted({1, ws})) if not under_torchrun() else [ws]
     if device_type == "cuda":
@@ -196,8 +181,8 @@ def run(ctx: Context) -> list[Result]:
         peer = spawn(peer_worker, ws, PEER_CONFIGS, steps, reps, device_type, cases, with_ds,
                      None if under_torchrun() else checkpoints, device=device_type, timeout=ctx.timeout)
     ref_trajectory: list[dict] = []
-    ref64, spread64 = reference_and_spread(ws, steps, ctx.device, torch.float64, ref_trajectory)
-    ref32, spread32 = reference_and_spread(ws, steps, ctx.device)
+    ref64, spread64 = workload.reference_and_spread(ws, steps, ctx.device, torch.float64, ref_trajectory)
+    ref32, spread32 = workload.reference_and_spread(ws, steps, ctx.device)
     ours_all, ds_all = peer[0]["ours"], peer[0]["deepspeed"]
     for stage, offload in PEER_CONFIGS:
         label = f"ZeRO-{stage}{' + offload' if offload else ''}"
@@ -223,7 +208,7 @@ def run(ctx: Context) -> list[Result]:
                 "float64, the uninterrupted reference within 10x its own rounding spread", **common))
         if not offload:
             theirs = peer[0]["torch"][stage]
-            torch_name = TORCH_PEERS[stage]
+            torch_name = peers.TORCH_PEERS[stage]
             vs_torch = within_spread(ours64, theirs, spread64, name=f"{label} vs {torch_name}")
             torch_ref = max(float((theirs[k] - ref64[k]).abs().max()) for k in ref64)
             rows.append(SPEC.row(ctx, f"{label}: parameters after {steps} steps vs {torch_name}",
@@ -281,8 +266,8 @@ def _speed_row(ctx: Context, peer: dict, reps: int, ds_version: str | None) -> R
             speed.append(Metric(f"{tag} step time ours / DeepSpeed", t_ours / peer["time_ds"][(stage, offload)],
                                 "x"))
         if not offload:
-            speed.append(Metric(f"{tag} step time ours / {TORCH_PEERS[stage]}", t_ours / peer["time_torch"][stage],
-                                "x"))
+            speed.append(Metric(f"{tag} step time ours / {peers.TORCH_PEERS[stage]}",
+                                t_ours / peer["time_torch"][stage], "x"))
         if stage < 3 and not offload:
             speed.append(Metric(f"{tag} step time ours / torch DDP", t_ours / peer["time_ddp"], "x",
                                 claimed="slight"))
@@ -290,9 +275,9 @@ def _speed_row(ctx: Context, peer: dict, reps: int, ds_version: str | None) -> R
              "a tiny model measures mostly per-collective latency." if ctx.device.type == "cuda" else
              "Measured off the claim's hardware (CPU + gloo, where per-collective latency dominates a tiny model); "
              "the claim is about GPUs.")
-    peers = ([f"DeepSpeed {ds_version}"] if ds_version else []) + ["FSDP2", "ZeroRedundancyOptimizer", "torch DDP"]
+    names = ([f"DeepSpeed {ds_version}"] if ds_version else []) + ["FSDP2", "ZeroRedundancyOptimizer", "torch DDP"]
     return SPEC.row(
-        ctx, "step time", reference="; ".join(peers),
+        ctx, "step time", reference="; ".join(names),
         peer=f"deepspeed {ds_version}" if ds_version else f"torch {torch.__version__}",
         world_size=ctx.world_size, speed=speed, claim="zero.speed", verdict=Verdict.NOT_MEASURABLE,
         notes=f"median of {reps} steps after warm-up, tiny GPT, {ctx.world_size} ranks, same run. " + where)
