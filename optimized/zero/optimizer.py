@@ -117,7 +117,8 @@ class ZeroOptimizer(ShardedState, torch.optim.Optimizer):
         check_replicas_agree(model, group.process_group if group.distributed else None, "model")
 
         self.stage = stage
-        self._stage = STAGES[stage]
+        self._strategy = STAGES[stage]
+        """What this stage does differently (stages.py): chosen once, here."""
         self.offload = offload
         self.param_dtype = param_dtype
         self.module = model
@@ -152,8 +153,8 @@ class ZeroOptimizer(ShardedState, torch.optim.Optimizer):
             id(p): (flat, slot) for flat in self._flats for p, slot in zip(flat.params, flat.layout.slots, strict=True)
         }
         names = {id(p): names[0] for _, named in groups for names, p in named}
-        self._reduction = self._stage.reduction(self._flats, self._where, group, offload, self._bucket_bytes, device)
-        self._gathering = self._stage.gathering(model, self._flats, self._where, group, device, names)
+        self._reduction = self._strategy.reduction(self._flats, self._where, group, offload, self._bucket_bytes, device)
+        self._gathering = self._strategy.gathering(model, self._flats, self._where, group, device, names)
         trainable = [p for flat in self._flats for p in flat.params]
         self._stand_ins = [(p, sharded_grad(p)) for p in trainable]  # what p.grad shows after backward
         self._hooks: list[Any] = [p.register_hook(partial_clear(p)) for p in trainable]
@@ -219,13 +220,13 @@ class ZeroOptimizer(ShardedState, torch.optim.Optimizer):
             full[slot.offset : slot.end].copy_(p.detach().reshape(-1))
         self.group.broadcast(full, 0)  # every rank starts from rank 0's values, as DDP does
         compute = full.to(layout.dtype)  # the same tensor when no cast is needed
-        buffer = self._stage.store(compute, params, layout, self.rank)
+        buffer = self._strategy.store(compute, params, layout, self.rank)
         master_is_view = self.param_dtype is None and not self.offload
         if master_is_view:
-            master = self._stage.owned(buffer, layout, self.rank)
+            master = self._strategy.owned(buffer, layout, self.rank)
         else:
             master = self._placement.master(full[start : start + owned])
-        grads = self._stage.grad_buffer(layout, self.device, self.offload)
+        grads = self._strategy.grad_buffer(layout, self.device, self.offload)
         return FlatBuffers(layout, params, buffer, grads, master, master_is_view, self._placement.host_grad(master))
 
     # --- stage 3 ---------------------------------------------------------------------------------------------------
@@ -264,7 +265,7 @@ class ZeroOptimizer(ShardedState, torch.optim.Optimizer):
     def no_sync(self) -> Iterator[None]:
         """Stage 1: backwards inside only accumulate local gradients; the first backward after the block (or
         step()) reduces their sum. Stages 2-3 keep no unreduced gradient, so they refuse it."""
-        self._stage.check_no_sync()
+        self._strategy.check_no_sync()
         previous, self._require_sync = self._require_sync, False
         try:
             yield
@@ -381,8 +382,8 @@ class ZeroOptimizer(ShardedState, torch.optim.Optimizer):
         """Copy the master slices into the model's parameters (and all-gather them in stages 1-2)."""
         for flat in self._flats:
             if not flat.master_is_view:
-                self._stage.owned(flat.buffer, flat.layout, self.rank).copy_(flat.master)
-            self._stage.publish(flat, self.group)
+                self._strategy.owned(flat.buffer, flat.layout, self.rank).copy_(flat.master)
+            self._strategy.publish(flat, self.group)
 
     def model_state_tensors(self) -> dict[str, list[Tensor]]:
         """Every tensor of model state this rank holds, by kind, for memory accounting (unique storages count).
