@@ -20,12 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("reference", "optimized", "conformance", "tools")
 MAX_LINES = 450
 SPLIT_IN_PROGRESS = {
-    "optimized/zero/optimizer.py",  # split in progress
-    "optimized/zero/checkpoint.py",  # split in progress
     "optimized/mixed_precision.py",  # split in progress
     "optimized/attention/triton.py",  # split in progress
     "conformance/checks/attention.py",  # split in progress
-    "conformance/checks/zero.py",  # split in progress
     "conformance/checks/mixed_precision.py",  # split in progress
     "conformance/localize.py",  # split in progress
     "conformance/matrix.py",  # split in progress
