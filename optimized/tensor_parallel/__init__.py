@@ -16,7 +16,6 @@ Read in this order:
                       any forward
     plans.py          megatron_plan (the project's GPT), llama_plan, gpt2_plan, transformer_encoder_plan, plan_for
     state.py          split_parameters, gather_full, load_full: whole tensors back and in
-    grid.py           DP x TP process groups
 
 One transformer layer costs two all-reduces forward and two backward (Megatron Sec. 3, Fig. 4), each of B*T*C
 activations; q, k and v (and SwiGLU's gate and up) share one f at their module's input.
@@ -28,7 +27,6 @@ from optimized.tensor_parallel.cross_entropy import (
     VocabParallelLoss,
     vocab_parallel_cross_entropy,
 )
-from optimized.tensor_parallel.grid import ProcessGrid, make_process_grid
 from optimized.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 from optimized.tensor_parallel.multihead_attention import ParallelMultiheadAttention
 from optimized.tensor_parallel.parallelize import (
@@ -60,7 +58,6 @@ __all__ = [
     "LocalHeads",
     "Multihead",
     "ParallelMultiheadAttention",
-    "ProcessGrid",
     "RowParallel",
     "RowParallelLinear",
     "SharedInput",
@@ -76,7 +73,6 @@ __all__ = [
     "gpt2_plan",
     "llama_plan",
     "load_full",
-    "make_process_grid",
     "megatron_plan",
     "parallelize",
     "plan_for",

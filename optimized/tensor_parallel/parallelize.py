@@ -47,7 +47,7 @@ from dataclasses import dataclass
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from optimized.data_parallel import group_rank_and_size, single_device
+from optimized.distributed.groups import group_rank_and_size, single_device
 from optimized.tensor_parallel.cross_entropy import VocabParallelCausalLMLoss, VocabParallelLoss
 from optimized.tensor_parallel.layers import (
     ColumnParallelLinear,

@@ -52,10 +52,11 @@ from torch.utils._pytree import tree_flatten
 
 from optimized import _validate
 from optimized.clipping import clip_grads_with_norm_, global_grad_norm
-from optimized.data_parallel import GradReadyHooks, check_replicas_agree, refuse_meta
+from optimized.distributed.collectives import Group
+from optimized.distributed.groups import check_replicas_agree, refuse_meta
+from optimized.distributed.hooks import GradReadyHooks
 from optimized.mixed_precision import LossScale, unscale_and_check_
 from optimized.zero import checkpoint
-from optimized.zero.comm import Group
 from optimized.zero.gather import Gathering
 from optimized.zero.partition import FlatBuffers, FlatLayout, Slot, build_layouts, parse_groups
 from optimized.zero.reduction import Buckets, ShardedGrad, WholeBuffer, sharded_grad
