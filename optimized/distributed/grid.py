@@ -51,11 +51,13 @@ class ParallelDims:
     dp: int = 1
     """Data-parallel degree: model replicas (or ZeRO shards) that read different batches."""
     tp: int = 1
-    """Tensor-parallel degree: ranks splitting each layer's weights (Megatron)."""
+    """Tensor-parallel degree: ranks splitting each layer's weights (Megatron); keep it within a node, where its
+    per-layer all-reduces are cheapest."""
     pp: int = 1
     """Pipeline-parallel degree: stages, each holding a contiguous run of layers."""
     cp: int = 1
-    """Context-parallel degree: ranks splitting each sequence (ring attention)."""
+    """Context-parallel degree: ranks splitting each sequence (ring attention); they hold the same parameters, so
+    they average gradients with dp (the "dp_cp" group)."""
     dp_shard: int | None = None
     """Ranks of dp that ZeRO shards the model state over (must divide dp); None: all of dp."""
 
@@ -133,47 +135,18 @@ class ProcessGrid:
         """The global ranks of this rank's group `name`."""
         return self.dims.members(name, self.rank)
 
-    @property
-    def tp_group(self) -> dist.ProcessGroup:
-        """The ranks sharing one model replica's layers: parallelize's process_group."""
-        return self.groups["tp"]
-
-    @property
-    def dp_group(self) -> dist.ProcessGroup:
-        """The ranks holding the same shards and reading different batches: DataParallel's process_group."""
-        return self.groups["dp"]
-
-    @property
-    def pp_group(self) -> dist.ProcessGroup:
-        return self.groups["pp"]
-
-    @property
-    def cp_group(self) -> dist.ProcessGroup:
-        return self.groups["cp"]
-
-    @property
-    def tp_rank(self) -> int:
-        return self.coordinates["tp"]
-
-    @property
-    def dp_rank(self) -> int:
-        return self.coordinates["dp"]
-
-    @property
-    def pp_rank(self) -> int:
-        return self.coordinates["pp"]
-
-    @property
-    def cp_rank(self) -> int:
-        return self.coordinates["cp"]
-
-    @property
-    def tp_size(self) -> int:
-        return self.dims.tp
-
-    @property
-    def dp_size(self) -> int:
-        return self.dims.dp
+    def __getattr__(self, attribute: str):
+        """`<name>_group`, `<name>_rank` (this rank's place in that group: its coordinate) and `<name>_size` for every
+        name in GROUPS: grid.tp_group (parallelize's process_group), grid.dp_group (DataParallel's), grid.dp_rank,
+        grid.cp_size, ..."""
+        name, _, what = attribute.rpartition("_")
+        if name in GROUPS and what in ("group", "rank", "size"):
+            if what == "group":
+                return self.groups[name]
+            members = self.members(name)
+            return members.index(self.rank) if what == "rank" else len(members)
+        raise AttributeError(f"{type(self).__name__} has no attribute {attribute!r} (groups: {sorted(GROUPS)}, each "
+                             f"with _group, _rank and _size)")
 
 
 def make_process_grid(dims: ParallelDims | None = None, /, **degrees: int | None) -> ProcessGrid:

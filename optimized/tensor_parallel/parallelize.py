@@ -64,7 +64,6 @@ from optimized.tensor_parallel.plans import plan_for
 from optimized.tensor_parallel.regions import copy_to_region
 from optimized.tensor_parallel.styles import (
     HOW_TO_WRITE_A_PLAN,
-    STYLE_NAMES,
     ColumnParallel,
     LocalHeads,
     Multihead,
@@ -73,21 +72,10 @@ from optimized.tensor_parallel.styles import (
     Style,
     VocabEmbedding,
     VocabHead,
+    resolve_style,
 )
 
 # --- validation ------------------------------------------------------------------------------------------------------
-
-
-def _style(name: str, value, module: nn.Module) -> Style:
-    if isinstance(value, str):
-        if value == "vocab":
-            return VocabEmbedding() if isinstance(module, nn.Embedding) else VocabHead()
-        if value in STYLE_NAMES:
-            return STYLE_NAMES[value]
-    elif isinstance(value, Style):
-        return value
-    raise ValueError(f"plan[{name!r}] = {value!r}; allowed: {sorted(STYLE_NAMES) + ['vocab']} or a style object "
-                     f"(ColumnParallel, RowParallel, VocabEmbedding, VocabHead, SharedInput, LocalHeads, Multihead)")
 
 
 def _expand(model: nn.Module, plan: Mapping) -> dict[str, Style]:
@@ -105,7 +93,7 @@ def _expand(model: nn.Module, plan: Mapping) -> dict[str, Style]:
             raise ValueError(f"plan names module {key!r}, which the model does not have"
                              + (f" (did you mean {close}?)" if close else "") + f"; {HOW_TO_WRITE_A_PLAN}")
         for name in matched:
-            style = _style(name, value, modules[name])
+            style = resolve_style(name, value, modules[name])
             if name in out and out[name] != style:
                 raise ValueError(f"module {name!r} gets two styles from the plan: {out[name]} and {style}")
             out[name] = style

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from torch import nn
+
 
 @dataclass(frozen=True)
 class ColumnParallel:
@@ -75,6 +77,19 @@ STYLE_NAMES: dict[str, Style] = {"colwise": ColumnParallel(), "rowwise": RowPara
 def fused_qkv(q: int, k: int, v: int) -> ColumnParallel:
     """The style of one projection producing [q; k; v] of these widths (GPT-2's c_attn: fused_qkv(C, C, C))."""
     return ColumnParallel(sections=(q, k, v))
+
+
+def resolve_style(name: str, value, module: nn.Module) -> Style:
+    """The style object plan[name] = value means for `module` (a string shortcut or a style object)."""
+    if isinstance(value, str):
+        if value == "vocab":
+            return VocabEmbedding() if isinstance(module, nn.Embedding) else VocabHead()
+        if value in STYLE_NAMES:
+            return STYLE_NAMES[value]
+    elif isinstance(value, Style):
+        return value
+    raise ValueError(f"plan[{name!r}] = {value!r}; allowed: {sorted(STYLE_NAMES) + ['vocab']} or a style object "
+                     f"(ColumnParallel, RowParallel, VocabEmbedding, VocabHead, SharedInput, LocalHeads, Multihead)")
 
 
 HOW_TO_WRITE_A_PLAN = (

@@ -13,46 +13,44 @@ from optimized.distributed.grid import GROUPS, ParallelDims, make_process_grid
 
 TIMEOUT = 120.0
 
-# Each case: the degrees, each rank's (pp, dp, cp, tp), and the groups that are not one rank each ("dp_shard" and
-# "dp_cp" default to "dp"'s groups, as they are when dp_shard = dp and cp = 1), each group in group-rank order.
+# Each case: the degrees, each rank's coordinates as four digits "pp dp cp tp" (rank 0 first), and the groups
+# that are not one rank each ("dp_shard" and "dp_cp" default to "dp"'s groups, as they are when dp_shard = dp and
+# cp = 1), each group in group-rank order.
 TABLES = {
-    "one rank": (dict(), [(0, 0, 0, 0)], {}),
-    "cp 2": (dict(cp=2), [(0, 0, 0, 0), (0, 0, 1, 0)], {"cp": [[0, 1]], "dp_cp": [[0, 1]]}),
-    "tp 3": (dict(tp=3), [(0, 0, 0, 0), (0, 0, 0, 1), (0, 0, 0, 2)], {"tp": [[0, 1, 2]]}),
-    "dp 3": (dict(dp=3), [(0, 0, 0, 0), (0, 1, 0, 0), (0, 2, 0, 0)], {"dp": [[0, 1, 2]]}),
-    "pp 3": (dict(pp=3), [(0, 0, 0, 0), (1, 0, 0, 0), (2, 0, 0, 0)], {"pp": [[0, 1, 2]]}),
+    "one rank": (dict(), "0000", {}),
+    "cp 2": (dict(cp=2), "0000 0010", {"cp": [[0, 1]], "dp_cp": [[0, 1]]}),
+    "tp 3": (dict(tp=3), "0000 0001 0002", {"tp": [[0, 1, 2]]}),
+    "dp 3": (dict(dp=3), "0000 0100 0200", {"dp": [[0, 1, 2]]}),
+    "pp 3": (dict(pp=3), "0000 1000 2000", {"pp": [[0, 1, 2]]}),
     "dp 4, ZeRO over 2": (
-        dict(dp=4, dp_shard=2), [(0, 0, 0, 0), (0, 1, 0, 0), (0, 2, 0, 0), (0, 3, 0, 0)],
+        dict(dp=4, dp_shard=2), "0000 0100 0200 0300",
         {"dp": [[0, 1, 2, 3]], "dp_shard": [[0, 1], [2, 3]], "dp_replicate": [[0, 2], [1, 3]]},
     ),
-    "pp 5": (dict(pp=5), [(r, 0, 0, 0) for r in range(5)], {"pp": [[0, 1, 2, 3, 4]]}),
+    "pp 5": (dict(pp=5), "0000 1000 2000 3000 4000", {"pp": [[0, 1, 2, 3, 4]]}),
     "dp 3 x tp 2": (
-        dict(dp=3, tp=2), [(0, 0, 0, 0), (0, 0, 0, 1), (0, 1, 0, 0), (0, 1, 0, 1), (0, 2, 0, 0), (0, 2, 0, 1)],
+        dict(dp=3, tp=2), "0000 0001 0100 0101 0200 0201",
         {"tp": [[0, 1], [2, 3], [4, 5]], "dp": [[0, 2, 4], [1, 3, 5]]},
     ),
     "pp 2 x tp 3": (
-        dict(pp=2, tp=3), [(0, 0, 0, 0), (0, 0, 0, 1), (0, 0, 0, 2), (1, 0, 0, 0), (1, 0, 0, 1), (1, 0, 0, 2)],
+        dict(pp=2, tp=3), "0000 0001 0002 1000 1001 1002",
         {"tp": [[0, 1, 2], [3, 4, 5]], "pp": [[0, 3], [1, 4], [2, 5]]},
     ),
-    "dp 7": (dict(dp=7), [(0, r, 0, 0) for r in range(7)], {"dp": [list(range(7))]}),
+    "dp 7": (dict(dp=7), "0000 0100 0200 0300 0400 0500 0600", {"dp": [list(range(7))]}),
     "pp 2 x dp 2 x tp 2": (
         dict(pp=2, dp=2, tp=2),
-        [(0, 0, 0, 0), (0, 0, 0, 1), (0, 1, 0, 0), (0, 1, 0, 1),
-         (1, 0, 0, 0), (1, 0, 0, 1), (1, 1, 0, 0), (1, 1, 0, 1)],
+        "0000 0001 0100 0101 1000 1001 1100 1101",
         {"tp": [[0, 1], [2, 3], [4, 5], [6, 7]], "dp": [[0, 2], [1, 3], [4, 6], [5, 7]],
          "pp": [[0, 4], [1, 5], [2, 6], [3, 7]]},
     ),
     "dp 2 x cp 2 x tp 2": (
         dict(dp=2, cp=2, tp=2),
-        [(0, 0, 0, 0), (0, 0, 0, 1), (0, 0, 1, 0), (0, 0, 1, 1),
-         (0, 1, 0, 0), (0, 1, 0, 1), (0, 1, 1, 0), (0, 1, 1, 1)],
+        "0000 0001 0010 0011 0100 0101 0110 0111",
         {"tp": [[0, 1], [2, 3], [4, 5], [6, 7]], "cp": [[0, 2], [1, 3], [4, 6], [5, 7]],
          "dp": [[0, 4], [1, 5], [2, 6], [3, 7]], "dp_cp": [[0, 2, 4, 6], [1, 3, 5, 7]]},
     ),
     "pp 2 x dp 2 x cp 2": (
         dict(pp=2, dp=2, cp=2),
-        [(0, 0, 0, 0), (0, 0, 1, 0), (0, 1, 0, 0), (0, 1, 1, 0),
-         (1, 0, 0, 0), (1, 0, 1, 0), (1, 1, 0, 0), (1, 1, 1, 0)],
+        "0000 0010 0100 0110 1000 1010 1100 1110",
         {"cp": [[0, 1], [2, 3], [4, 5], [6, 7]], "dp": [[0, 2], [1, 3], [4, 6], [5, 7]],
          "pp": [[0, 4], [1, 5], [2, 6], [3, 7]], "dp_cp": [[0, 1, 2, 3], [4, 5, 6, 7]]},
     ),
@@ -67,18 +65,18 @@ def _expected_groups(world: int, groups: dict) -> dict[str, list[list[int]]]:
 
 
 def test_the_world_sizes_of_the_tables_cover_one_to_eight():
-    assert sorted({len(coords) for _, coords, _ in TABLES.values()}) == list(range(1, 9))
+    assert sorted({len(coords.split()) for _, coords, _ in TABLES.values()}) == list(range(1, 9))
 
 
 @pytest.mark.parametrize("case", sorted(TABLES))
 def test_coordinates_and_groups_match_the_hand_written_table(case):
     degrees, coords, groups = TABLES[case]
     dims = ParallelDims(**degrees)
-    world = len(coords)
+    world = len(coords.split())
     assert dims.world_size == world
-    for rank, (pp, dp, cp, tp) in enumerate(coords):
+    for rank, code in enumerate(coords.split()):
         got = dims.coordinates(rank)
-        assert (got["pp"], got["dp"], got["cp"], got["tp"]) == (pp, dp, cp, tp), rank
+        assert f"{got['pp']}{got['dp']}{got['cp']}{got['tp']}" == code, rank
     for name, partition in _expected_groups(world, groups).items():
         assert dims.partition(name) == partition, name
         for group in partition:
@@ -96,20 +94,22 @@ def _grid_worker(degrees: dict) -> dict:
         dist.all_reduce(x, group=group)
         sums[name] = x.item()
     c = grid.coordinates
-    return {"coords": (c["pp"], c["dp"], c["cp"], c["tp"]), "members": members, "sums": sums,
-            "ranks": (grid.dp_rank, grid.tp_rank, grid.pp_rank, grid.cp_rank)}
+    return {"coords": f"{c['pp']}{c['dp']}{c['cp']}{c['tp']}", "members": members, "sums": sums,
+            "ranks": f"{grid.pp_rank}{grid.dp_rank}{grid.cp_rank}{grid.tp_rank}",
+            "sizes": (grid.pp_size, grid.dp_size, grid.cp_size, grid.tp_size, grid.dp_cp_size),
+            "tp_group_is_named": grid.tp_group is grid.group("tp")}
 
 
 @pytest.mark.parametrize("case", ["tp 3", "dp 4, ZeRO over 2", "dp 2 x cp 2 x tp 2"])
 def test_the_groups_built_on_gloo_ranks_hold_the_table_members(case):
     degrees, coords, groups = TABLES[case]
-    world = len(coords)
+    world = len(coords.split())
     expected = _expected_groups(world, groups)
+    sizes = tuple(degrees.get(n, 1) for n in ("pp", "dp", "cp", "tp"))
     results = spawn(_grid_worker, world, degrees, timeout=TIMEOUT)
     for rank, got in enumerate(results):
-        assert got["coords"] == coords[rank]
-        pp, dp, cp, tp = coords[rank]
-        assert got["ranks"] == (dp, tp, pp, cp)
+        assert got["coords"] == got["ranks"] == coords.split()[rank]
+        assert got["sizes"] == (*sizes, sizes[1] * sizes[2]) and got["tp_group_is_named"]
         for name, partition in expected.items():
             mine = next(g for g in partition if rank in g)
             assert got["members"][name] == mine, (rank, name)
