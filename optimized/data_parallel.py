@@ -23,158 +23,24 @@ Two implementations:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.autograd import Variable
+
+from optimized.distributed.collectives import broadcast_state
+from optimized.distributed.groups import check_replicas_agree, group_rank_and_size, refuse_meta, single_device
+from optimized.distributed.hooks import GradReadyHooks, assign_buckets
 
 _MB = 1024 * 1024
-
-
-def group_rank_and_size(process_group: dist.ProcessGroup | None, argument: str = "process_group") -> tuple[int, int]:
-    """(rank in the group, group size); a clear error when torch.distributed is not initialised or this process is
-    not a member of `process_group`. No collective runs."""
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError(
-            "torch.distributed is not initialised: call torch.distributed.init_process_group (or launch through "
-            "torchrun / conformance.launch.spawn) before wrapping a module"
-        )
-    if process_group is dist.GroupMember.NON_GROUP_MEMBER:
-        raise ValueError(f"{argument}: this process (global rank {dist.get_rank()}) is not a member of the group")
-    rank = dist.get_rank(process_group)
-    if rank < 0:
-        raise ValueError(f"{argument}: this process (global rank {dist.get_rank()}) is not a member of the group")
-    return rank, dist.get_world_size(process_group)
-
-
-def single_device(tensors: Sequence[Tensor], argument: str) -> torch.device:
-    """The one device all `tensors` live on; a ValueError listing the devices otherwise."""
-    devices = sorted({str(t.device) for t in tensors})
-    if len(devices) > 1:
-        raise ValueError(f"{argument}: parameters and buffers must all be on one device, found {devices}")
-    return tensors[0].device if tensors else torch.device("cpu")
-
-
-def refuse_meta(module: nn.Module, argument: str) -> None:
-    """A ValueError when a parameter or buffer of `module` is on the meta device (shapes without values)."""
-    for name, t in [*module.named_parameters(), *module.named_buffers()]:
-        if t.is_meta:
-            raise ValueError(
-                f"{argument}: {name!r} is on the meta device (a shape without values); materialise the model first, "
-                f"e.g. {argument}.to_empty(device=...) and initialise its weights, then wrap it"
-            )
-
-
-def check_replicas_agree(module: nn.Module, process_group: dist.ProcessGroup | None, argument: str) -> None:
-    """Raise on every rank, before any collective that moves weights, unless every rank of the group holds a model
-    with the same parameter names, shapes, dtypes and requires_grad (in order), as DDP verifies at wrap. The error
-    names the first difference and the ranks that differ from rank 0. One all_gather_object."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(process_group) == 1:
-        return
-    mine = [(name, tuple(p.shape), str(p.dtype).removeprefix("torch."), p.requires_grad)
-            for name, p in module.named_parameters(remove_duplicate=False)]
-    every: list = [None] * dist.get_world_size(process_group)
-    dist.all_gather_object(every, mine, group=process_group)
-    first = every[0]
-    for rank, theirs in enumerate(every[1:], start=1):
-        if theirs == first:
-            continue
-        differs = [r for r, other in enumerate(every) if other != first]
-        for i, (a, b) in enumerate(zip(first, theirs, strict=False)):
-            if a != b:
-                what = ("name", "shape", "dtype", "requires_grad")
-                field_ = next(k for k, x, y in zip(what, a, b, strict=True) if x != y)
-                raise ValueError(
-                    f"{argument}: the ranks hold different models: parameter {i} is {a[0]!r} {what[1]} {a[1]} "
-                    f"dtype {a[2]} requires_grad {a[3]} on rank 0 but {b[0]!r} {what[1]} {b[1]} dtype {b[2]} "
-                    f"requires_grad {b[3]} on rank {rank} (its {field_} differs); rank(s) {differs} differ from "
-                    f"rank 0"
-                )
-        extra = (first if len(first) > len(theirs) else theirs)[min(len(first), len(theirs))][0]
-        raise ValueError(
-            f"{argument}: the ranks hold different models: rank 0 has {len(first)} parameters, rank {rank} has "
-            f"{len(theirs)} (first extra: {extra!r}); rank(s) {differs} differ from rank 0"
-        )
-
-
-@torch.no_grad()
-def broadcast_state(tensors: Sequence[Tensor], process_group: dist.ProcessGroup | None) -> None:
-    """Overwrite `tensors` with the values of the group's rank 0: one coalesced broadcast per dtype."""
-    by_dtype: dict[torch.dtype, list[Tensor]] = {}
-    for t in tensors:
-        by_dtype.setdefault(t.dtype, []).append(t)
-    for ts in by_dtype.values():
-        flat = torch.cat([t.detach().reshape(-1) for t in ts])  # (sum of numels,)
-        dist.broadcast(flat, group=process_group, group_src=0)
-        offset = 0
-        for t in ts:
-            t.copy_(flat[offset : offset + t.numel()].view_as(t))
-            offset += t.numel()
 
 
 def _unique_parameters(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """(name, parameter) in registration order, each tied parameter once, only those that require grad."""
     return [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-
-
-def assign_buckets(nbytes: Sequence[int], dtypes: Sequence[object], cap_bytes: float) -> list[list[int]]:
-    """Pack items (given in the order their gradients are expected) into buckets of one dtype each.
-
-    An item joins the open bucket of its dtype unless that would take the bucket past `cap_bytes`; then the bucket
-    is closed and a new one opened. So every bucket holds at most `cap_bytes`, except a bucket of a single item
-    larger than the cap. Buckets are numbered in the order they were opened; items keep their order inside."""
-    if len(nbytes) != len(dtypes):
-        raise ValueError(f"nbytes and dtypes must have the same length, got {len(nbytes)} and {len(dtypes)}")
-    if not cap_bytes > 0:
-        raise ValueError(f"cap_bytes must be > 0, got {cap_bytes}")
-    buckets: list[list[int]] = []
-    open_bucket: dict[object, tuple[int, int]] = {}  # dtype -> (bucket index, bytes in it)
-    for i, (size, dtype) in enumerate(zip(nbytes, dtypes, strict=True)):
-        if dtype in open_bucket and open_bucket[dtype][1] + size <= cap_bytes:
-            b, used = open_bucket[dtype]
-            buckets[b].append(i)
-            open_bucket[dtype] = (b, used + size)
-        else:
-            buckets.append([i])
-            open_bucket[dtype] = (len(buckets) - 1, size)
-    return buckets
-
-
-class GradReadyHooks:
-    """Post-accumulate-grad hooks on `params`: on_grad(p) runs the moment autograd has accumulated p's gradient into
-    p.grad, on_start() before the first of a backward and on_end() once that backward has finished (queued on
-    autograd's engine at its first gradient). The one mechanism behind DataParallel's buckets and ZeRO's gradient
-    reduction (optimized.zero.reduction), which differ only in what they do with each gradient."""
-
-    def __init__(self, params: Sequence[nn.Parameter], on_grad, on_end, on_start=None) -> None:
-        self.on_grad, self.on_end, self.on_start = on_grad, on_end, on_start
-        self.pending = False
-        """A backward has produced a gradient and its end has not run yet (True after a backward that raised)."""
-        self.handles: list = []
-        self.add(params)
-
-    def add(self, params: Sequence[nn.Parameter]) -> None:
-        self.handles += [p.register_post_accumulate_grad_hook(self._ready) for p in params]
-
-    def _ready(self, p: nn.Parameter) -> None:
-        if not self.pending:
-            self.pending = True
-            if self.on_start is not None:
-                self.on_start()
-            Variable._execution_engine.queue_callback(self._end)
-        self.on_grad(p)
-
-    def _end(self) -> None:
-        self.pending = False
-        self.on_end()
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
 
 
 @dataclass

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from optimized.accumulation import Batch, LossFn, accumulate_gradients, batch_device, gpt_loss
 from optimized.clipping import clip_grad_norm_, global_grad_norm
-from optimized.data_parallel import GradReadyHooks
+from optimized.distributed.hooks import GradReadyHooks
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 IGNORE_INDEX = -100  # the targets convention of torch.nn.functional.cross_entropy

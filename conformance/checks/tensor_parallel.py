@@ -37,10 +37,10 @@ from conformance.measure import CollectiveCounter, tensor_bytes
 from conformance.result import Metric, Result
 from conformance.tolerance import bitwise, combine, step_by_step, within_spread
 from optimized.data_parallel import DataParallel
+from optimized.distributed.grid import make_process_grid
 from optimized.tensor_parallel import (
     gather_full,
     load_full,
-    make_process_grid,
     megatron_plan,
     parallelize,
     split_parameters,
@@ -96,7 +96,7 @@ def _build(sizes: dict, device: torch.device, dp_size: int, dtype: torch.dtype =
     model = GPT(_config(sizes)).to(device, dtype)
     if dp_size == 1:
         return model, parallelize(model, megatron_plan(model)), 0
-    grid = make_process_grid(dp_size, world // dp_size)
+    grid = make_process_grid(dp=dp_size, tp=world // dp_size)
     wrapped = DataParallel(parallelize(model, megatron_plan(model), grid.tp_group), process_group=grid.dp_group)
     return model, wrapped, grid.dp_rank
 

@@ -3,10 +3,10 @@
 A model is described by a `Layout`: where its token embedding, its list of layers and its head live, plus what
 every layer needs besides the hidden state (rotary position embeddings, a causal mask, position ids), recomputed on
 each stage from the hidden state and the positions, so nothing but the hidden state (B, T, C) travels between
-stages. Ready layouts: the project's GPT (`wte`, `wpe`, `blocks`, `ln_f`, `lm_head`), transformers' Llama naming
-(`model.embed_tokens`, `model.layers`, `model.norm`, `lm_head`, `model.rotary_emb`), transformers' GPT-2
-(`transformer.wte/wpe/drop/h/ln_f`, `lm_head`) and an nn.Sequential (child 0 an nn.Embedding, the last child the
-head, every child between a layer). `layout_for(model)` picks one; any other model passes its own:
+stages. Ready layouts for the families optimized.families knows (the project's GPT, transformers' Llama naming and
+the models that copy it, transformers' GPT-2; each family's paths are kept there) and an nn.Sequential (child 0 an
+nn.Embedding, the last child the head, every child between a layer). `layout_for(model)` picks one; any other model
+passes its own:
 
     split(model, 4, layout=Layout(token_embedding="embed", layers="encoder.layers", head=("norm", "head"),
                                   layer_inputs=causal_mask_inputs))
@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from optimized.families import FAMILIES, Family, family_of, has_modules
 
 IGNORE_INDEX = -100
 """Targets equal to this are not scored (torch.nn.functional.cross_entropy's convention, the tiny GPT's too)."""
@@ -74,68 +76,58 @@ class Layout:
     """Keyword arguments every layer needs besides the hidden state, recomputed on each stage."""
 
 
-def gpt_layout(model: nn.Module) -> Layout:
-    """The project's GPT: positions are inside its attention (RoPE) or in `wpe`; blocks take the hidden state only."""
-    return Layout("wte", "blocks", ("ln_f", "lm_head"), position_embedding="wpe" if model.wpe is not None else None)
+def family_layout(model: nn.Module, family: Family) -> Layout:
+    """The layout of a model of `family` (optimized.families). transformers' layers get the causal mask (a sliding
+    window where the family's config sets one), the position ids and, for Llama's naming, the rotary cos/sin, made
+    on each stage as the model's forward makes them once."""
+    config = getattr(model, "config", None)
+    skipped = []
+    if family.logit_softcap and getattr(config, "final_logit_softcapping", None):
+        skipped.append("soft-caps its logits in the causal LM's forward, after the head")
+    if family.per_layer_attention and "sliding_attention" in (getattr(config, "layer_types", None) or ()):
+        skipped.append("gives its sliding-window and global layers (config.layer_types) different masks")
+    if skipped:
+        raise ValueError(f"split: {type(model).__name__} ({family.description}) {' and '.join(skipped)}, which a "
+                         f"stage made of its modules would not do; pass layout=Layout(...) with layer_inputs that "
+                         f"make what its layers need")
+    position = family.position_embedding
+    if position is not None and not has_modules(model, position):
+        position = None  # the project's GPT with RoPE: wpe is None
+    head = (family.final_norm, family.head)
+    if not family.layer_keywords:  # the project's GPT: positions inside its attention (RoPE) or in wpe
+        return Layout(family.token_embedding, family.layers, head, position_embedding=position,
+                      after_embedding=family.after_embedding)
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-
-def llama_layout(model: nn.Module) -> Layout:
-    """transformers' Llama naming: rotary cos/sin from `model.rotary_emb` and the causal mask from the config, made
-    on each stage (as LlamaModel.forward makes them once)."""
-    from transformers.masking_utils import create_causal_mask
-
-    inner = model.model
+    windowed = family.sliding_window and getattr(config, "sliding_window", None) is not None
+    make_mask = create_sliding_window_causal_mask if windowed else create_causal_mask
+    rotary = model.get_submodule(family.rotary_embedding) if family.rotary_embedding else None
 
     def layer_inputs(hidden: Tensor, positions: Tensor) -> dict:
-        mask = create_causal_mask(config=inner.config, inputs_embeds=hidden, attention_mask=None, cache=None,
-                                  position_ids=positions)
-        return {"attention_mask": mask, "position_embeddings": inner.rotary_emb(hidden, position_ids=positions),
-                "position_ids": positions}
+        mask = make_mask(config=config, inputs_embeds=hidden, attention_mask=None, cache=None, position_ids=positions)
+        out = {"attention_mask": mask, "position_ids": positions}
+        if rotary is not None:
+            out["position_embeddings"] = rotary(hidden, position_ids=positions)
+        return out
 
-    return Layout("model.embed_tokens", "model.layers", ("model.norm", "lm_head"), layer_inputs=layer_inputs)
-
-
-def gpt2_layout(model: nn.Module) -> Layout:
-    """transformers' GPT-2: wte + wpe, dropout, blocks with the causal mask made from the config, ln_f, lm_head."""
-    from transformers.masking_utils import create_causal_mask
-
-    config = model.config
-
-    def layer_inputs(hidden: Tensor, positions: Tensor) -> dict:
-        mask = create_causal_mask(config=config, inputs_embeds=hidden, attention_mask=None, cache=None,
-                                  position_ids=positions)
-        return {"attention_mask": mask, "position_ids": positions}
-
-    return Layout("transformer.wte", "transformer.h", ("transformer.ln_f", "lm_head"),
-                  position_embedding="transformer.wpe", after_embedding=("transformer.drop",),
-                  layer_inputs=layer_inputs)
+    return Layout(family.token_embedding, family.layers, head, position_embedding=position,
+                  after_embedding=family.after_embedding, layer_inputs=layer_inputs)
 
 
-def _has(model: nn.Module, *paths: str) -> bool:
-    try:
-        for path in paths:
-            model.get_submodule(path)
-    except AttributeError:
-        return False
-    return True
+_SPLIT_FAMILIES = tuple(f.name for f in FAMILIES if f.layers is not None)
+"""The families with a known list of layers (nn.TransformerEncoder's models name their embedding and head freely)."""
 
 
 def layout_for(model: nn.Module) -> Layout | None:
-    """The ready layout matching the model (None for an nn.Sequential, which `split` cuts by its children)."""
+    """The ready layout of the model's family (None for an nn.Sequential, which `split` cuts by its children)."""
     if isinstance(model, nn.Sequential):
         return None
-    if _has(model, "wte", "blocks", "ln_f", "lm_head") and hasattr(model, "wpe"):
-        return gpt_layout(model)
-    if _has(model, "model.embed_tokens", "model.layers", "model.norm", "model.rotary_emb", "lm_head"):
-        return llama_layout(model)
-    if _has(model, "transformer.wte", "transformer.wpe", "transformer.h", "transformer.ln_f", "lm_head"):
-        return gpt2_layout(model)
-    raise ValueError(
-        f"split: no ready layout for {type(model).__name__} (known: the project's GPT, transformers Llama naming, "
-        f"transformers GPT-2, nn.Sequential); pass layout=Layout(token_embedding=..., layers=..., head=(...), "
-        f"layer_inputs=...) naming its modules, e.g. Layout('embed', 'encoder.layers', ('norm', 'head'), "
-        f"layer_inputs=causal_mask_inputs)"
-    )
+    family = family_of(
+        model, among=_SPLIT_FAMILIES, context="split: no ready layout",
+        purpose="an nn.Sequential is cut by its children; for any other model pass layout=Layout(token_embedding=..., "
+                "layers=..., head=(...), layer_inputs=...) naming its modules, e.g. Layout('embed', 'encoder.layers', "
+                "('norm', 'head'), layer_inputs=causal_mask_inputs)")
+    return family_layout(model, family)
 
 
 class PipelineStage(nn.Module):

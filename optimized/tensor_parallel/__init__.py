@@ -12,11 +12,11 @@ Read in this order:
     multihead_attention.py  torch's nn.MultiheadAttention split by heads (replaced whole: its forward needs every head)
     cross_entropy.py  the vocab-parallel cross-entropy (3 numbers per token on the wire, never the full logits) and
                       the adapters that plug it into a model's loss
-    parallelize.py    plans as data: styles, validation before any collective, applying a plan without replacing
-                      any forward
-    plans.py          megatron_plan (the project's GPT), llama_plan, gpt2_plan, transformer_encoder_plan, plan_for
+    styles.py         what a plan says about one module: colwise, rowwise, embedding, vocab_head, LocalHeads, ...
+    plans.py          the ready plans, written from optimized.families' facts: megatron_plan (the project's GPT),
+                      llama_plan, gpt2_plan, transformer_encoder_plan, plan_for
+    parallelize.py    validation before any collective, applying a plan without replacing any forward
     state.py          split_parameters, gather_full, load_full: whole tensors back and in
-    grid.py           DP x TP process groups
 
 One transformer layer costs two all-reduces forward and two backward (Megatron Sec. 3, Fig. 4), each of B*T*C
 activations; q, k and v (and SwiGLU's gate and up) share one f at their module's input.
@@ -28,10 +28,18 @@ from optimized.tensor_parallel.cross_entropy import (
     VocabParallelLoss,
     vocab_parallel_cross_entropy,
 )
-from optimized.tensor_parallel.grid import ProcessGrid, make_process_grid
 from optimized.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 from optimized.tensor_parallel.multihead_attention import ParallelMultiheadAttention
-from optimized.tensor_parallel.parallelize import (
+from optimized.tensor_parallel.parallelize import parallelize
+from optimized.tensor_parallel.plans import gpt2_plan, llama_plan, megatron_plan, plan_for, transformer_encoder_plan
+from optimized.tensor_parallel.regions import (
+    copy_to_region,
+    gather_from_region,
+    reduce_from_region,
+    scatter_to_region,
+)
+from optimized.tensor_parallel.state import gather_full, load_full, split_parameters
+from optimized.tensor_parallel.styles import (
     STYLE_NAMES,
     ColumnParallel,
     LocalHeads,
@@ -41,16 +49,7 @@ from optimized.tensor_parallel.parallelize import (
     VocabEmbedding,
     VocabHead,
     fused_qkv,
-    parallelize,
 )
-from optimized.tensor_parallel.plans import gpt2_plan, llama_plan, megatron_plan, plan_for, transformer_encoder_plan
-from optimized.tensor_parallel.regions import (
-    copy_to_region,
-    gather_from_region,
-    reduce_from_region,
-    scatter_to_region,
-)
-from optimized.tensor_parallel.state import gather_full, load_full, split_parameters
 
 __all__ = [
     "IGNORE_INDEX",
@@ -60,7 +59,6 @@ __all__ = [
     "LocalHeads",
     "Multihead",
     "ParallelMultiheadAttention",
-    "ProcessGrid",
     "RowParallel",
     "RowParallelLinear",
     "SharedInput",
@@ -76,7 +74,6 @@ __all__ = [
     "gpt2_plan",
     "llama_plan",
     "load_full",
-    "make_process_grid",
     "megatron_plan",
     "parallelize",
     "plan_for",

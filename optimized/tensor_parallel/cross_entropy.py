@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from optimized.data_parallel import group_rank_and_size
+from optimized.distributed.groups import group_rank_and_size
 from optimized.tensor_parallel.regions import group_size
 
 IGNORE_INDEX = -100

@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from optimized.data_parallel import group_rank_and_size
+from optimized.distributed.groups import group_rank_and_size
 from optimized.tensor_parallel.regions import copy_to_region, gather_from_region, reduce_from_region, scatter_to_region
 
 LAYOUTS = ("linear", "conv1d")

@@ -42,12 +42,11 @@ from __future__ import annotations
 import difflib
 import fnmatch
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from optimized.data_parallel import group_rank_and_size, single_device
+from optimized.distributed.groups import group_rank_and_size, single_device
 from optimized.tensor_parallel.cross_entropy import VocabParallelCausalLMLoss, VocabParallelLoss
 from optimized.tensor_parallel.layers import (
     ColumnParallelLinear,
@@ -61,91 +60,22 @@ from optimized.tensor_parallel.multihead_attention import (
     check_multihead,
     keep_encoders_on_plain_forward,
 )
+from optimized.tensor_parallel.plans import plan_for
 from optimized.tensor_parallel.regions import copy_to_region
-
-# --- styles ----------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ColumnParallel:
-    """Split an nn.Linear / Conv1D by outputs (ColumnParallelLinear)."""
-
-    sections: tuple[int, ...] | None = None
-    """Widths of fused outputs split one by one (q, k, v); None: one output."""
-    gather_output: bool = False
-    """All-gather the outputs so every rank holds (..., out)."""
-
-
-@dataclass(frozen=True)
-class RowParallel:
-    """Split an nn.Linear / Conv1D by inputs (RowParallelLinear), input already split."""
-
-
-@dataclass(frozen=True)
-class VocabEmbedding:
-    """Split an nn.Embedding by vocabulary rows (VocabParallelEmbedding)."""
-
-
-@dataclass(frozen=True)
-class VocabHead:
-    """The output head split by vocabulary; the model's loss becomes the vocab-parallel cross-entropy."""
-
-
-@dataclass(frozen=True)
-class SharedInput:
-    """f once at this module's input; its column-parallel children skip their own."""
-
-
-@dataclass(frozen=True)
-class Multihead:
-    """Replace an nn.MultiheadAttention by ParallelMultiheadAttention (this rank's heads, sliced from its weights)."""
-
-
-@dataclass(frozen=True)
-class LocalHeads:
-    """An attention module whose projections are split by heads."""
-
-    num_heads: int
-    """Query heads of the whole layer."""
-    num_kv_heads: int | None = None
-    """Key/value heads (GQA); None: num_heads."""
-    attributes: tuple[str, ...] = ()
-    """Integer attributes of the module divided by t (head counts, widths its forward reads)."""
-    shared_input: bool = True
-    """Apply f once at the module's input (its q/k/v read it)."""
-
-
-Style = ColumnParallel | RowParallel | VocabEmbedding | VocabHead | SharedInput | LocalHeads | Multihead
-STYLE_NAMES: dict[str, Style] = {"colwise": ColumnParallel(), "rowwise": RowParallel(), "embedding": VocabEmbedding(),
-                                 "vocab_head": VocabHead(), "shared_input": SharedInput(), "mha": Multihead()}
-"""The string shortcuts; "vocab" is also accepted (embedding on an nn.Embedding, vocab_head on a head)."""
-
-
-def fused_qkv(q: int, k: int, v: int) -> ColumnParallel:
-    """The style of one projection producing [q; k; v] of these widths (GPT-2's c_attn: fused_qkv(C, C, C))."""
-    return ColumnParallel(sections=(q, k, v))
-
-
-HOW_TO_WRITE_A_PLAN = (
-    "write a plan: a dict from module names (globs allowed, e.g. 'layers.*.attn.q_proj') to styles "
-    "('colwise' for the projections that read the hidden state, 'rowwise' for the ones that write it back, "
-    "LocalHeads(num_heads, num_kv_heads) on each attention module, 'embedding' and 'vocab_head' for the vocabulary); "
-    "see optimized.tensor_parallel.parallelize's module docstring and megatron_plan / llama_plan / gpt2_plan"
+from optimized.tensor_parallel.styles import (
+    HOW_TO_WRITE_A_PLAN,
+    ColumnParallel,
+    LocalHeads,
+    Multihead,
+    RowParallel,
+    SharedInput,
+    Style,
+    VocabEmbedding,
+    VocabHead,
+    resolve_style,
 )
 
 # --- validation ------------------------------------------------------------------------------------------------------
-
-
-def _style(name: str, value, module: nn.Module) -> Style:
-    if isinstance(value, str):
-        if value == "vocab":
-            return VocabEmbedding() if isinstance(module, nn.Embedding) else VocabHead()
-        if value in STYLE_NAMES:
-            return STYLE_NAMES[value]
-    elif isinstance(value, Style):
-        return value
-    raise ValueError(f"plan[{name!r}] = {value!r}; allowed: {sorted(STYLE_NAMES) + ['vocab']} or a style object "
-                     f"(ColumnParallel, RowParallel, VocabEmbedding, VocabHead, SharedInput, LocalHeads, Multihead)")
 
 
 def _expand(model: nn.Module, plan: Mapping) -> dict[str, Style]:
@@ -163,7 +93,7 @@ def _expand(model: nn.Module, plan: Mapping) -> dict[str, Style]:
             raise ValueError(f"plan names module {key!r}, which the model does not have"
                              + (f" (did you mean {close}?)" if close else "") + f"; {HOW_TO_WRITE_A_PLAN}")
         for name in matched:
-            style = _style(name, value, modules[name])
+            style = resolve_style(name, value, modules[name])
             if name in out and out[name] != style:
                 raise ValueError(f"module {name!r} gets two styles from the plan: {out[name]} and {style}")
             out[name] = style
@@ -307,8 +237,6 @@ def parallelize(model: nn.Module, plan: Mapping | None = None,
     result computes what `model` computed; tied weights stay tied (one shard). With a "vocab_head" the model returns
     this rank's logits (..., V/t) and its pluggable loss is the vocab-parallel cross-entropy."""
     if plan is None:
-        from optimized.tensor_parallel.plans import plan_for
-
         plan = plan_for(model)
     _, t = group_rank_and_size(process_group)
     styles = _expand(model, plan)

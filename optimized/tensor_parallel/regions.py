@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from optimized.data_parallel import group_rank_and_size
+from optimized.distributed.groups import group_rank_and_size
 
 
 def _all_reduce(x: Tensor, group, op=dist.ReduceOp.SUM) -> Tensor:

@@ -10,7 +10,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from optimized.data_parallel import refuse_meta
+from optimized.distributed.groups import refuse_meta
 from optimized.mixed_precision import HALF_DTYPES
 from optimized.zero.partition import parse_groups
 

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
-from optimized.zero.comm import Group
+from optimized.distributed.collectives import Group
 from optimized.zero.partition import FlatBuffers, Slot
 
 _METADATA = frozenset({

@@ -54,11 +54,12 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
 from optimized import _validate
-from optimized.data_parallel import GradReadyHooks, check_replicas_agree
+from optimized.distributed.collectives import Group
+from optimized.distributed.groups import check_replicas_agree
+from optimized.distributed.hooks import GradReadyHooks
 from optimized.mixed_precision import LossScale
 from optimized.zero import checkpoint
 from optimized.zero.arguments import check_arguments
-from optimized.zero.comm import Group
 from optimized.zero.master_grads import MasterGrads
 from optimized.zero.offload import Placement
 from optimized.zero.partition import FlatBuffers, FlatLayout, Slot, build_layouts
@@ -125,7 +126,7 @@ class ZeroOptimizer(ShardedState, torch.optim.Optimizer):
         self.device = device
         self._placement = Placement(offload, device)
         self.group = group
-        """This rank and the data-parallel group (comm.Group), shared with checkpoint.py."""
+        """This rank and the data-parallel group (distributed.collectives.Group), shared with checkpoint.py."""
         self.process_group = group.process_group
         self.world_size = group.world_size
         self.rank = group.rank

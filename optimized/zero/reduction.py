@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from optimized.data_parallel import assign_buckets
-from optimized.zero.comm import Group
+from optimized.distributed.collectives import Group
+from optimized.distributed.hooks import assign_buckets
 from optimized.zero.partition import FlatBuffers, Slot
 
 

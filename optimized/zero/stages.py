@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from optimized.zero.comm import Group
+from optimized.distributed.collectives import Group
 from optimized.zero.gather import Gathering
 from optimized.zero.partition import FlatBuffers, FlatLayout, Slot
 from optimized.zero.reduction import Buckets, WholeBuffer

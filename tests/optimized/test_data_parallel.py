@@ -30,7 +30,8 @@ from conformance.checks._reference_runs import ReferenceRun, load_parameters, re
 from conformance.launch import RankError, spawn
 from conformance.measure import CollectiveCounter
 from conformance.tolerance import allclose, assert_equivalent, combine, step_by_step, within_spread
-from optimized.data_parallel import DataParallel, NaiveDataParallel, assign_buckets
+from optimized.data_parallel import DataParallel, NaiveDataParallel
+from optimized.distributed.hooks import assign_buckets
 from reference.data import make_batches
 from reference.model import GPT, IGNORE_INDEX, GPTConfig
 

@@ -28,6 +28,7 @@ from conformance.measure import CollectiveCounter
 from conformance.tolerance import allclose, assert_equivalent, combine, step_by_step, within_spread
 from optimized.clipping import global_grad_norm
 from optimized.data_parallel import DataParallel
+from optimized.distributed.grid import make_process_grid
 from optimized.tensor_parallel import (
     ColumnParallelLinear,
     LocalHeads,
@@ -36,7 +37,6 @@ from optimized.tensor_parallel import (
     gather_from_region,
     gather_full,
     load_full,
-    make_process_grid,
     megatron_plan,
     parallelize,
     scatter_to_region,
@@ -227,7 +227,7 @@ def _build(config: GPTConfig, dp_size: int):
     model = GPT(config).to(torch.float64)
     if dp_size == 1:
         return model, parallelize(model, megatron_plan(model)), None, 0, rank
-    grid = make_process_grid(dp_size, world // dp_size)
+    grid = make_process_grid(dp=dp_size, tp=world // dp_size)
     wrapped = DataParallel(parallelize(model, megatron_plan(model), grid.tp_group), process_group=grid.dp_group)
     return model, wrapped, grid.tp_group, grid.dp_rank, grid.tp_rank
 
@@ -430,8 +430,8 @@ def _bad_input_worker() -> list[str]:
             ColumnParallelLinear(7, 5)
         with pytest.raises(ValueError, match=r"in_features=7 must be divisible"):
             RowParallelLinear(7, 5)
-        with pytest.raises(ValueError, match=r"dp_size \* tp_size = 2 \* 2 = 4 must equal the world size 3"):
-            make_process_grid(2, 2)
+        with pytest.raises(ValueError, match=r"pp=1 \* dp=2 \* cp=1 \* tp=2 = 4 must equal the world size 3"):
+            make_process_grid(dp=2, tp=2)
         with pytest.raises(ValueError, match=r"reduction must be"):
             vocab_parallel_cross_entropy(torch.zeros(2, 4), torch.zeros(2, dtype=torch.long), reduction="avg")
     assert counter.count() == 0, "bad input must be rejected before any collective"

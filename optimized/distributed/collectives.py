@@ -1,17 +1,25 @@
-"""The data-parallel process group as ZeRO uses it: this rank, the group size and the few collectives ZeRO needs,
-each a no-op on a single rank (no initialised process group, or a group of one), so the same code runs everywhere.
+"""Collectives shared by more than one technique.
 
-Shared by the optimizer (gradient reduction, parameter gathering, the overflow/norm reduction) and checkpoint.py
-(agreement before a checkpoint is published or loaded).
+`Group`: one process group and this process's place in it, with the few collectives the sharded optimizer (ZeRO:
+gradient reduction, parameter gathering, the overflow and norm reductions) and its checkpoints need, each a no-op on
+a single rank (no initialised process group, or a group of one), so the same code runs everywhere.
+`broadcast_state`: every rank takes rank 0's values (data parallel at wrap and, with broadcast_buffers, each forward).
+
+The collectives with a gradient that only tensor parallelism uses (Megatron's f and g) live beside it, in
+optimized.tensor_parallel.regions.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from optimized.distributed.groups import group_rank_and_size
 
 
 @dataclass(frozen=True)
@@ -36,9 +44,8 @@ class Group:
                 raise ValueError(f"{argument} was given but torch.distributed is not initialised")
             return cls(None, 0, 1, False)
         group = process_group if process_group is not None else dist.group.WORLD
-        if group is dist.GroupMember.NON_GROUP_MEMBER or dist.get_rank(group) < 0:
-            raise ValueError(f"{argument}: this process (global rank {dist.get_rank()}) is not a member of the group")
-        return cls(group, dist.get_rank(group), dist.get_world_size(group), True)
+        rank, world_size = group_rank_and_size(group, argument)
+        return cls(group, rank, world_size, True)
 
     @property
     def active(self) -> bool:
@@ -97,3 +104,18 @@ class Group:
         if failed:
             others = f" (rank(s) {', '.join(map(str, failed[1:]))} failed too)" if failed[1:] else ""
             raise RuntimeError(f"rank {failed[0]} of {self.world_size}: {errors[failed[0]]}{others}")
+
+
+@torch.no_grad()
+def broadcast_state(tensors: Sequence[Tensor], process_group: dist.ProcessGroup | None) -> None:
+    """Overwrite `tensors` with the values of the group's rank 0: one coalesced broadcast per dtype."""
+    by_dtype: dict[torch.dtype, list[Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    for ts in by_dtype.values():
+        flat = torch.cat([t.detach().reshape(-1) for t in ts])  # (sum of numels,)
+        dist.broadcast(flat, group=process_group, group_src=0)
+        offset = 0
+        for t in ts:
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
