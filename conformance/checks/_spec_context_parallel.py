@@ -6,8 +6,9 @@
     - the whole GPT with its sequence split (the loss and every gradient): the Llama-shaped model (RoPE rotated at
       GLOBAL positions inside attention) and the GPT-2-shaped one (learned positions read at global positions),
       against one process on the whole sequence.
-(b) The spec vs optimized.context_parallel.ring_attention on ctx.world_size gloo ranks, in float64: every rank's out,
-    dq, dk, dv equal the spec's rows for that rank (the same layouts), within the one-process rounding spread.
+(b) The spec vs optimized.context_parallel.ring_attention on ctx.world_size gloo ranks, in float64: each rank given
+    its slice in the spec's layout (so a layout the two disagree on fails), its out, dq, dk, dv equal the spec's rows
+    for that rank, within the one-process rounding spread.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from conformance.launch import spawn
 from conformance.result import Result
 from conformance.tolerance import within_spread
 from optimized.context_parallel import ring_attention as optimized_ring_attention
-from optimized.context_parallel import shard_sequence
 from reference.attention import attention
 from reference.data import make_batches
 from reference.model import GPT, GPTConfig
@@ -60,19 +60,17 @@ def _spec(q, k, v, dout, causal: bool, world: int, layout: str) -> list[dict[str
 
 
 def _optimized_worker(seq_len: int) -> dict:
+    """One rank of optimized.context_parallel: its slice in the spec's layout (positions_of), out, dq, dk, dv."""
     rank, world = dist.get_rank(), dist.get_world_size()
     q, k, v, dout = _inputs(seq_len)
-    out = {}
-    for causal in (False, True):
-        for layout in LAYOUTS:
-            def mine(t, layout=layout):
-                return shard_sequence(t, rank=rank, world_size=world, layout=layout)
-
-            local = [mine(t).requires_grad_() for t in (q, k, v)]
-            o = optimized_ring_attention(*local, is_causal=causal, layout=layout)  # (B, H, n, d)
-            o.backward(mine(dout))
-            out[causal, layout] = dict(zip(NAMES, [o.detach()] + [t.grad for t in local], strict=True))
-    return out
+    results = {}
+    for causal, layout in ((c, lay) for c in (False, True) for lay in LAYOUTS):
+        pos = positions_of(seq_len, world, layout)[rank]  # equal slices here: what the optimized layout expects
+        leaves = [t[:, :, pos].clone().requires_grad_() for t in (q, k, v)]
+        o = optimized_ring_attention(*leaves, is_causal=causal, layout=layout)  # (B, H, n, d)
+        o.backward(dout[:, :, pos])
+        results[causal, layout] = dict(zip(NAMES, [o.detach()] + [t.grad for t in leaves], strict=True))
+    return results
 
 
 def _model_config(family: str, seq_len: int) -> GPTConfig:

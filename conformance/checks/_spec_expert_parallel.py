@@ -66,7 +66,8 @@ def _expert_parallel(config: MoEConfig, world: int) -> tuple[dict[str, torch.Ten
     return got, outs[0].dropped
 
 
-def _mixtral(moe: MoE):
+def mixtral_peer(moe: MoE):
+    """transformers' MixtralSparseMoeBlock with `moe`'s weights (float64), for the no-capacity case."""
     from transformers import MixtralConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
@@ -85,7 +86,7 @@ def _mixtral(moe: MoE):
 def _peer_row(ctx: Context, spec: CheckSpec, world: int) -> Result:
     config = _config(world, None)
     moe = MoE(config).double()
-    peer = _mixtral(moe)
+    peer = mixtral_peer(moe)
     x = _x()
     x_ours, x_peer = x.clone().requires_grad_(), x.clone().requires_grad_()
     ours, theirs = moe(x_ours), peer(x_peer[None])[0]  # Mixtral takes (B, T, C)

@@ -27,6 +27,8 @@ from reference.parallel.pipeline import one_f_one_b as spec_one_f_one_b
 MICROBATCHES = 3
 ROWS = 2
 """Rows per micro-batch."""
+VS_ONE_PROCESS = dict(reference="reference.training.accumulate_gradients (one process, whole batch)",
+                      optimized="reference.parallel.pipeline.run_pipeline")
 
 
 def _config(family: str, n_layer: int) -> GPTConfig:
@@ -72,11 +74,10 @@ def rows(ctx: Context, spec: CheckSpec) -> list[Result]:
             for p in sorted({max(p_opt, 2), 3}):
                 for name, make in (("1f1b", spec_one_f_one_b), ("gpipe", gpipe)):
                     got, _ = _spec_step(config, p, make(p, MICROBATCHES))
+                    eq = within_spread(got, ref, spread, name=f"{name} p={p} m={MICROBATCHES}")
                     out.append(spec.row(
-                        ctx, f"pipeline spec {name} p={p} vs one process ({family})", world_size=p,
-                        reference="reference.training.accumulate_gradients (one process, whole batch)",
-                        optimized="reference.parallel.pipeline.run_pipeline",
-                        equivalence=within_spread(got, ref, spread, name=f"{name} p={p} m={MICROBATCHES}"),
+                        ctx, f"pipeline spec {name} p={p} vs one process ({family})", world_size=p, equivalence=eq,
+                        **VS_ONE_PROCESS,
                         notes=f"{n_layer} blocks in {p} simulated stages, {MICROBATCHES} micro-batches of {ROWS} rows "
                               f"with uneven padding (token-weighted), float64 on both sides; loss and every gradient "
                               f"within 10x the reference's own rounding spread {spread.value:.2g} + 1 ulp"))

@@ -65,7 +65,7 @@ class ExpertParallelMoE:
 
         # 2. Dispatch: sends[r][d] = the rows of rank r's kept assignments whose expert is on rank d, by expert.
         sends, labels, placed = [], [], []
-        for r, (x, rt) in enumerate(zip(xs, routing, strict=True)):
+        for x, rt in zip(xs, routing, strict=True):
             token, choice = torch.where(rt.kept)  # (a,) each: rank r's kept assignments
             expert = rt.experts[token, choice]  # (a,) global expert ids
             by_expert = torch.argsort(expert, stable=True)  # (a,)

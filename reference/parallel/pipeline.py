@@ -59,18 +59,18 @@ def one_f_one_b(num_stages: int, num_microbatches: int) -> list[list[Action]]:
     """1F1B (PipeDream-Flush), per rank: Warmup, Steady state, Cooldown (picotron's train_step_pipeline_1f1b)."""
     _check(num_stages, num_microbatches)
     p, m = num_stages, num_microbatches
+    forwards, backwards = [("F", i) for i in range(m)], [("B", i) for i in range(m)]  # each in micro-batch order
     schedule = []
     for rank in range(p):
         # Warmup: fill the pipe. Rank r must run p - r - 1 forwards before the first backward reaches it.
         num_warmup_microbatches = min(p - rank - 1, m)
         num_microbatches_remaining = m - num_warmup_microbatches
-        actions = [("F", i) for i in range(num_warmup_microbatches)]
+        actions = forwards[:num_warmup_microbatches]
         # Steady state: one forward of the next micro-batch, then one backward of the oldest in flight.
-        for i in range(num_microbatches_remaining):
-            actions += [("F", num_warmup_microbatches + i), ("B", i)]
+        for f, b in zip(forwards[num_warmup_microbatches:], backwards, strict=False):
+            actions += [f, b]
         # Cooldown: drain the micro-batches still in flight.
-        actions += [("B", i) for i in range(num_microbatches_remaining, m)]
-        schedule.append(actions)
+        schedule.append(actions + backwards[num_microbatches_remaining:])
     return schedule
 
 

@@ -94,29 +94,15 @@ def test_top_k_weights_are_renormalised_over_the_chosen():
     torch.testing.assert_close(r.weights[0], torch.stack([p[0], p[1]]) / (p[0] + p[1]))
 
 
-def _mixtral_peer(moe: MoE):
-    from transformers import MixtralConfig
-    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
-
-    c = moe.config
-    config = MixtralConfig(hidden_size=c.dim, intermediate_size=c.hidden, num_local_experts=c.num_experts,
-                           num_experts_per_tok=c.top_k, router_jitter_noise=0.0)
-    peer = MixtralSparseMoeBlock(config).double()
-    with torch.no_grad():
-        peer.gate.weight.copy_(moe.router.weight)  # (E, C)
-        for e, expert in enumerate(moe.experts):
-            peer.experts.gate_up_proj[e].copy_(torch.cat([expert.fc_gate.weight, expert.fc_in.weight]))  # (2I, C)
-            peer.experts.down_proj[e].copy_(expert.fc_out.weight)  # (C, I)
-    return peer
-
-
 @pytest.mark.parametrize("E,k", [(4, 2), (8, 2), (3, 1), (5, 3)])
 def test_equals_transformers_mixtral_block_without_capacity(E, k):
     pytest.importorskip("transformers")
     from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
+    from conformance.checks._spec_expert_parallel import mixtral_peer
+
     moe = MoE(MoEConfig(dim=8, hidden=12, num_experts=E, top_k=k, seed=E)).double()
-    peer = _mixtral_peer(moe)
+    peer = mixtral_peer(moe)
     x = torch.randn(2, 7, 8, generator=torch.Generator().manual_seed(k), dtype=torch.float64)
     x_ours, x_peer = x.clone().requires_grad_(), x.clone().requires_grad_()
     ours, theirs = moe(x_ours), peer(x_peer)
