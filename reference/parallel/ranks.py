@@ -72,3 +72,10 @@ def all_to_all(sends: Sequence[Sequence[Tensor]]) -> list[list[Tensor]]:
         if len(row) != world:
             raise ValueError(f"all_to_all: rank {src} sends {len(row)} tensors, needs one per rank ({world})")
     return [[sends[src][dst] for src in range(world)] for dst in range(world)]
+
+
+def ring_shift(shards: Sequence[Tensor], shift: int = 1) -> list[Tensor]:
+    """Rank r sends its tensor to rank (r + shift) mod P and receives the one of rank (r - shift) mod P: one hop of a
+    ring of point-to-point sends (how ring attention passes K/V blocks on). Tensors may differ in shape by rank."""
+    world = _world(shards, "ring_shift")
+    return [shards[(r - shift) % world].clone() for r in range(world)]
