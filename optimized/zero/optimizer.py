@@ -55,7 +55,7 @@ from torch.utils._pytree import tree_flatten
 
 from optimized import _validate
 from optimized.data_parallel import GradReadyHooks, check_replicas_agree
-from optimized.mixed_precision import LossScale
+from optimized.precision.scaler import LossScale
 from optimized.zero import checkpoint
 from optimized.zero.arguments import check_arguments
 from optimized.zero.comm import Group
