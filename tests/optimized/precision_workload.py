@@ -43,10 +43,6 @@ def tiny_model(dtype=torch.float32, device="cpu"):
     return GPT(CONFIG).to(device=device, dtype=dtype)
 
 
-def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and a.view(-1).view(torch.uint8).equal(b.view(-1).view(torch.uint8))
-
-
 def trajectory_bound(mixed: list[float], fp32: list[float], dtype: torch.dtype) -> None:
     """Assert |mixed(t) - fp32(t)| <= 2 u |fp32(t)| at every step (u: `dtype`'s unit roundoff)."""
     u = UNIT_ROUNDOFF[dtype]
@@ -64,6 +60,11 @@ def reference_runs() -> dict[str, History]:
         model = tiny_model(dtype)
         out[name] = train(model, torch.optim.AdamW(model.parameters(), lr=LR), batches, steps=STEPS)
     return out
+
+
+def assert_trains_like_fp32(losses: list[float], dtype: torch.dtype) -> None:
+    """`trajectory_bound` against the fp32 reference run of `reference_runs` (STEPS steps of AdamW at LR)."""
+    trajectory_bound(losses, reference_runs()["fp32"].loss, dtype)
 
 
 def poison_once(param: torch.Tensor, value: float):

@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from conformance.tolerance import allclose, assert_equivalent, combine, error_ratio
+from conformance.tolerance import allclose, assert_equivalent, bitwise, combine, error_ratio
 from optimized.precision import amp_step, amp_train, make_grad_scaler
 from reference.data import make_batches
 from reference.training import train
@@ -16,7 +16,7 @@ from tests.optimized.precision_workload import (
     CONFIG,
     LR,
     STEPS,
-    bitwise_equal,
+    assert_trains_like_fp32,
     poison_once,
     reference_runs,
     tiny_batches,
@@ -52,7 +52,7 @@ def test_amp_bf16_trains_like_fp32():
                         dtype=torch.bfloat16)
     assert history.scale == [None] * STEPS and not any(history.skipped)
     assert history.loss[-1] < 0.9 * history.loss[0]  # it learns
-    trajectory_bound(history.loss, reference_runs()["fp32"].loss, torch.bfloat16)
+    assert_trains_like_fp32(history.loss, torch.bfloat16)
     ref_hist = reference_runs()["fp64"]
     base_hist = reference_runs()["naive_bf16"]
     assert_equivalent(error_ratio(torch.tensor(history.loss), torch.tensor(ref_hist.loss),
@@ -67,7 +67,7 @@ def test_amp_fp16_with_grad_scaler_trains_like_fp32():
     history = amp_train(model, torch.optim.AdamW(model.parameters(), lr=LR), tiny_batches(), steps=STEPS,
                         dtype=torch.float16, scaler=scaler)
     assert history.scale == [2.0**16] * STEPS and not any(history.skipped)
-    trajectory_bound(history.loss, reference_runs()["fp32"].loss, torch.float16)
+    assert_trains_like_fp32(history.loss, torch.float16)
 
 
 @pytest.mark.parametrize("bug", ["learning rate 20% too high", "first update lost"])
@@ -79,7 +79,7 @@ def test_trajectory_bound_catches_small_bugs(bug):
     history = amp_train(model, torch.optim.AdamW(model.parameters(), lr=lr), tiny_batches(), steps=STEPS,
                         dtype=torch.bfloat16, lr_lambda=lr_lambda)
     with pytest.raises(AssertionError):
-        trajectory_bound(history.loss, reference_runs()["fp32"].loss, torch.bfloat16)
+        assert_trains_like_fp32(history.loss, torch.bfloat16)
 
 
 def _manual_amp_loop(model, opt, batch, scaler, max_norm, unscale_first=True):
@@ -108,7 +108,7 @@ def test_amp_step_unscales_before_clipping():
     _manual_amp_loop(models[1], opts[1], batch, scalers[1], 0.05)
     _manual_amp_loop(models[2], opts[2], batch, scalers[2], 0.05, unscale_first=False)
     for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
-        assert bitwise_equal(a.detach(), b.detach())
+        assert_equivalent(bitwise(a.detach(), b.detach()))
     assert not all(torch.equal(a, c) for a, c in zip(models[0].parameters(), models[2].parameters(), strict=True))
     # The true norm: an fp32 backward of the same batch at the same (initial) weights.
     fresh = tiny_model()

@@ -9,18 +9,10 @@ import copy
 import pytest
 import torch
 
+from conformance.tolerance import assert_equivalent, bitwise
 from optimized.clipping import clip_grad_norm_
 from optimized.precision import MasterWeightOptimizer
-from tests.optimized.precision_workload import (
-    LR,
-    STEPS,
-    bitwise_equal,
-    poison_once,
-    reference_runs,
-    tiny_batches,
-    tiny_model,
-    trajectory_bound,
-)
+from tests.optimized.precision_workload import LR, STEPS, assert_trains_like_fp32, poison_once, tiny_batches, tiny_model
 
 
 def _plain_and_master_fp32(max_grad_norm):
@@ -57,7 +49,7 @@ def test_master_weights_with_fp32_params_equal_the_plain_optimizer_exactly(max_g
             s.step()
         assert not master.last_step_skipped and master.loss_scale == 2.0**16
         for (n, a), b in zip(master_model.named_parameters(), plain_model.parameters(), strict=True):
-            assert bitwise_equal(a.detach(), b.detach()), (step, n)
+            assert_equivalent(bitwise(a, b, name=f"{n}, step {step}"))
     assert [g["lr"] for g in master.optimizer.param_groups] == [g["lr"] for g in plain.param_groups]
 
 
@@ -80,8 +72,8 @@ def test_master_weights_skip_on_overflow_and_back_off(dtype):
     opt.step()
     opt.zero_grad()
     assert opt.last_step_skipped and opt.loss_scale == 2.0**15 and opt.growth_tracker == 0
-    assert all(bitwise_equal(p.detach(), b) for p, b in zip(model.parameters(), params_before, strict=True))
-    assert all(bitwise_equal(m.detach(), b) for m, b in zip(opt.master_params(), masters_before, strict=True))
+    assert all(bitwise(p.detach(), b).passed for p, b in zip(model.parameters(), params_before, strict=True))
+    assert all(bitwise(m.detach(), b).passed for m, b in zip(opt.master_params(), masters_before, strict=True))
     assert [s["step"] for s in opt.optimizer.state.values()] == steps_before
     assert all(m.grad is None for m in opt.master_params())  # fp32 gradient copies are freed
     opt.scale_loss(model(*batches[2])[1]).backward()
@@ -108,9 +100,9 @@ def test_master_weights_clip_the_unscaled_fp32_gradients():
     opt.step()
     assert float(true_norm) > 0.05 and float(opt.last_grad_norm) == float(true_norm)
     for m, p in zip(masters, model.parameters(), strict=True):
-        assert bitwise_equal(p.detach(), m.detach().half())
+        assert_equivalent(bitwise(p.detach(), m.detach().half()))
     for a, b in zip(opt.master_params(), masters, strict=True):
-        assert bitwise_equal(a.detach(), b.detach())
+        assert_equivalent(bitwise(a.detach(), b.detach()))
 
 
 def test_master_weights_keep_updates_too_small_for_bf16():
@@ -143,7 +135,7 @@ def test_master_weights_bf16_train_like_fp32():
         opt.scale_loss(loss).backward()
         opt.step()
         losses.append(float(loss.detach()))
-    trajectory_bound(losses, reference_runs()["fp32"].loss, torch.bfloat16)
+    assert_trains_like_fp32(losses, torch.bfloat16)
     for weight, master in zip(model.parameters(), opt.master_params(), strict=True):
         assert master.dtype == torch.float32
         assert torch.equal(weight.detach(), master.detach().to(torch.bfloat16))
@@ -170,7 +162,7 @@ def test_master_weights_state_dict_resumes_exactly():
     assert resumed.loss_scale == 8.0 and resumed.growth_tracker == 1
     run(resumed_model, resumed, range(3, 5))
     for a, b in zip(resumed_model.parameters(), model.parameters(), strict=True):
-        assert bitwise_equal(a.detach(), b.detach())
+        assert_equivalent(bitwise(a.detach(), b.detach()))
     assert resumed.state_dict()["scale"] == opt.state_dict()["scale"]
     with pytest.raises(ValueError, match="master params"):
         MasterWeightOptimizer([torch.zeros(3, requires_grad=True)], lr=LR).load_state_dict(saved)
@@ -236,4 +228,4 @@ def test_cuda_master_weights_fp16_step_matches_the_recipe():
     expected_opt.step()
     opt.step()
     for m, p in zip(masters, model.parameters(), strict=True):
-        assert bitwise_equal(p.detach(), m.detach().half())
+        assert_equivalent(bitwise(p.detach(), m.detach().half()))
