@@ -214,6 +214,12 @@ def test_update_with_new_scale_keeps_tracker():
 # ---- the calls in the wrong order: torch refuses, so does the reference -----------------------------------------
 
 
+@pytest.fixture(params=["ref", "torch"])
+def kind(request) -> str:
+    """Every wrong-order test runs twice: on the reference scaler ("ref") and on torch.amp.GradScaler ("torch")."""
+    return request.param
+
+
 def _fresh(kind="ref", grad_dtype=torch.float32, **scaler_kwargs):
     """(scaler, p, opt): the reference scaler (kind "ref") or torch.amp.GradScaler on CPU ("torch"), a parameter of
     three ones in `grad_dtype` and SGD over it."""
@@ -229,7 +235,6 @@ def _scaled_backward(kind="ref", **scaler_kwargs):
     return scaler, p, opt
 
 
-@pytest.mark.parametrize("kind", ["ref", "torch"])
 def test_unscale_twice_is_an_error(kind):
     scaler, _, opt = _scaled_backward(kind)
     scaler.unscale_(opt)
@@ -237,7 +242,6 @@ def test_unscale_twice_is_an_error(kind):
         scaler.unscale_(opt)
 
 
-@pytest.mark.parametrize("kind", ["ref", "torch"])
 def test_unscale_after_step_and_step_twice_are_errors(kind):
     scaler, p, opt = _scaled_backward(kind)
     scaler.step(opt)
@@ -250,7 +254,6 @@ def test_unscale_after_step_and_step_twice_are_errors(kind):
     scaler.step(opt)  # a new iteration is fine
 
 
-@pytest.mark.parametrize("kind", ["ref", "torch"])
 def test_calls_before_scale_are_errors(kind):
     scaler, p, opt = _fresh(kind)
     p.sum().backward()
@@ -259,7 +262,6 @@ def test_calls_before_scale_are_errors(kind):
             call()
 
 
-@pytest.mark.parametrize("kind", ["ref", "torch"])
 def test_fp16_gradients_are_refused(kind):
     scaler, p, opt = _fresh(kind, torch.float16)
     scaler.scale(p.float().sum()).backward()
@@ -269,7 +271,6 @@ def test_fp16_gradients_are_refused(kind):
     assert torch.equal(p.grad, before)  # refused before touching anything
 
 
-@pytest.mark.parametrize("kind", ["ref", "torch"])
 def test_no_gradients_and_no_checks_are_errors(kind):
     scaler, _, opt = _fresh(kind)
     scaler.scale(torch.ones(()))  # creates the scale; no gradient anywhere
@@ -281,7 +282,6 @@ def test_no_gradients_and_no_checks_are_errors(kind):
         fresh.update()
 
 
-@pytest.mark.parametrize("kind", ["ref", "torch"])
 def test_closure_is_refused(kind):
     scaler, _, opt = _scaled_backward(kind)
     with pytest.raises(RuntimeError, match="Closure"):
