@@ -95,23 +95,23 @@ MUTATIONS: tuple[Mutation, ...] = (
        "the last micro-batch's backward also runs under no_sync: gradients are never all-reduced",
        "accumulation", "data_parallel"),
     # --- mixed precision -------------------------------------------------------------------------------------------
-    _m("mp-unscale-wrong-factor", "mixed_precision.py",
+    _m("mp-unscale-wrong-factor", "precision/master_weights.py",
        "unscale_and_check_(grads, self.scaler.inv_scale(), found_inf)",
        "unscale_and_check_(grads, self.scaler.scale, found_inf)",
        "MasterWeightOptimizer 'unscales' by S instead of 1/S (gradients S^2 too large; AdamW's scale invariance "
        "hides it)",
        "mixed_precision"),
-    _m("mp-master-skip-missing", "mixed_precision.py",
+    _m("mp-master-skip-missing", "precision/master_weights.py",
        "self.last_step_skipped = bool(found_inf.item())",
        "self.last_step_skipped = False",
        "MasterWeightOptimizer steps on an inf/NaN gradient instead of skipping it",
        "mixed_precision"),
-    _m("mp-amp-skip-missing", "mixed_precision.py",
+    _m("mp-amp-skip-missing", "precision/amp.py",
        "scaler.step(optimizer)  # skips optimizer.step() when unscale_ found an inf/NaN",
        "optimizer.step()  # skips optimizer.step() when unscale_ found an inf/NaN",
        "amp_step calls optimizer.step() directly: GradScaler's skip of a non-finite step never happens",
        "mixed_precision"),
-    _m("mp-clip-before-unscale", "mixed_precision.py",
+    _m("mp-clip-before-unscale", "precision/amp.py",
        "    if scaler is not None:\n"
        "        scaler.unscale_(optimizer)  # true gradients from here on: clipping must see them\n"
        "    params = [p for group in optimizer.param_groups for p in group[\"params\"] if p.grad is not None]\n"

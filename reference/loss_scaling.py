@@ -38,7 +38,7 @@ Decisions torch makes and this file makes too (each raises before any gradient i
     unscale_ twice for one optimizer in one iteration; unscale_ after step; step twice before update();
     unscale_/step/update before any scale(); step of an optimizer none of whose params has a gradient;
     update() when no optimizer was unscaled or stepped; fp16 gradients (GradScaler refuses to unscale them:
-    fp16 parameters need an fp32 master copy, see optimized.mixed_precision.MasterWeightOptimizer);
+    fp16 parameters need an fp32 master copy, see optimized.precision.MasterWeightOptimizer);
     step(closure=...). `update(new_scale)` sets S and leaves n alone.
 Not modelled: optimizers that unscale inside a fused kernel (`_step_supports_amp_scaling`); the skip decision is
 the same, only made inside the kernel. Torch keeps one found_inf per device and sums them; one flag is the same.

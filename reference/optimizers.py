@@ -166,20 +166,16 @@ class AdamW(Adam):
 
         p <- p (1 - lr λ)                              (before the Adam update, outside the moments)
         then the Adam update of `Adam` on the raw gradient g.
+
+    Adam's arguments (betas, eps and amsgrad by keyword); only the default weight decay differs: λ = 1e-2, as in
+    torch.optim.AdamW.
     """
 
     decoupled_weight_decay = True
 
-    def __init__(
-        self,
-        params: Iterable[Any],
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 1e-2,
-        amsgrad: bool = False,
-    ) -> None:
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad)
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, *, weight_decay: float = 1e-2,
+                 **adam_options: Any) -> None:
+        super().__init__(params, lr=lr, weight_decay=weight_decay, **adam_options)
 
 
 class Lion(_LoopOptimizer):

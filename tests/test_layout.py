@@ -20,7 +20,6 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("reference", "optimized", "conformance", "tools")
 MAX_LINES = 450
 SPLIT_IN_PROGRESS = {
-    "optimized/mixed_precision.py",  # split in progress
     "optimized/attention/triton.py",  # split in progress
     "conformance/checks/attention.py",  # split in progress
     "conformance/checks/mixed_precision.py",  # split in progress

@@ -37,7 +37,7 @@ from conformance.figure import Figure, Panel, Series
 from conformance.measure import PeakLiveBytes, cuda_peak_bytes, model_state_bytes, saved_tensor_bytes, time_fn
 from conformance.result import Metric, Result
 from conformance.tolerance import GRADIENT_FACTOR, Equivalence, allclose, bitwise, combine, error_ratio
-from optimized.mixed_precision import MasterWeightOptimizer, amp_step, amp_train, make_grad_scaler
+from optimized.precision import MasterWeightOptimizer, amp_step, amp_train, make_grad_scaler
 from reference.clipping import clip_grad_norm
 from reference.data import make_batches
 from reference.loss_scaling import DynamicLossScaler

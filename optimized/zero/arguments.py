@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from optimized.distributed.groups import refuse_meta
-from optimized.mixed_precision import HALF_DTYPES
+from optimized.precision.autocast import HALF_DTYPES
 from optimized.zero.partition import parse_groups
 
 

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from optimized.clipping import clip_grads_with_norm_, global_grad_norm
 from optimized.distributed.collectives import Group
-from optimized.mixed_precision import LossScale, unscale_and_check_
+from optimized.precision.scaler import LossScale, unscale_and_check_
 from optimized.zero.offload import Placement
 from optimized.zero.partition import FlatBuffers
 

@@ -57,7 +57,7 @@ from optimized import _validate
 from optimized.distributed.collectives import Group
 from optimized.distributed.groups import check_replicas_agree
 from optimized.distributed.hooks import GradReadyHooks
-from optimized.mixed_precision import LossScale
+from optimized.precision.scaler import LossScale
 from optimized.zero import checkpoint
 from optimized.zero.arguments import check_arguments
 from optimized.zero.master_grads import MasterGrads
@@ -83,7 +83,7 @@ class ZeroOptimizer(ShardedState, torch.optim.Optimizer):
     param_groups: optional list of dicts {"params": [parameters of model], **options} (e.g. no weight decay on
         biases), each trainable parameter in exactly one; default: one group of all trainable parameters.
     loss_scale, init_scale, growth_factor, backoff_factor, growth_interval: the loss scale (see
-        optimized.mixed_precision.LossScale): None (S = 1, the default), a fixed float, or "dynamic".
+        optimized.precision.LossScale): None (S = 1, the default), a fixed float, or "dynamic".
 
     A trainable parameter that gets no gradient in a step counts as a zero gradient (as in DeepSpeed), and every
     rank must compute gradients for the same parameters. After backward a parameter's .grad is a ShardedGrad

@@ -49,7 +49,7 @@ def test_every_mutation_applies_to_the_current_tree():
     assert {c for m in MUTATIONS for c in m.checks} <= known
     assert len(MUTATIONS) >= 25
     modules = {m.file.split("/")[1].removesuffix(".py") for m in MUTATIONS}
-    assert {"attention", "data_parallel", "accumulation", "mixed_precision", "checkpointing", "optimizers",
+    assert {"attention", "data_parallel", "accumulation", "precision", "checkpointing", "optimizers",
             "clipping", "zero", "tensor_parallel", "pipeline", "context_parallel", "schedules"} <= modules
 
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from optimized.accumulation import accumulate_gradients, causal_lm_loss
-from optimized.mixed_precision import amp_step
+from optimized.precision import amp_step
 from tests.optimized.test_pipeline_models import VOCAB, _model
 
 transformers = pytest.importorskip("transformers")

@@ -16,7 +16,7 @@ from torch import nn
 
 from conformance.launch import spawn
 from optimized.data_parallel import DataParallel
-from optimized.mixed_precision import MasterWeightOptimizer
+from optimized.precision import MasterWeightOptimizer
 from optimized.zero import ZeroOptimizer
 from optimized.zero.gather import ReleasedParameterError
 from reference.data import make_batches

@@ -214,27 +214,36 @@ def test_update_with_new_scale_keeps_tracker():
 # ---- the calls in the wrong order: torch refuses, so does the reference -----------------------------------------
 
 
-def _fresh(grad_dtype=torch.float32):
+@pytest.fixture(params=["ref", "torch"])
+def kind(request) -> str:
+    """Every wrong-order test runs twice: on the reference scaler ("ref") and on torch.amp.GradScaler ("torch")."""
+    return request.param
+
+
+def _fresh(kind="ref", grad_dtype=torch.float32, **scaler_kwargs):
+    """(scaler, p, opt): the reference scaler (kind "ref") or torch.amp.GradScaler on CPU ("torch"), a parameter of
+    three ones in `grad_dtype` and SGD over it."""
+    scaler = DynamicLossScaler(**scaler_kwargs) if kind == "ref" else torch.amp.GradScaler("cpu", **scaler_kwargs)
     p = torch.ones(3, dtype=grad_dtype, requires_grad=True)
-    opt = torch.optim.SGD([p], lr=0.1)
-    return p, opt
+    return scaler, p, torch.optim.SGD([p], lr=0.1)
 
 
-@pytest.mark.parametrize("kind", ["ref", "torch"])
-def test_unscale_twice_is_an_error(kind):
-    scaler = DynamicLossScaler() if kind == "ref" else torch.amp.GradScaler("cpu")
-    p, opt = _fresh()
+def _scaled_backward(kind="ref", **scaler_kwargs):
+    """`_fresh`, after the backward of the scaled loss p.sum(): where unscale_ and step may be called."""
+    scaler, p, opt = _fresh(kind, **scaler_kwargs)
     scaler.scale(p.sum()).backward()
+    return scaler, p, opt
+
+
+def test_unscale_twice_is_an_error(kind):
+    scaler, _, opt = _scaled_backward(kind)
     scaler.unscale_(opt)
     with pytest.raises(RuntimeError, match="already been called"):
         scaler.unscale_(opt)
 
 
-@pytest.mark.parametrize("kind", ["ref", "torch"])
 def test_unscale_after_step_and_step_twice_are_errors(kind):
-    scaler = DynamicLossScaler() if kind == "ref" else torch.amp.GradScaler("cpu")
-    p, opt = _fresh()
-    scaler.scale(p.sum()).backward()
+    scaler, p, opt = _scaled_backward(kind)
     scaler.step(opt)
     with pytest.raises(RuntimeError, match="after step"):
         scaler.unscale_(opt)
@@ -245,20 +254,16 @@ def test_unscale_after_step_and_step_twice_are_errors(kind):
     scaler.step(opt)  # a new iteration is fine
 
 
-@pytest.mark.parametrize("kind", ["ref", "torch"])
 def test_calls_before_scale_are_errors(kind):
-    scaler = DynamicLossScaler() if kind == "ref" else torch.amp.GradScaler("cpu")
-    p, opt = _fresh()
+    scaler, p, opt = _fresh(kind)
     p.sum().backward()
     for call in (lambda: scaler.unscale_(opt), lambda: scaler.step(opt), scaler.update):
         with pytest.raises((RuntimeError, AssertionError)):
             call()
 
 
-@pytest.mark.parametrize("kind", ["ref", "torch"])
 def test_fp16_gradients_are_refused(kind):
-    scaler = DynamicLossScaler() if kind == "ref" else torch.amp.GradScaler("cpu")
-    p, opt = _fresh(torch.float16)
+    scaler, p, opt = _fresh(kind, torch.float16)
     scaler.scale(p.float().sum()).backward()
     before = p.grad.clone()
     with pytest.raises(ValueError, match="FP16 gradients"):
@@ -266,24 +271,19 @@ def test_fp16_gradients_are_refused(kind):
     assert torch.equal(p.grad, before)  # refused before touching anything
 
 
-@pytest.mark.parametrize("kind", ["ref", "torch"])
 def test_no_gradients_and_no_checks_are_errors(kind):
-    scaler = DynamicLossScaler() if kind == "ref" else torch.amp.GradScaler("cpu")
-    p, opt = _fresh()
+    scaler, _, opt = _fresh(kind)
     scaler.scale(torch.ones(()))  # creates the scale; no gradient anywhere
     with pytest.raises((RuntimeError, AssertionError), match="No inf checks"):
         scaler.step(opt)
-    fresh = DynamicLossScaler() if kind == "ref" else torch.amp.GradScaler("cpu")
+    fresh, _, _ = _fresh(kind)
     fresh.scale(torch.ones(()))
     with pytest.raises((RuntimeError, AssertionError), match="No inf checks"):
         fresh.update()
 
 
-@pytest.mark.parametrize("kind", ["ref", "torch"])
 def test_closure_is_refused(kind):
-    scaler = DynamicLossScaler() if kind == "ref" else torch.amp.GradScaler("cpu")
-    p, opt = _fresh()
-    scaler.scale(p.sum()).backward()
+    scaler, _, opt = _scaled_backward(kind)
     with pytest.raises(RuntimeError, match="Closure"):
         scaler.step(opt, closure=lambda: None)
 
@@ -334,9 +334,7 @@ def test_bad_arguments(kwargs, match):
 
 @pytest.mark.parametrize("new_scale", [True, "2", float("nan"), float("inf"), -1.0, torch.ones(2), [2.0]])
 def test_update_refuses_a_scale_that_is_not_one(new_scale):
-    scaler = DynamicLossScaler(init_scale=8.0)
-    p, opt = _fresh()
-    scaler.scale(p.sum()).backward()
+    scaler, _, opt = _scaled_backward(init_scale=8.0)
     scaler.step(opt)
     with pytest.raises(ValueError, match="^new_scale must be a finite number >= 0"):
         scaler.update(new_scale)
@@ -354,8 +352,6 @@ def test_a_tensor_new_scale_is_taken_like_torch():
 
 
 def test_something_that_is_not_an_optimizer_is_refused_by_name():
-    scaler = DynamicLossScaler()
-    p, _ = _fresh()
-    scaler.scale(p.sum()).backward()
+    scaler, p, _ = _scaled_backward()
     with pytest.raises(ValueError, match=r"^optimizer must be a torch.optim.Optimizer .*got \[tensor"):
         scaler.step([p])

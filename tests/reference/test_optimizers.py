@@ -63,6 +63,14 @@ def test_sgd_matches_torch(h):
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW"])
+def test_defaults_are_torchs(name):
+    """Default hyperparameters are torch.optim's (AdamW's weight decay 1e-2, Adam's 0)."""
+    p = torch.zeros(2, requires_grad=True)
+    mine, theirs = getattr(ref, name)([p]).defaults, getattr(torch.optim, name)([p]).defaults
+    assert {k: theirs[k] for k in mine} == mine
+
+
 @settings(max_examples=15, deadline=None)
 @given(h=hparams_adam, decoupled=st.booleans())
 def test_adam_and_adamw_match_torch(h, decoupled):
