@@ -36,9 +36,9 @@ import torch.distributed as dist
 from conformance.checks import CheckSpec, Context
 from conformance.checks._reference_runs import one_thread
 from conformance.claims import Verdict
+from conformance.divergence import first_divergence
 from conformance.figure import Figure, Panel, Series
 from conformance.launch import spawn, under_torchrun
-from conformance.localize import first_divergence
 from conformance.measure import CollectiveCounter, tensor_bytes, time_fn
 from conformance.peers import import_deepspeed
 from conformance.result import Metric, Result

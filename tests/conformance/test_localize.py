@@ -8,17 +8,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conformance.localize import (
+from conformance.divergence import (
     Divergence,
     OpDivergence,
     StepDivergence,
     first_divergence,
-    first_layer,
-    first_op,
-    localize,
     relative_band,
     table_band,
 )
+from conformance.localize import first_layer, first_op, localize
 from reference.model import GPT, GPTConfig
 
 CFG = GPTConfig(vocab_size=32, block_size=16, n_layer=2, n_head=2, n_embd=16)
