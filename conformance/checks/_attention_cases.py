@@ -24,6 +24,7 @@ PEERS = {"sdpa": "torch SDPA", "flash_attn": "flash-attn"}
 OURS = ("triton", "blocked")
 """Backends this project wrote: a case outside the error rule fails the run. A peer's is reported in its row."""
 
+
 @dataclass(frozen=True)
 class Case:
     """One attention problem: shapes and options."""
