@@ -3,7 +3,9 @@
     python -m conformance                       quick suite: CPU + 2 gloo ranks, or CUDA + NCCL on all visible GPUs
     python -m conformance --only attention,zero --full --out my-report --junitxml results.xml
     torchrun --nproc-per-node 8 -m conformance  one rank per GPU, launched by torchrun (also across nodes)
-    python -m conformance plan --help           the parallel-strategy planner
+    python -m conformance plan --help           the parallel-strategy planner (tools/plan/)
+    python -m conformance bench attention       attention TFLOP/s on one CUDA GPU (tools/bench/)
+    python -m conformance gpu                   gpu tests, the suite and the bench on one CUDA GPU (tools/gpu.py)
     python -m conformance compare OLD/report.json NEW/report.json    what changed between two reports
     python -m conformance matrix --help         the suite under several machine settings (ISA, threads, ranks, ...)
     python -m conformance mutate                injected bugs in optimized/ that the checks must catch
@@ -23,14 +25,15 @@ import os
 import sys
 
 COMMANDS = {
-    "plan": "conformance.plan.cli",
+    "plan": "tools.plan.cli",
     "compare": "conformance.compare",
-    "bench": "conformance.bench",
-    "gpu": "conformance.gpu",
+    "bench": "tools.bench.cli",
+    "gpu": "tools.gpu",
     "matrix": "conformance.matrix",
     "mutate": "conformance.mutate",
 }
-"""Subcommands: `python -m conformance NAME ...` calls `main(argv)` of the module; without one, the suite runs."""
+"""Subcommands: `python -m conformance NAME ...` imports the module only then and calls its `main(argv)`; without one,
+the suite runs. plan, bench and gpu are tools (tools/), the others parts of the harness."""
 
 EXTRA_HINT = "pip install 'pretrain-spec[conformance]'"
 
@@ -47,6 +50,13 @@ def _check_names(text: str) -> list[str]:
             hint = f"did you mean {' or '.join(close)}? " if close else ""
             raise argparse.ArgumentTypeError(f"unknown check {name!r}; {hint}available: {', '.join(known)}")
     return chosen
+
+
+def add_size_flags(parser: argparse.ArgumentParser, *, quick: str, full: str) -> None:
+    """--quick (the default) or --full, into args.quick: the suite's sizes, here and in every command that runs it."""
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", dest="quick", action="store_true", default=True, help=quick)
+    size.add_argument("--full", dest="quick", action="store_false", help=full)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -69,10 +79,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--world-size", type=positive_int, default=None,
                         help="ranks for multi-rank checks (default: 2 on CPU, every visible GPU on CUDA, "
                         "WORLD_SIZE under torchrun)")
-    size = parser.add_mutually_exclusive_group()
-    size.add_argument("--quick", dest="quick", action="store_true", default=True,
-                      help="small sizes, a smoke run of every check (default)")
-    size.add_argument("--full", dest="quick", action="store_false", help="the full measurement sizes")
+    add_size_flags(parser, quick="small sizes, a smoke run of every check (default)",
+                   full="the full measurement sizes")
     parser.add_argument("--out", type=writable_dir, default=None,
                         help="report folder, created if needed (default: ./conformance-report)")
     parser.add_argument("--junitxml", type=writable_file, default=None, metavar="PATH",

@@ -32,13 +32,13 @@ class Changes:
     gone: list[str] = field(default_factory=list)
 
 
-def _load(path: Path, parser: argparse.ArgumentParser, which: str) -> dict[tuple[str, str], dict]:
+def _report(text: str) -> dict[tuple[str, str], dict]:
+    """An argparse type: the rows of the conformance report.json at `text`, by (check, row name)."""
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(Path(text).read_text())
         return {(r["check"], r["name"]): r for r in data["results"]}
     except (OSError, ValueError, KeyError, TypeError) as error:
-        parser.error(f"argument {which}: cannot read a conformance report from {str(path)!r}: {error}")
-        raise AssertionError("unreachable") from error
+        raise argparse.ArgumentTypeError(f"cannot read a conformance report from {text!r}: {error}") from None
 
 
 def _status(row: dict) -> str:
@@ -96,8 +96,8 @@ def _parser() -> argparse.ArgumentParser:
                     "that grew, memory and speed ratios that moved, rows added or gone. Exit status 1 on a "
                     "regression (a row that held now fails, a verdict now 'does not hold', an error grown by more "
                     "than --factor), 2 on unreadable input.")
-    parser.add_argument("old", type=Path, help="the earlier report.json (or the other stack's)")
-    parser.add_argument("new", type=Path, help="the report.json to judge")
+    parser.add_argument("old", type=_report, metavar="OLD", help="the earlier report.json (or the other stack's)")
+    parser.add_argument("new", type=_report, metavar="NEW", help="the report.json to judge")
     parser.add_argument("--factor", type=positive_float, default=10.0,
                         help="an error that grew by more than this factor is a regression, even within its bound "
                         "(default: 10)")
@@ -107,14 +107,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
-    args = parse(parser, argv)
+    args = parse(_parser(), argv)
     if isinstance(args, int):
         return args
-    try:
-        old, new = _load(args.old, parser, "OLD"), _load(args.new, parser, "NEW")
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
+    old, new = args.old, args.new
     changes = compare(old, new, factor=args.factor, tolerance=args.tolerance)
     sections = (("REGRESSION", changes.regressions), ("changed", changes.changed), ("moved", changes.moved),
                 ("added", changes.added), ("gone", changes.gone))

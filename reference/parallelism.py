@@ -1,7 +1,7 @@
 """Choosing a parallel strategy, as formulas: what a layout keeps alive, communicates, idles and computes.
 
 The memory of model states is `reference.memory`; this file adds what a planner needs beside it, each formula built
-on `reference.memory` where one applies, so no formula exists twice (conformance/plan/ is the planner):
+on `reference.memory` where one applies, so no formula exists twice (tools/plan/ is the planner):
     activation_bytes_per_rank         a rank's live activations: layers x micro-batches in flight, recomputation, CP
     pipeline_stage_parameters         parameters of the most loaded pipeline stage (whole blocks + embeddings)
     in_flight_microbatches            micro-batches whose activations the first pipeline stage holds at its peak

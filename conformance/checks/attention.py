@@ -32,7 +32,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from conformance import triton_build
 from conformance.checks import CheckSpec, Context, _attention_claims
 from conformance.checks._attention_cases import (
     CASES,
@@ -53,6 +52,7 @@ from conformance.result import Metric, Result
 from conformance.tolerance import Equivalence, allclose, combine
 from optimized.attention import BACKENDS, flash_attention, unsupported, unsupported_varlen
 from reference.attention import attention
+from tools import triton_build
 
 SPEC = CheckSpec(
     name="attention", technique="FlashAttention", reference="reference.attention.attention",

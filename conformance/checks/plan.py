@@ -4,7 +4,7 @@
    training step of the implementation (`optimized.data_parallel`, `optimized.zero`, `optimized.tensor_parallel`,
    `optimized.pipeline`; plain DP also with `optimized.checkpointing`'s selective and full recomputation), then
    the model-state bytes of each rank counted tensor by tensor (`conformance.measure`), beside
-   `conformance.plan.estimate` for the same layout; for the layouts without a pipeline also the bytes the
+   `tools.plan.estimate` for the same layout; for the layouts without a pipeline also the bytes the
    transformer blocks save for backward beside the planner's activations. The most
    loaded rank is compared (it is the one that must fit), with the relative error and a stated tolerance. On CUDA
    also `torch.cuda.memory_allocated` after the step and the step's `max_memory_allocated`. A layout whose
@@ -12,14 +12,11 @@
 2. The planner's ZeRO-2/ZeRO-3 figures beside DeepSpeed's own estimators
    (`estimate_zero2_model_states_mem_needs_all_cold`, `estimate_zero3_model_states_mem_needs_all_cold`) for the same
    inputs, and the difference in accounting explained term by term: the row passes when DeepSpeed's figure equals
-   the planner's plus the named terms.
+   the planner's plus the named terms (checks/_plan_deepspeed.py).
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
-import re
 import traceback
 from collections import defaultdict
 from dataclasses import dataclass
@@ -28,21 +25,21 @@ import torch
 import torch.distributed as dist
 
 from conformance.checks import CheckSpec, Context
+from conformance.checks._plan_deepspeed import deepspeed_rows
 from conformance.figure import Figure, Panel, Series
 from conformance.launch import spawn, under_torchrun
 from conformance.measure import SavedTensorBytes, tensor_bytes
-from conformance.peers import import_deepspeed
-from conformance.plan import GB, PRESETS, Cluster, Layout, estimate, workload
 from conformance.result import Metric, Result
 from conformance.tolerance import Equivalence
 from reference.data import make_batches
 from reference.memory import activation_bytes_per_layer, gpt_parameters
 from reference.model import GPT, GPTConfig
 from reference.parallelism import largest_module_parameters
+from tools.plan import PRESETS, Cluster, Layout, estimate, workload
 
 SPEC = CheckSpec(
-    name="plan", technique="parallel-strategy planner", reference="conformance.plan.estimate (reference.memory)",
-    optimized="conformance.plan.estimate", order=130, peers=("deepspeed",),
+    name="plan", technique="parallel-strategy planner", reference="tools.plan.estimate (reference.memory)",
+    optimized="tools.plan.estimate", order=130, peers=("deepspeed",),
 )
 CONFIG = dict(vocab_size=64, block_size=32, n_layer=4, n_head=4, n_embd=64, seed=0)
 """The tiny GPT with 4 blocks, so that 2- and 4-stage pipelines and 2- and 4-way tensor parallelism all apply."""
@@ -61,20 +58,14 @@ TOLERANCE = {
 
 @dataclass(frozen=True)
 class LayoutRun:
-    """One layout to run: tp x pp x dp = world size, ZeRO stage (0 = plain DP), offload, parameter dtype."""
+    """One layout to run: the planner's Layout, the parameter dtype and the recomputation policy."""
 
-    tp: int
-    pp: int
-    dp: int
-    zero: int = 0
-    offload: bool = False
+    layout: Layout
+    """The planner's layout, run as it says: tp x pp x dp = world size, ZeRO stage, offload."""
     bf16: bool = False
+    """bf16 parameters with fp32 master weights (else fp32 throughout)."""
     recompute: str = "none"
     """Activation checkpointing policy (optimized.checkpointing): "none", "selective" or "full"."""
-
-    @property
-    def layout(self) -> Layout:
-        return Layout(self.tp, self.pp, self.dp, self.zero, self.offload)
 
     @property
     def label(self) -> str:
@@ -83,32 +74,32 @@ class LayoutRun:
 
     @property
     def world_size(self) -> int:
-        return self.tp * self.pp * self.dp
+        return self.layout.tp * self.layout.pp * self.layout.dp
 
     @property
     def family(self) -> str:
-        return "pp" if self.pp > 1 else "tp" if self.tp > 1 else "zero"
+        return "pp" if self.layout.pp > 1 else "tp" if self.layout.tp > 1 else "zero"
 
 
 def specs_for(world_size: int, quick: bool, cuda: bool) -> list[LayoutRun]:
     """The layouts run at this world size (quick: one of each kind)."""
     w = world_size
-    specs = [LayoutRun(1, 1, w, 0)] + [LayoutRun(1, 1, w, s) for s in (1, 2, 3)]
-    specs += [LayoutRun(1, 1, w, 0, recompute=r) for r in ("selective", "full")]
-    specs += [LayoutRun(1, 1, w, 2, bf16=True), LayoutRun(1, 1, w, 2, offload=True)]
+    specs = [LayoutRun(Layout(1, 1, w, 0))] + [LayoutRun(Layout(1, 1, w, s)) for s in (1, 2, 3)]
+    specs += [LayoutRun(Layout(1, 1, w, 0), recompute=r) for r in ("selective", "full")]
+    specs += [LayoutRun(Layout(1, 1, w, 2), bf16=True), LayoutRun(Layout(1, 1, w, 2, offload=True))]
     if not quick:
-        specs += [LayoutRun(1, 1, w, 1, bf16=True), LayoutRun(1, 1, w, 3, bf16=True),
-                  LayoutRun(1, 1, w, 1, offload=True), LayoutRun(1, 1, w, 3, offload=True)]
+        specs += [LayoutRun(Layout(1, 1, w, 1), bf16=True), LayoutRun(Layout(1, 1, w, 3), bf16=True),
+                  LayoutRun(Layout(1, 1, w, 1, offload=True)), LayoutRun(Layout(1, 1, w, 3, offload=True))]
     heads = CONFIG["n_head"]
     for t in (2, 4):
         if w % t == 0 and heads % t == 0 and (not quick or t == w):
-            specs.append(LayoutRun(t, 1, w // t, 0))
+            specs.append(LayoutRun(Layout(t, 1, w // t, 0)))
             if not quick and w // t > 1:
-                specs.append(LayoutRun(t, 1, w // t, 1))
+                specs.append(LayoutRun(Layout(t, 1, w // t, 1)))
     if not cuda:  # the pipeline executor speaks gloo (tagged point-to-point), not NCCL
         for p in (2, 3, 4):
             if p == w and p <= CONFIG["n_layer"] and (not quick or p == 2):
-                specs.append(LayoutRun(1, p, 1, 0))
+                specs.append(LayoutRun(Layout(1, p, 1, 0)))
     return specs
 
 
@@ -119,13 +110,13 @@ def _groups(spec: LayoutRun) -> tuple[dict[str, dist.ProcessGroup | None], tuple
     """Process groups of each axis (TP fastest, then DP, then PP) and this rank's (pp, dp, tp) coordinates.
     Every rank creates every group, in the same order (dist.new_group is collective over the world)."""
     rank = dist.get_rank()
-    t, d = spec.tp, spec.dp
+    t, d = spec.layout.tp, spec.layout.dp
 
     def coords(r: int) -> tuple[int, int, int]:
         return r // (t * d), (r // t) % d, r % t
 
     mine: dict[str, dist.ProcessGroup | None] = {}
-    for axis, size in (("tp", spec.tp), ("dp", spec.dp), ("pp", spec.pp)):
+    for axis, size in (("tp", spec.layout.tp), ("dp", spec.layout.dp), ("pp", spec.layout.pp)):
         members: dict[tuple, list[int]] = defaultdict(list)
         for r in range(spec.world_size):
             pp_r, dp_r, tp_r = coords(r)
@@ -164,31 +155,31 @@ def _measure(spec: LayoutRun, device: torch.device) -> dict:
         from optimized.checkpointing import apply_activation_checkpointing
 
         apply_activation_checkpointing(model, spec.recompute)
-    rows = MICRO_BATCH * spec.pp
+    rows = MICRO_BATCH * spec.layout.pp
     idx, targets = make_batches(1, batch_size=rows, seq_len=SEQ_LEN, vocab_size=CONFIG["vocab_size"],
                                 seed=1 + dp_rank)[0]
     idx, targets = idx.to(device), targets.to(device)
     out: dict = {"host": 0, "blocks_saved": None, "whole_saved": None, "buffers": 0}
-    if spec.tp > 1:
+    if spec.layout.tp > 1:
         from optimized.tensor_parallel import megatron_plan, parallelize
 
         parallelize(model, megatron_plan(model), process_group=groups["tp"])
-    if spec.pp > 1:
+    if spec.layout.pp > 1:
         from optimized.pipeline import PipelineExecutor, one_f_one_b, split
 
-        stage = split(model, spec.pp)[pp_rank].to(device)
+        stage = split(model, spec.layout.pp)[pp_rank].to(device)
         del model
-        executor = PipelineExecutor(stage, one_f_one_b(spec.pp, spec.pp), process_group=groups["pp"])
+        executor = PipelineExecutor(stage, one_f_one_b(spec.layout.pp, spec.layout.pp), process_group=groups["pp"])
         opt = torch.optim.AdamW(stage.parameters(), lr=1e-3)
         executor.step(idx, targets)
         opt.step()
         params = list(stage.parameters())
         state = {"params": params, "grads": [p.grad for p in params], "optimizer": _optimizer_tensors(opt)}
-    elif spec.zero:
+    elif spec.layout.zero:
         from optimized.zero import ZeroOptimizer
 
-        opt = ZeroOptimizer(model, torch.optim.AdamW, stage=spec.zero, process_group=groups["dp"],
-                            offload=spec.offload, param_dtype=torch.bfloat16 if spec.bf16 else None, lr=1e-3)
+        opt = ZeroOptimizer(model, torch.optim.AdamW, stage=spec.layout.zero, process_group=groups["dp"],
+                            offload=spec.layout.offload, param_dtype=torch.bfloat16 if spec.bf16 else None, lr=1e-3)
         _, loss = model(idx, targets)
         loss.backward()
         opt.step()
@@ -196,7 +187,7 @@ def _measure(spec: LayoutRun, device: torch.device) -> dict:
         out["host"] = tensor_bytes(state["host_grads"] + state["host_optimizer"])
     else:
         net = model
-        if spec.dp > 1:
+        if spec.layout.dp > 1:
             from optimized.data_parallel import DataParallel
 
             net = DataParallel(model, process_group=groups["dp"])
@@ -246,7 +237,7 @@ def _run_specs(specs: list[LayoutRun], device_type: str) -> list[dict]:
 
 def _prediction(spec: LayoutRun):
     cfg = GPTConfig(**CONFIG)
-    work = workload(cfg, micro_batch=MICRO_BATCH, global_batch=MICRO_BATCH * spec.pp * spec.dp,
+    work = workload(cfg, micro_batch=MICRO_BATCH, global_batch=MICRO_BATCH * spec.layout.pp * spec.layout.dp,
                     precision="bf16" if spec.bf16 else "fp32")
     cluster = Cluster(gpus=spec.world_size, gpus_per_node=spec.world_size)
     checkpointing = {"none": "never", "selective": "selective", "full": "always"}[spec.recompute]
@@ -259,18 +250,18 @@ def _relative(predicted: float, measured: float) -> float:
 
 def _implementation(spec: LayoutRun) -> str:
     parts = []
-    if spec.zero:
-        parts.append(f"optimized.zero.ZeroOptimizer(stage={spec.zero}, offload={spec.offload}"
+    if spec.layout.zero:
+        parts.append(f"optimized.zero.ZeroOptimizer(stage={spec.layout.zero}, offload={spec.layout.offload}"
                      + (", param_dtype=bf16)" if spec.bf16 else ")"))
-    elif spec.dp > 1:
+    elif spec.layout.dp > 1:
         parts.append("optimized.data_parallel.DataParallel + torch AdamW")
     else:
         parts.append("torch AdamW")
     if spec.recompute != "none":
         parts.append(f"optimized.checkpointing ({spec.recompute})")
-    if spec.tp > 1:
+    if spec.layout.tp > 1:
         parts.append("optimized.tensor_parallel.parallelize(megatron_plan)")
-    if spec.pp > 1:
+    if spec.layout.pp > 1:
         parts.append("optimized.pipeline (1F1B)")
     return " + ".join(parts)
 
@@ -285,7 +276,7 @@ def _layout_rows(spec: LayoutRun, per_rank: list[dict], device: str) -> list[Res
     worst = max(per_rank, key=lambda r: r["device"])
     errs = [_relative(predicted_device, r["device"]) for r in per_rank]
     err = _relative(predicted_device, worst["device"])
-    host_err = _relative(predicted_host, max(r["host"] for r in per_rank)) if spec.offload else 0.0
+    host_err = _relative(predicted_host, max(r["host"] for r in per_rank)) if spec.layout.offload else 0.0
     tol, why = TOLERANCE[spec.family]
     worst_err = max(err, host_err)
     memory = [
@@ -293,7 +284,7 @@ def _layout_rows(spec: LayoutRun, per_rank: list[dict], device: str) -> list[Res
         Metric("model states per rank, measured (most loaded rank)", worst["device"], "bytes"),
         Metric("relative error", err, "fraction"),
     ]
-    if spec.offload:
+    if spec.layout.offload:
         memory += [Metric("host (offloaded) bytes per rank, predicted", predicted_host, "bytes"),
                    Metric("host bytes per rank, measured", max(r["host"] for r in per_rank), "bytes")]
     notes = (f"measured by kind on the most loaded rank: params {worst['params']}, grads {worst['grads']}, "
@@ -344,94 +335,6 @@ def _layout_rows(spec: LayoutRun, per_rank: list[dict], device: str) -> list[Res
     return rows
 
 
-# --- DeepSpeed's estimators ------------------------------------------------------------------------------------------
-
-
-def _deepspeed_printed_gpu_gib(fn, **kwargs) -> dict[str, float]:
-    """Run one of DeepSpeed's *_all_cold estimators (they print a table) and read its per-GPU column by options."""
-    text = io.StringIO()
-    with contextlib.redirect_stdout(text):
-        fn(**kwargs)
-    out = {}
-    for line in text.getvalue().splitlines():
-        m = re.match(r"\s*([\d.]+)GB \|\s*([\d.]+)GB \| (.*)$", line)
-        if m:
-            out[m.group(3).replace("OffloadDeviceEnum.", "").strip()] = float(m.group(2))
-    return out
-
-
-def deepspeed_rows(cases: list[tuple[str, int, int, int, int]]) -> list[Result]:
-    """cases: (label, total params, largest module's params, nodes, GPUs per node). DeepSpeed is an optional peer:
-    without it, one row says the comparison was not run."""
-    try:
-        import_deepspeed("cpu")  # the estimators are arithmetic; quiet about the accelerator it would guess
-        from deepspeed.runtime.zero.stage3 import (
-            estimate_zero3_model_states_mem_needs,
-            estimate_zero3_model_states_mem_needs_all_cold,
-        )
-        from deepspeed.runtime.zero.stage_1_and_2 import (
-            estimate_zero2_model_states_mem_needs,
-            estimate_zero2_model_states_mem_needs_all_cold,
-        )
-    except ImportError as e:
-        return [SPEC.row(None, "per GPU vs DeepSpeed's estimators: not run", peer="deepspeed", device="cpu",
-                         world_size=1, notes=f"peer not run: {e} (pip install deepspeed)")]
-
-    rows = []
-    for label, psi, largest, nodes, per_node in cases:
-        n = nodes * per_node
-        work = workload(None, num_params=psi, seq_len=1, global_batch=n, precision="bf16")
-        cluster = Cluster(gpus=n, gpus_per_node=per_node)
-        printed2 = _deepspeed_printed_gpu_gib(estimate_zero2_model_states_mem_needs_all_cold, total_params=psi,
-                                              num_gpus_per_node=per_node, num_nodes=nodes)
-        printed3 = _deepspeed_printed_gpu_gib(estimate_zero3_model_states_mem_needs_all_cold, total_params=psi,
-                                              largest_layer_params=largest, num_gpus_per_node=per_node,
-                                              num_nodes=nodes)
-        variants = [
-            ("ZeRO-2", 2, False, estimate_zero2_model_states_mem_needs(psi, per_node, nodes, cpu_offload=False)[1],
-             printed2.get("offload_optimizer=none"), 4 * psi / n,
-             "DeepSpeed 2Ψ + 18Ψ/Nd, paper 2Ψ + 14Ψ/Nd: DeepSpeed also counts the fp32 gradient partition its "
-             "optimizer steps from (4Ψ/Nd; its comment: 18 = 2 grads16 + 4 grads32 + 4 params32 + 8 moments)"),
-            ("ZeRO-2 + optimizer offload", 2, True,
-             estimate_zero2_model_states_mem_needs(psi, per_node, nodes, cpu_offload=True)[1],
-             printed2.get("offload_optimizer=cpu"), 0.0,
-             "both count only the bf16 parameters on the GPU (2Ψ); gradients and optimizer live on the CPU"),
-            ("ZeRO-3", 3, False, estimate_zero3_model_states_mem_needs(
-                psi, largest, per_node, nodes, cpu_offload=False, cpu_offload_params=False)[1],
-             printed3.get("offload_param=none, offload_optimizer=none, zero_init=1"), 2 * psi / n + 4 * largest,
-             "DeepSpeed 18Ψ/Nd + 4·L, paper 16Ψ/Nd: DeepSpeed counts an fp32 gradient partition (4Ψ/Nd) where "
-             "the paper counts a bf16 one (2Ψ/Nd), and the largest module L gathered whole in bf16 with its bf16 "
-             "gradient (4 bytes per parameter of L) while it computes"),
-            ("ZeRO-3 + optimizer offload", 3, True, estimate_zero3_model_states_mem_needs(
-                psi, largest, per_node, nodes, cpu_offload=True, cpu_offload_params=False)[1],
-             printed3.get("offload_param=none, offload_optimizer=cpu, zero_init=1"), 4 * largest,
-             "both keep the parameter shard on the GPU (2Ψ/Nd); DeepSpeed adds the gathered largest module and its "
-             "gradient (4·L)"),
-        ]
-        for name, stage, offload, ds_bytes, printed_gib, explained, why in variants:
-            ours = estimate(work, cluster, Layout(1, 1, n, stage, offload)).model_states.device
-            residual = abs(ds_bytes - (ours + explained))
-            printed_ok = printed_gib is not None and abs(printed_gib - ds_bytes / 2**30) < 0.006
-            bound = 1.0  # DeepSpeed truncates to whole bytes
-            rows.append(SPEC.row(
-                None, f"{name} per GPU vs DeepSpeed's estimator, {label}",
-                reference="conformance.plan.estimate (ZeRO paper accounting)",
-                peer=f"deepspeed estimate_zero{stage}_model_states_mem_needs_all_cold", device="cpu", world_size=n,
-                equivalence=Equivalence(
-                    name=f"DeepSpeed = planner + explained terms, {name}, {label}",
-                    passed=residual <= bound and printed_ok, max_error=residual, mean_error=residual, bound=bound,
-                    rule="|DeepSpeed - (planner + explained difference)| <= 1 byte, and DeepSpeed's printed table "
-                    "shows the same figure"),
-                memory=[Metric("planner (ZeRO paper: 2+2+12 bytes)", ours, "bytes"),
-                        Metric("DeepSpeed's estimate", ds_bytes, "bytes"),
-                        Metric("explained difference", explained, "bytes"),
-                        Metric("DeepSpeed / planner", ds_bytes / ours, "x")],
-                notes=f"Ψ = {psi:,}, largest module L = {largest:,} parameters, {nodes} node(s) x {per_node} GPUs. "
-                f"{why}. DeepSpeed prints GiB ({printed_gib} GiB); the planner writes GB = 1e9 bytes "
-                f"({ours / GB:.4g} GB)."))
-    return rows
-
-
 def _figure(rows: list[tuple[str, float, float]]) -> Figure:
     """Predicted and measured model-state MB per rank of each layout, side by side."""
     xs = range(len(rows))
@@ -475,5 +378,5 @@ def run(ctx: Context) -> list[Result]:
     if not ctx.quick:
         cases.append((f"tiny GPT, 1 x {max(ctx.world_size, 2)} GPUs", gpt_parameters(tiny),
                       largest_module_parameters(tiny), 1, max(ctx.world_size, 2)))
-    rows += deepspeed_rows(cases)
+    rows += deepspeed_rows(SPEC, cases)
     return rows

@@ -8,21 +8,19 @@ A checkpoint is a directory:
     shard-00001-of-00004.pt    those slices, the hyperparameters, and (rank 0 only) the replicated tensors
     ...                        (frozen parameters, buffers)
 Saving commits across ranks, so a crash or a killed rank never leaves a mixture or destroys the last checkpoint:
-    0. rank 0 takes the name's lock (`.NAME.lock`, O_EXCL): one job writes a name at a time;
+    0. rank 0 takes the name's lock (`.NAME.lock`, O_EXCL; files.py): one job writes a name at a time;
     1. every rank writes its shard into a staging directory beside the target (`.NAME.staging-TOKEN`), fsynced;
     2. all ranks agree that every shard is written (one all_gather_object of [error or file entry]);
-    3. rank 0 writes the manifest (the commit record, with a commit number one above any before it) into the
-       staging directory and publishes it with one rename onto NAME (a previous checkpoint at NAME is first
-       renamed aside and removed only after), then points `latest` in the parent directory at NAME (write to a
-       temporary file, rename);
+    3. rank 0 writes the manifest and publishes the staging directory with one rename onto NAME, then points
+       `latest` at it (commit.py: the commit number, the previous copy set aside, how a reader resolves NAME);
     4. all ranks agree again: save_checkpoint returns on every rank only once the checkpoint is published.
 Until step 3's rename the previous checkpoint at NAME is untouched. Any exception on any rank, during save or
 load, reaches every rank as an error (the ranks always meet at the same collectives: never a hang). Loading
 validates everything (manifest, the shards this rank needs, checksums, shapes, compatibility) without changing any
 state, then all ranks agree: either
 every rank loads the same checkpoint (same manifest digest) or every rank raises. Manifest entries are plain file
-names inside the checkpoint directory. Files are read with torch.load(weights_only=True) after their checksum
-is verified.
+names inside the checkpoint directory. Files are read (files.read_regular: regular files only, bounded) with
+torch.load(weights_only=True) after their checksum is verified.
 
 The flat layout does not depend on the world size (only the padding and the slice boundaries do), so loading at
 another world size M is re-slicing: rank r of M needs the elements [r·S_M, r·S_M + o_r) of each flat buffer and
@@ -32,16 +30,12 @@ re-sliced the same way; scalar state (Adam's step) is the same on every rank and
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
 import math
 import os
-import secrets
 import shutil
-import socket
-import stat
 import uuid
 from pathlib import Path
 from typing import Any
@@ -49,10 +43,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from optimized.zero import commit, files
+from optimized.zero.commit import MANIFEST, resolve
 from optimized.zero.partition import FlatLayout
 
-MANIFEST = "manifest.json"
-LATEST = "latest"
 FORMAT = "pretrain-spec ZeRO checkpoint"
 SECTIONS = ("zero", "layouts", "group_params", "state_dict_keys", "replicated", "files")
 
@@ -61,111 +55,15 @@ def shard_file(rank: int, world_size: int) -> str:
     return f"shard-{rank:05d}-of-{world_size:05d}.pt"
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` all at once: a fresh temporary file beside it, fsynced, renamed onto it.
-
-    The temporary name is unpredictable and created with O_EXCL | O_NOFOLLOW, so nothing planted in the directory
-    (a symlink or a file at a guessed name) can redirect the write outside it or be written through."""
-    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(8)}")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-    fd = os.open(tmp, flags, 0o644)
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def _lock_file(path: Path) -> Path:
-    return path.parent / f".{path.name}.lock"
-
-
-def _acquire_lock(path: Path) -> str | None:
-    """Rank 0: take the one-writer-per-name lock of `path` (created with O_EXCL); None, or why it cannot.
-
-    Two jobs saving to one name would otherwise remove each other's staging directories and publish a checkpoint
-    holding only its manifest. A lock left by a process on this host that is gone (a job killed mid-save, restarted
-    and saving again: the common case) is taken over: a save publishes atomically, so a cut-off one left only its
-    staging directory, which this save removes. It is first renamed away, which only one of several restarted jobs
-    can do; the others then find a live owner and are refused. A lock of another host, or of a live process, is
-    never taken over."""
-    lock = _lock_file(path)
-    owner = f"{os.getpid()} {socket.gethostname()}"
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        return f"could not create the directory {path.parent}: {e}"
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
-        except FileExistsError:
-            pass
-        except OSError as e:
-            return f"could not create the lock file {lock}: {e}"
-        else:
-            try:
-                os.write(fd, owner.encode())
-            finally:
-                os.close(fd)
-            return None
-        try:
-            held = lock.read_text()[:200]
-        except OSError:
-            held = ""
-        pid, _, host = held.partition(" ")
-        if not (pid.isdigit() and host == socket.gethostname() and not _alive(int(pid))):
-            break
-        try:  # stale: rename it away (atomic, so one taker wins), then create ours
-            os.replace(lock, lock.with_name(f"{lock.name}.stale-{uuid.uuid4().hex}"))
-        except OSError:
-            continue  # another job took it over first: look again
-        for old in lock.parent.glob(f"{lock.name}.stale-*"):
-            with contextlib.suppress(OSError):
-                old.unlink()
-    return (f"another save to {path} is in progress (lock file {lock} held by {held or 'an unknown process'!r}); "
-            f"two jobs must not save to one name")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _release_lock(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        os.unlink(_lock_file(path))
-
-
 def save_checkpoint(opt, path: str | os.PathLike) -> Path:
     """Write the checkpoint directory `path` (see the module docstring); every rank must call it. Returns path.
 
     Any exception on any rank (not only OSError) makes every rank raise, naming that rank: the ranks always meet
     at the same collectives, so a failure can never leave the others waiting. One job saves to a name at a time
-    (a lock file beside it, see _acquire_lock); a second is refused."""
+    (a lock file beside it, see files.acquire_lock); a second is refused."""
     path = Path(path)
     group = opt.group
-    lock_error = _acquire_lock(path) if opt.rank == 0 else None
+    lock_error = files.acquire_lock(path) if opt.rank == 0 else None
     token, lock_error = group.all_gather_object((uuid.uuid4().hex[:12], lock_error))[0]  # rank 0's, for all
     if lock_error is not None:
         raise RuntimeError(f"save_checkpoint({str(path)!r}): {lock_error}; nothing was written")
@@ -173,7 +71,7 @@ def save_checkpoint(opt, path: str | os.PathLike) -> Path:
         return _save_locked(opt, path, token)
     finally:
         if opt.rank == 0:
-            _release_lock(path)
+            files.release_lock(path)
 
 
 def _save_locked(opt, path: Path, token: str) -> Path:
@@ -189,7 +87,7 @@ def _save_locked(opt, path: Path, token: str) -> Path:
         buffer = io.BytesIO()
         torch.save(state, buffer)
         data = buffer.getvalue()
-        _atomic_write(staging / name, data)
+        files.atomic_write(staging / name, data)
         entry = {"rank": opt.rank, "file": name, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
     except Exception as e:  # noqa: BLE001 - every rank must reach the all_gather below, whatever went wrong
         error = f"could not write its shard {staging / name}: {type(e).__name__}: {e}"
@@ -198,9 +96,10 @@ def _save_locked(opt, path: Path, token: str) -> Path:
     publish_error = None
     if not failed and opt.rank == 0:
         try:
-            _publish(path, staging, state, [e for _, e in outcomes])
+            number = commit.next_commit(path)
+            commit.publish(path, staging, _manifest(state, [e for _, e in outcomes], number), number)
         except Exception as e:  # noqa: BLE001 - reported to every rank by group.agree below
-            publish_error = str(e) if isinstance(e, _PublishError) else f"could not publish {path}: " \
+            publish_error = str(e) if isinstance(e, commit.PublishError) else f"could not publish {path}: " \
                 f"{type(e).__name__}: {e}; the previous checkpoint (if any) is untouched"
     elif failed and opt.rank == 0:
         shutil.rmtree(staging, ignore_errors=True)
@@ -212,120 +111,19 @@ def _save_locked(opt, path: Path, token: str) -> Path:
     return path
 
 
-class _PublishError(RuntimeError):
-    """A failure after the commit rename: the message says the checkpoint itself is in place."""
-
-
-def _commit_of(directory: Path) -> int:
-    """The commit sequence number a checkpoint directory's manifest records; 0 when it has none or is unreadable
-    (older checkpoints, a directory cut off before its manifest)."""
-    try:
-        commit = json.loads(_read_regular(directory / MANIFEST, None)).get("commit", 0)
-    except Exception:  # noqa: BLE001 - an unreadable manifest simply ranks below every readable one
-        return 0
-    return commit if isinstance(commit, int) and not isinstance(commit, bool) and commit >= 0 else 0
-
-
-def _asides(path: Path) -> list[Path]:
-    return list(path.parent.glob(f".{path.name}.previous-*"))
-
-
-def _publish(path: Path, staging: Path, state: dict, entries: list[dict]) -> None:
-    """Rank 0, after every shard is written: the manifest, then one rename onto path, then `latest`.
-
-    The manifest records a commit number one above every checkpoint ever published at this name that is still on
-    disk (at path or set aside), so resolve() can tell the newest of several set-aside copies by commit order."""
-    meta = {k: v for k, v in state["zero"].items() if k != "rank"}
-    commit = 1 + max([_commit_of(path)] + [_commit_of(a) for a in _asides(path)])
+def _manifest(state: dict, entries: list[dict], number: int) -> bytes:
+    """The manifest of rank 0's `state` and every rank's shard entry, with commit number `number`."""
     manifest = {
         "format": FORMAT,
-        "commit": commit,
-        "zero": meta,
+        "commit": number,
+        "zero": {k: v for k, v in state["zero"].items() if k != "rank"},
         "layouts": state["layouts"],
         "group_params": state["group_params"],
         "state_dict_keys": state["state_dict_keys"],
         "replicated": sorted(state["replicated"]),
         "files": entries,
     }
-    _atomic_write(staging / MANIFEST, json.dumps(manifest, indent=1).encode())
-    _fsync_dir(staging)
-    previous = path.parent / f".{path.name}.previous-{commit - 1:012d}-{secrets.token_hex(6)}"
-    if path.exists():
-        os.rename(path, previous)  # kept until the new one is in place (load falls back to it in between)
-    os.rename(staging, path)
-    _fsync_dir(path.parent)
-    try:
-        _atomic_write(path.parent / LATEST, path.name.encode())
-    except OSError as e:
-        raise _PublishError(f"{path} was published (commit {commit}, complete and loadable by its name), but "
-                            f"{path.parent / LATEST} could not be updated to point at it: {e}") from e
-    finally:
-        shutil.rmtree(previous, ignore_errors=True)
-        for stale in path.parent.glob(f".{path.name}.staging-*"):  # left by saves that failed before publishing
-            shutil.rmtree(stale, ignore_errors=True)
-
-
-def _newest_aside(path: Path) -> Path | None:
-    """Of the set-aside copies `.NAME.previous-*`, the one with the highest commit (never the name's order: its
-    suffix is random), among those that hold a manifest."""
-    candidates = [(_commit_of(a), a) for a in _asides(path) if (a / MANIFEST).exists()]
-    return max(candidates, key=lambda c: c[0])[1] if candidates else None
-
-
-def resolve(path: str | os.PathLike) -> Path:
-    """The checkpoint directory `path` names: itself when it holds a manifest; the one its `latest` file points
-    at; or, when path is missing because a save was interrupted between its two renames, the previous one."""
-    path = Path(path)
-    if (path / MANIFEST).exists():
-        return path
-    if (path / LATEST).is_file():
-        name = (path / LATEST).read_text().strip()
-        _check_plain_name(name, path / LATEST)
-        return path / name
-    if not path.exists():
-        aside = _newest_aside(path)
-        if aside is not None:
-            return aside
-    return path
-
-
-def _check_plain_name(name: Any, source: Path) -> None:
-    if not isinstance(name, str) or not name or name in (".", "..") or Path(name).name != name or "\\" in name:
-        raise ValueError(f"{source}: entry {name!r} must be a plain file name inside the checkpoint directory")
-
-
-MAX_MANIFEST_BYTES = 1 << 30
-
-
-def _read_regular(file: Path, size: int | None) -> bytes:
-    """The bytes of `file`, which must be a regular file (not a symlink, FIFO or device): at most `size` + 1 of
-    them, so a file longer than the manifest says is detected without reading it all (size None: the manifest
-    itself, up to MAX_MANIFEST_BYTES). A FIFO would block the read forever and a link to /dev/zero would fill
-    memory, so both are refused before opening for a read that could block."""
-    st = os.lstat(file)
-    if not stat.S_ISREG(st.st_mode):
-        kind = "a symlink" if stat.S_ISLNK(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode) else \
-            "a directory" if stat.S_ISDIR(st.st_mode) else "a device or other special file"
-        raise ValueError(f"{file}: not a regular file ({kind}); checkpoint files must be regular files")
-    limit = MAX_MANIFEST_BYTES if size is None else size + 1
-    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
-    fd = os.open(file, flags)
-    try:
-        st2 = os.fstat(fd)
-        if not stat.S_ISREG(st2.st_mode) or (st2.st_dev, st2.st_ino) != (st.st_dev, st.st_ino):
-            raise ValueError(f"{file}: changed while being opened (no longer the regular file it was)")
-        if size is None and st2.st_size > MAX_MANIFEST_BYTES:
-            raise ValueError(f"{file}: {st2.st_size} bytes, more than a manifest can be ({MAX_MANIFEST_BYTES})")
-        chunks, total = [], 0
-        while total < limit:
-            chunk = os.read(fd, min(limit - total, 1 << 24))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            total += len(chunk)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
+    return json.dumps(manifest, indent=1).encode()
 
 
 def _is_int(value: Any, low: int = 0, high: int | None = None) -> bool:
@@ -341,7 +139,7 @@ def read_manifest(path: str | os.PathLike) -> dict:
     parameters with integer shapes and a torch dtype. Anything else is a ValueError naming the file."""
     file = resolve(path) / MANIFEST
     try:
-        manifest = json.loads(_read_regular(file, None))
+        manifest = json.loads(files.read_regular(file, None))
     except FileNotFoundError:
         raise FileNotFoundError(f"{file}: no ZeRO checkpoint manifest (was save_checkpoint finished?)") from None
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
@@ -355,20 +153,20 @@ def read_manifest(path: str | os.PathLike) -> dict:
     n = zero.get("world_size") if isinstance(zero, dict) else None
     if not _is_int(n, 1):
         raise ValueError(f"{file}: zero.world_size must be an integer >= 1, got {n!r}")
-    files = manifest["files"]
-    if not isinstance(files, list) or not all(isinstance(e, dict) for e in files):
-        raise ValueError(f"{file}: 'files' must be a list of shard entries, got {str(files)[:200]}")
-    for e in files:
+    entries = manifest["files"]
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise ValueError(f"{file}: 'files' must be a list of shard entries, got {str(entries)[:200]}")
+    for e in entries:
         for key in ("rank", "file", "sha256", "bytes"):
             if key not in e:
                 raise ValueError(f"{file}: shard entry {e!r} has no {key!r}")
-        _check_plain_name(e["file"], file)
+        files.check_plain_name(e["file"], file)
         if not isinstance(e["sha256"], str) or not _is_int(e["bytes"], 0, 1 << 48):
             raise ValueError(f"{file}: shard entry {str(e)[:200]} needs a string 'sha256' and an integer 'bytes' "
                              f">= 0")
-    ranks = sorted(e["rank"] for e in files if _is_int(e["rank"]))
-    if len(files) != n or ranks != list(range(n)):
-        lost = sorted(set(range(min(n, len(files) + 1))) - set(ranks))
+    ranks = sorted(e["rank"] for e in entries if _is_int(e["rank"]))
+    if len(entries) != n or ranks != list(range(n)):
+        lost = sorted(set(range(min(n, len(entries) + 1))) - set(ranks))
         raise ValueError(f"{file}: world_size is {n} but the shard entries are for ranks {ranks[:20]}"
                          + (f" (rank {lost[0]} has no shard)" if lost else " (duplicates or out of range)"))
     _check_layouts(manifest["layouts"], file)
@@ -420,7 +218,7 @@ def read_shard(path: str | os.PathLike, manifest: dict, rank: int) -> dict:
     layouts = _layouts(manifest)
     holds = sorted({name for lay in layouts for name in lay.params_in(*lay.owned_range(rank))})
     try:
-        data = _read_regular(file, entry["bytes"])
+        data = files.read_regular(file, entry["bytes"])
     except FileNotFoundError:
         raise FileNotFoundError(f"{file}: shard of rank {rank} is missing; it holds slices of {holds}") from None
     digest = hashlib.sha256(data).hexdigest()
@@ -511,7 +309,7 @@ def _prepare_load(opt, path: str | os.PathLike) -> tuple[dict, str]:
     digest of the manifest it came from. No state changes."""
     directory = resolve(path)
     manifest = read_manifest(directory)
-    digest = hashlib.sha256(_read_regular(directory / MANIFEST, None)).hexdigest()
+    digest = hashlib.sha256(files.read_regular(directory / MANIFEST, None)).hexdigest()
     source = str(directory / MANIFEST)
     opt.check_compatible(manifest["zero"], manifest["layouts"], manifest["replicated"], source)
     old_layouts = _layouts(manifest)

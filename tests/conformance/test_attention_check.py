@@ -34,7 +34,7 @@ def small(monkeypatch):
     monkeypatch.setattr(check, "INTERPRETER_VARLEN_CASES", (VarlenCase("tiny", (5, 5), H=1, Hkv=1, d=16),))
     monkeypatch.setattr(claims, "_lengths", lambda device, quick: (128, 256, 512))
     monkeypatch.setattr(claims, "_packed_lengths", lambda device, quick: (100, 30, 7, 1))
-    # The ahead-of-time build row with two builds: tests/conformance/test_triton_build.py builds the whole CI set.
+    # The ahead-of-time build row with two builds: tests/tools/test_triton_build.py builds the whole CI set.
     quick_specs = check.triton_build.quick_specs
     monkeypatch.setattr(check.triton_build, "quick_specs", lambda: quick_specs()[:2])
 

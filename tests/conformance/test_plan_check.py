@@ -9,20 +9,21 @@ from __future__ import annotations
 import pytest
 
 from conformance.checks import plan as plan_check
+from conformance.checks._plan_deepspeed import deepspeed_rows
 from conformance.launch import spawn
-from conformance.plan import GB
+from tools.plan import GB, Layout
 
 W3_SPECS = [
-    plan_check.LayoutRun(1, 1, 3, 0),
-    plan_check.LayoutRun(1, 1, 3, 1),
-    plan_check.LayoutRun(1, 1, 3, 2),
-    plan_check.LayoutRun(1, 1, 3, 3),
-    plan_check.LayoutRun(1, 1, 3, 3, bf16=True),
-    plan_check.LayoutRun(1, 1, 3, 1, offload=True),
-    plan_check.LayoutRun(1, 3, 1, 0),  # 4 blocks over 3 stages: uneven
+    plan_check.LayoutRun(Layout(1, 1, 3, 0)),
+    plan_check.LayoutRun(Layout(1, 1, 3, 1)),
+    plan_check.LayoutRun(Layout(1, 1, 3, 2)),
+    plan_check.LayoutRun(Layout(1, 1, 3, 3)),
+    plan_check.LayoutRun(Layout(1, 1, 3, 3), bf16=True),
+    plan_check.LayoutRun(Layout(1, 1, 3, 1, offload=True)),
+    plan_check.LayoutRun(Layout(1, 3, 1, 0)),  # 4 blocks over 3 stages: uneven
 ]
-W2_SPECS = [plan_check.LayoutRun(2, 1, 1, 0), plan_check.LayoutRun(1, 2, 1, 0),
-            plan_check.LayoutRun(1, 1, 2, 2, offload=True)]
+W2_SPECS = [plan_check.LayoutRun(Layout(2, 1, 1, 0)), plan_check.LayoutRun(Layout(1, 2, 1, 0)),
+            plan_check.LayoutRun(Layout(1, 1, 2, 2, offload=True))]
 
 
 @pytest.mark.parametrize(("world_size", "specs"), [(3, W3_SPECS), (2, W2_SPECS)], ids=["w3", "w2"])
@@ -36,13 +37,13 @@ def test_planner_predicts_measured_bytes_per_rank(world_size, specs):
         states = rows[0].memory
         predicted, measured = states[0].measured, states[1].measured
         assert measured > 0 and predicted > 0
-        if spec.pp > 1:  # the stage bound is an upper bound
+        if spec.layout.pp > 1:  # the stage bound is an upper bound
             assert predicted >= measured
 
 
 def test_deepspeed_estimators_differ_by_the_explained_terms():
     psi, largest = 7_500_000_000, 4 * 4096 * 4096 + 4 * 4096
-    rows = plan_check.deepspeed_rows([("7.5B", psi, largest, 8, 8)])
+    rows = deepspeed_rows(plan_check.SPEC, [("7.5B", psi, largest, 8, 8)])
     assert len(rows) == 4
     for row in rows:
         assert row.equivalence.passed, (row.name, str(row.equivalence))
@@ -58,8 +59,8 @@ def test_deepspeed_estimators_differ_by_the_explained_terms():
 
 def test_layout_list_covers_every_kind():
     specs = plan_check.specs_for(4, quick=False, cuda=False)
-    kinds = {(s.tp > 1, s.pp > 1, s.zero, s.offload, s.bf16) for s in specs}
+    kinds = {(s.layout.tp > 1, s.layout.pp > 1, s.layout.zero, s.layout.offload, s.bf16) for s in specs}
     assert (False, False, 0, False, False) in kinds and (True, False, 0, False, False) in kinds
     assert (False, True, 0, False, False) in kinds and (False, False, 3, True, False) in kinds
     assert all(s.world_size == 4 for s in specs)
-    assert not any(s.pp > 1 for s in plan_check.specs_for(2, quick=True, cuda=True))  # the executor is gloo-only
+    assert not any(s.layout.pp > 1 for s in plan_check.specs_for(2, quick=True, cuda=True))  # the executor is gloo-only

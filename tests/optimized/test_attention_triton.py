@@ -146,7 +146,7 @@ def test_triton_backward_on_cuda_is_bitwise_reproducible():
 
 def test_inputs_reach_the_kernels_in_the_one_layout_they_are_built_for():
     # Head dim zero-padded to a power of two, strides multiples of 16 elements, 16-byte aligned: the layout the
-    # ahead-of-time build covers (tests/conformance/test_triton_build.py).
+    # ahead-of-time build covers (tests/tools/test_triton_build.py).
     x = torch.randn(2, 3, 20, 64)
     assert kernels.aligned(x, 64) is x
     y = x.transpose(1, 2).contiguous().transpose(1, 2)  # the model's (B, T, H, d) seen as (B, H, T, d)

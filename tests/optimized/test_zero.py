@@ -69,9 +69,10 @@ FOUR_RANKS = 5
 """On 4 ranks (2 cores: the slowest world size) only the first 5 configurations run: each stage, bf16, offload."""
 
 
-def _model(run: Run) -> GPT:
+def _model(frozen: bool = True) -> GPT:
+    """The tiny GPT; `frozen`: with FROZEN frozen (the configurations with two parameter groups)."""
     model = GPT(GPTConfig(**CFG))
-    if run.groups:
+    if frozen:
         model.get_parameter(FROZEN).requires_grad_(False)
     return model
 
@@ -107,7 +108,7 @@ def _cached_reference(param_dtype, accumulation, groups, norm_type, world_size, 
 
 
 def _reference_run(run: Run, world_size: int, dtype: torch.dtype, nudge_seed: int | None = None) -> dict:
-    master = _model(run).to(dtype)
+    master = _model(run.groups).to(dtype)
     if nudge_seed is not None:
         nudge_(master.parameters(), seed=nudge_seed)
     compute = copy.deepcopy(master).to(run.param_dtype) if run.param_dtype else master
@@ -164,7 +165,7 @@ def _zero_worker(runs: list[Run]) -> list[dict]:
     rank, world = dist.get_rank(), dist.get_world_size()
     results = []
     for run in runs:
-        model = _model(run)
+        model = _model(run.groups)
         opt = ZeroOptimizer(
             model, torch.optim.AdamW, stage=run.stage, offload=run.offload, param_dtype=run.param_dtype,
             bucket_cap_mb=run.bucket_cap_mb, param_groups=_param_groups(model) if run.groups else None, **ADAMW,

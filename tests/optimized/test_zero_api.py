@@ -150,9 +150,9 @@ def test_zero_grad_refuses_what_it_cannot_do(value):
     opt = ZeroOptimizer(model, torch.optim.AdamW, stage=1, lr=1e-3)
     idx, targets = make_batches(1, batch_size=2, seq_len=8, vocab_size=16, seed=0)[0]
     accumulate_gradients(model, [(idx, targets)])
-    before = [g.clone() for g in opt._master_grads()]
+    before = [g.clone() for g in opt._grads.grads()]
     with pytest.raises(ValueError, match=r"set_to_none must be True"):
         opt.zero_grad(set_to_none=value)
-    assert all(torch.equal(a, b) for a, b in zip(before, opt._master_grads(), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(before, opt._grads.grads(), strict=True))
     opt.zero_grad()
     assert all(p.grad is None for p in model.parameters())

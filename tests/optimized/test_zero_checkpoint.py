@@ -18,32 +18,18 @@ import torch
 
 from conformance.launch import spawn
 from conformance.tolerance import allclose, assert_equivalent, combine
-from optimized.zero import ZeroOptimizer, consolidate
+from optimized.zero import ZeroOptimizer, commit, consolidate, files
 from optimized.zero import checkpoint as zero_checkpoint
 from reference.data import make_batches
 from reference.model import GPT, GPTConfig
 from reference.training import accumulate_gradients, split_batch
+from tests.optimized.test_zero import ADAMW, CFG, FROZEN, _model, _param_groups
 
-CFG = dict(vocab_size=37, block_size=16, n_layer=2, n_head=5, n_embd=25, seed=0)
-FROZEN = "blocks.0.attn.q_proj.bias"
-ADAMW = dict(lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
 GLOBAL_BATCH = 12  # divides by 1, 2, 3 and 4 ranks
 
 
-def _model() -> GPT:
-    model = GPT(GPTConfig(**CFG))
-    model.get_parameter(FROZEN).requires_grad_(False)
-    return model
-
-
-def _groups(model: GPT) -> list[dict]:
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    return [{"params": [p for p in trainable if p.dim() >= 2]},
-            {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0}]
-
-
 def _optimizer(model: GPT, stage: int, **kwargs) -> ZeroOptimizer:
-    return ZeroOptimizer(model, torch.optim.AdamW, stage=stage, param_groups=_groups(model), bucket_cap_mb=0.01,
+    return ZeroOptimizer(model, torch.optim.AdamW, stage=stage, param_groups=_param_groups(model), bucket_cap_mb=0.01,
                          **kwargs, **ADAMW)
 
 
@@ -138,7 +124,7 @@ def checkpoint(tmp_path_factory):
 def test_consolidate_equals_the_unsharded_reference(checkpoint):
     model_state, opt_state = consolidate(checkpoint)
     ref = _model()
-    ref_opt = torch.optim.AdamW(_groups(ref), **ADAMW)
+    ref_opt = torch.optim.AdamW(_param_groups(ref), **ADAMW)
     batches = make_batches(10, batch_size=GLOBAL_BATCH, seq_len=12, vocab_size=CFG["vocab_size"], seed=1)
     trainable = [p for p in ref.parameters() if p.requires_grad]
     for idx, targets in batches[:5]:
@@ -155,7 +141,7 @@ def test_consolidate_equals_the_unsharded_reference(checkpoint):
         assert opt_state["state"][i].keys() == state.keys()
         parts += [allclose(opt_state["state"][i][k], v, name=f"state {i} {k}") for k, v in state.items()]
     assert_equivalent(combine("consolidated vs unsharded AdamW, 5 steps", parts))
-    plain = torch.optim.AdamW(_groups(ref), **ADAMW)
+    plain = torch.optim.AdamW(_param_groups(ref), **ADAMW)
     plain.load_state_dict(opt_state)  # a plain torch optimizer takes the consolidated state as it is
     ref.load_state_dict(model_state)
 
@@ -236,9 +222,9 @@ def test_an_interrupted_save_falls_back_to_the_newest_set_aside_copy_by_commit(t
     assert [zero_checkpoint.read_manifest(c)["commit"] for c in copies] == [1, 2, 3]
     shutil.rmtree(tmp_path / "ckpt")
     (tmp_path / "latest").unlink()
-    assert zero_checkpoint.resolve(tmp_path / "ckpt") == copies[-1]
+    assert commit.resolve(tmp_path / "ckpt") == copies[-1]
     shutil.rmtree(copies[-1])
-    assert zero_checkpoint.resolve(tmp_path / "ckpt") == copies[1]
+    assert commit.resolve(tmp_path / "ckpt") == copies[1]
 
 
 def test_a_planted_symlink_cannot_redirect_a_write_outside_the_directory(tmp_path):
@@ -248,7 +234,7 @@ def test_a_planted_symlink_cannot_redirect_a_write_outside_the_directory(tmp_pat
     outside.write_bytes(b"precious")
     for name in ("x", "latest"):
         os.symlink(outside, inside / f".{name}.tmp-{os.getpid()}")
-        zero_checkpoint._atomic_write(inside / name, b"new bytes")
+        files.atomic_write(inside / name, b"new bytes")
         assert (inside / name).read_bytes() == b"new bytes" and not (inside / name).is_symlink()
     assert outside.read_bytes() == b"precious"
     assert not [f for f in inside.iterdir() if ".tmp-" in f.name and not f.is_symlink()]  # no temporaries left

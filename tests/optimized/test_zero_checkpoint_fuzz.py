@@ -20,6 +20,7 @@ from torch import nn
 
 from optimized.zero import ZeroOptimizer
 from optimized.zero import checkpoint as zc
+from optimized.zero.commit import MANIFEST
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 SHARD = zc.shard_file(0, 1)
@@ -65,16 +66,16 @@ def _read_both(directory: Path) -> None:
 def _forge(directory: Path, data: bytes) -> None:
     """Write `data` as the shard and make the manifest's size and checksum match it (a forged checkpoint)."""
     (directory / SHARD).write_bytes(data)
-    manifest = json.loads((directory / zc.MANIFEST).read_text())
+    manifest = json.loads((directory / MANIFEST).read_text())
     manifest["files"][0].update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
-    (directory / zc.MANIFEST).write_text(json.dumps(manifest))
+    (directory / MANIFEST).write_text(json.dumps(manifest))
 
 
 @SETTINGS
 @given(data=st.binary(max_size=300))
 def test_random_bytes_as_manifest(saved, data):
     directory = _copy(saved)
-    (directory / zc.MANIFEST).write_bytes(data)
+    (directory / MANIFEST).write_bytes(data)
     _read_both(directory)
 
 
@@ -93,7 +94,7 @@ def _paths(value, prefix=()):
        delete=st.booleans())
 def test_one_field_of_the_manifest_replaced_or_deleted(saved, choice, value, delete):
     directory = _copy(saved)
-    manifest = json.loads((directory / zc.MANIFEST).read_text())
+    manifest = json.loads((directory / MANIFEST).read_text())
     paths = [p for p in _paths(manifest) if p]
     where = paths[choice % len(paths)]
     parent = manifest
@@ -103,7 +104,7 @@ def test_one_field_of_the_manifest_replaced_or_deleted(saved, choice, value, del
         del parent[where[-1]]
     else:
         parent[where[-1]] = value
-    (directory / zc.MANIFEST).write_text(json.dumps(manifest))
+    (directory / MANIFEST).write_text(json.dumps(manifest))
     _read_both(directory)
 
 

@@ -11,7 +11,8 @@ import importlib.util
 import pytest
 import torch
 
-from conformance.checks.zero import PEER_CONFIGS, peer_worker, reference_and_spread
+from conformance.checks._zero_workload import reference_and_spread
+from conformance.checks.zero import PEER_CONFIGS, peer_worker
 from conformance.launch import spawn
 from conformance.tolerance import assert_equivalent, within_spread
 

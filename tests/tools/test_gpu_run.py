@@ -10,8 +10,8 @@ import time
 import pytest
 import torch
 
-from conformance import gpu
 from conformance.__main__ import main as cli_main
+from tools import gpu
 
 JUNIT = """<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest" tests="4">
 <testcase classname="tests.optimized.test_x" name="test_ok" time="0.1"/>

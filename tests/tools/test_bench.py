@@ -7,9 +7,10 @@ import json
 import pytest
 import torch
 
-from conformance import bench
 from conformance.__main__ import main as cli_main
-from conformance.bench import Case, CaseResult, MemoryResult, Timing, attention_flops, peak_tflops
+from tools.bench import cases, cli, measure, report
+from tools.bench.cases import Case, attention_flops, peak_tflops
+from tools.bench.measure import CaseResult, MemoryResult, Timing
 
 FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
 
@@ -34,25 +35,25 @@ def test_dense_peak_by_device_name(name, peak):
 
 
 def test_cases_are_sized_like_flash_attns_bench_and_headline_first():
-    todo = bench.cases(("fp16", "bf16"), (64, 128), (1024, 8192), (False, True))
+    todo = cases.cases(("fp16", "bf16"), (64, 128), (1024, 8192), (False, True))
     assert len(todo) == 16
-    assert [(c.dtype, c.d, c.N) for c in todo[:2]] == [bench.HEADLINE] * 2
+    assert [(c.dtype, c.d, c.N) for c in todo[:2]] == [cases.HEADLINE] * 2
     for c in todo:
-        assert c.B * c.N == bench.TOKENS and c.H * c.d == bench.HIDDEN
+        assert c.B * c.N == cases.TOKENS and c.H * c.d == cases.HIDDEN
     assert Case.sized("bf16", 64, 32768, False).B == 1  # at least one sequence
 
 
 def test_arguments():
-    args = bench.parse_args(["attention"])
-    assert args.seqlen == bench.SEQLENS and args.causal == (False, True) and args.impl == bench.IMPLS
-    args = bench.parse_args(["attention", "--quick", "--dtype", "bf16", "--head-dim", "128", "--causal", "yes"])
-    assert args.seqlen == bench.QUICK_SEQLENS and args.dtype == ("bf16",) and args.head_dim == (128,)
-    assert args.causal == (True,) and args.reps < bench.parse_args(["attention"]).reps
-    assert bench.parse_args(["attention", "--seqlen", "2k,4096"]).seqlen == (2048, 4096)
+    args = cli.parse_args(["attention"])
+    assert args.seqlen == cases.SEQLENS and args.causal == (False, True) and args.impl == cases.IMPLS
+    args = cli.parse_args(["attention", "--quick", "--dtype", "bf16", "--head-dim", "128", "--causal", "yes"])
+    assert args.seqlen == cases.QUICK_SEQLENS and args.dtype == ("bf16",) and args.head_dim == (128,)
+    assert args.causal == (True,) and args.reps < cli.parse_args(["attention"]).reps
+    assert cli.parse_args(["attention", "--seqlen", "2k,4096"]).seqlen == (2048, 4096)
     for bad in (["attention", "--dtype", "fp32"], ["attention", "--impl", "xformers"], ["other"],
                 ["attention", "--seqlen", "0"], ["attention", "--budget", "0"]):
         with pytest.raises(SystemExit) as exit_:
-            bench.parse_args(bad)
+            cli.parse_args(bad)
         assert exit_.value.code == 2
 
 
@@ -65,9 +66,9 @@ def test_no_cuda_is_one_line_and_exit_2(capsys):
 def test_timing_loop_on_cpu_tensors():
     """The loop the GPU runs, on CPU: a number where the implementation serves the case, a reason where not."""
     case = Case("fp16", 16, 32, True, B=1, H=2)
-    result = bench.measure_case(case, ("sdpa-flash", "sdpa-efficient", "flash-attn"), torch.device("cpu"),
+    result = measure.measure_case(case, ("sdpa-flash", "sdpa-efficient", "flash-attn"), torch.device("cpu"),
                                 warmup=0, reps=1, peak=100.0)
-    for mode in bench.MODES:
+    for mode in cases.MODES:
         t = result.timings["sdpa-flash"][mode]
         assert t.na is None and t.ms > 0 and t.tflops == pytest.approx(case.flops(mode) / t.ms / 1e9)
         assert t.pct_peak == pytest.approx(t.tflops)
@@ -79,16 +80,16 @@ def test_timing_loop_on_cpu_tensors():
 
 def test_triton_in_the_timing_loop_under_the_interpreter():
     case = Case("fp16", 16, 16, False, B=1, H=1)
-    result = bench.measure_case(case, ("triton",), torch.device("cpu"), warmup=0, reps=1)
+    result = measure.measure_case(case, ("triton",), torch.device("cpu"), warmup=0, reps=1)
     assert all(t.tflops is not None for t in result.timings["triton"].values()), result.timings
 
 
 def test_memory_ratio_on_cpu_tensors():
-    memory = bench.measure_memory(Case("fp16", 16, 256, True, B=1, H=2), ("sdpa-flash", "sdpa-efficient"),
+    memory = measure.measure_memory(Case("fp16", 16, 256, True, B=1, H=2), ("sdpa-flash", "sdpa-efficient"),
                                   torch.device("cpu"))
     assert memory.naive_bytes > 0 and memory.ratios["sdpa-flash"] > 1  # N² scores vs N·d: flash is smaller
     assert isinstance(memory.flash_bytes["sdpa-efficient"], str)
-    assert "sdpa-flash" in bench.render_memory(memory)
+    assert "sdpa-flash" in report.render_memory(memory)
 
 
 def _fake() -> tuple[list[CaseResult], MemoryResult]:
@@ -96,7 +97,7 @@ def _fake() -> tuple[list[CaseResult], MemoryResult]:
     rows = [CaseResult(headline, {
         "triton": {"fwd": Timing(1.0, 452.0, 45.7), "fwd_bwd": Timing(4.0, 380.0, 38.4)},
         "sdpa-flash": {"fwd": Timing(1.1, 400.0, 40.4), "fwd_bwd": Timing(3.0, 400.0, 40.4)},
-        "flash-attn": {m: Timing(na="the flash_attn package is not installed") for m in bench.MODES},
+        "flash-attn": {m: Timing(na="the flash_attn package is not installed") for m in cases.MODES},
     })]
     memory = MemoryResult(Case("fp16", 64, 4096, True, B=1, H=8), 20 * 2**20,
                           {"triton": 2**20, "sdpa-cudnn": "RuntimeError: no"})
@@ -105,23 +106,23 @@ def _fake() -> tuple[list[CaseResult], MemoryResult]:
 
 def test_table_from_a_fake_result():
     rows, memory = _fake()
-    text = bench.render_table(rows, ("triton", "sdpa-flash", "flash-attn"), memory=memory,
+    text = report.render_table(rows, ("triton", "sdpa-flash", "flash-attn"), memory=memory,
                               device_name="NVIDIA H200", peak=989.0)
     assert "dense peak 989 TFLOP/s" in text and "452.0 (46%)" in text and "380.0 (38%)" in text
     assert text.count("n/a [1]") == 2 and "[1] the flash_attn package is not installed" in text
     assert "triton 20.0x" in text and "sdpa-cudnn n/a (RuntimeError: no)" in text
-    head = bench.headline_ratios([r.to_dict() for r in rows])
+    head = report.headline_ratios([r.to_dict() for r in rows])
     assert head["causal fwd"] == pytest.approx(452 / 400) and head["causal fwd_bwd"] == pytest.approx(0.95)
     assert head["full fwd"] is None
 
 
 def test_run_writes_table_json_and_plot(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(bench, "memory_case", lambda device: Case("fp16", 16, 128, False, B=1, H=2))
-    args = bench.parse_args(["attention", "--dtype", "fp16", "--head-dim", "16", "--seqlen", "32,64",
+    monkeypatch.setattr(cli, "memory_case", lambda device: Case("fp16", 16, 128, False, B=1, H=2))
+    args = cli.parse_args(["attention", "--dtype", "fp16", "--head-dim", "16", "--seqlen", "32,64",
                              "--causal", "no", "--impl", "sdpa-flash,sdpa-cudnn", "--tokens", "64",
                              "--hidden", "32", "--out", str(tmp_path)])
     args.warmup, args.reps = 0, 1
-    payload = bench.run(args, torch.device("cpu"))
+    payload = cli.run(args, torch.device("cpu"))
     out = capsys.readouterr().out
     assert "fp16 d=16 N=64 full  fwd_bwd" in out and "peak memory naive / flash" in out
     saved = json.loads((tmp_path / "bench.json").read_text())
@@ -131,11 +132,11 @@ def test_run_writes_table_json_and_plot(tmp_path, monkeypatch, capsys):
 
 
 def test_budget_skips_the_remaining_cases(tmp_path, capsys):
-    args = bench.parse_args(["attention", "--dtype", "fp16", "--head-dim", "16", "--seqlen", "32,64",
+    args = cli.parse_args(["attention", "--dtype", "fp16", "--head-dim", "16", "--seqlen", "32,64",
                              "--causal", "no", "--impl", "sdpa-flash", "--tokens", "64", "--hidden", "32",
                              "--budget", "1e-9", "--no-memory", "--out", str(tmp_path)])
     args.warmup, args.reps = 0, 1
-    payload = bench.run(args, torch.device("cpu"))
+    payload = cli.run(args, torch.device("cpu"))
     assert len(payload["cases"]) == 1 and payload["skipped"] == ["fp16 d=16 N=64 full"]
     assert "1 case(s) skipped" in capsys.readouterr().out
 
@@ -144,9 +145,9 @@ def test_budget_skips_the_remaining_cases(tmp_path, capsys):
 def test_a_tiny_bench_case_on_cuda():
     cuda = torch.device("cuda")
     case = Case("bf16", 64, 256, True, B=2, H=4)
-    result = bench.measure_case(case, bench.IMPLS, cuda, warmup=1, reps=2, peak=peak_tflops("NVIDIA H200"))
-    for mode in bench.MODES:
+    result = measure.measure_case(case, cases.IMPLS, cuda, warmup=1, reps=2, peak=peak_tflops("NVIDIA H200"))
+    for mode in cases.MODES:
         assert result.timings["triton"][mode].tflops > 0, result.timings["triton"][mode]
         assert result.timings["sdpa-flash"][mode].tflops or result.timings["sdpa-flash"][mode].na
-    memory = bench.measure_memory(Case("fp16", 64, 1024, True, B=1, H=2), ("triton", "sdpa-flash"), cuda)
+    memory = measure.measure_memory(Case("fp16", 64, 1024, True, B=1, H=2), ("triton", "sdpa-flash"), cuda)
     assert memory.ratios["triton"] > 1, memory

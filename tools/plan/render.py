@@ -5,9 +5,9 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from conformance.plan.model import GB, Cluster, Estimate
-from conformance.plan.model import decimal_bytes as _gb
-from conformance.plan.search import Plan
+from tools.plan.model import GB, Cluster, Estimate
+from tools.plan.model import decimal_bytes as _gb
+from tools.plan.search import Plan
 
 # --- terminal ----------------------------------------------------------------------------------------------
 

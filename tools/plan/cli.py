@@ -13,7 +13,9 @@ import sys
 from rich.console import Console
 
 from conformance.flags import Parser, fraction, in_range, parse, positive_float, positive_int, writable_file
-from conformance.plan.model import (
+from reference.memory import gpt_parameters
+from reference.model import GPTConfig
+from tools.plan.model import (
     CHECKPOINTING,
     GB,
     PRECISIONS,
@@ -24,10 +26,8 @@ from conformance.plan.model import (
     Workload,
     workload,
 )
-from conformance.plan.render import count_text, render
-from conformance.plan.search import plan
-from reference.memory import gpt_parameters
-from reference.model import GPTConfig
+from tools.plan.render import count_text, render
+from tools.plan.search import plan
 
 FLAGS = {"num_params": "--params", "seq_len": "--seq-len", "micro_batch": "--micro-batch",
          "global_batch": "--global-batch", "precision": "--precision", "gpus": "--gpus",
@@ -36,6 +36,17 @@ FLAGS = {"num_params": "--params", "seq_len": "--seq-len", "micro_batch": "--mic
          "offload": "--offload", "attention": "--attention", "checkpointing": "--checkpointing",
          "prefer_simple_within": "--prefer-simple-within"}
 """The flag of each planner input a PlanError can name (PlanError.argument)."""
+HARDWARE = (
+    ("--gpu-memory", 80.0, "GB (1e9 bytes) of memory per GPU"),
+    ("--cpu-memory", 1024.0, "GB of host memory per node, for offload"),
+    ("--tflops", 200.0, "achieved (not peak) TFLOP/s per GPU in the chosen precision, for the step-time estimate"),
+    ("--intra-node-gbps", 150.0, "GB/s each GPU sends within a node"),
+    ("--inter-node-gbps", 25.0, "GB/s each GPU sends across nodes"),
+    ("--pcie-gbps", 25.0, "GB/s between a GPU and host memory"),
+    ("--cpu-memory-gbps", 100.0, "GB/s of a node's host memory, which bounds offload's CPU optimizer step"),
+)
+"""The cluster's numbers: (flag, default, what it is), each a positive number."""
+
 
 def _count(text: str) -> int:
     """'7e9', '7B', '350M', '1.5b', '124000000' -> an integer parameter count."""
@@ -72,8 +83,6 @@ def _stages(text: str) -> tuple[int, ...]:
     if not values or any(v not in ZERO_NAMES for v in values):
         raise argparse.ArgumentTypeError(f"zero stages must be among 0, 1, 2, 3, got {text!r}")
     return values
-
-
 
 
 def parser() -> argparse.ArgumentParser:
@@ -116,21 +125,8 @@ def parser() -> argparse.ArgumentParser:
     h = parser.add_argument_group("hardware")
     h.add_argument("--gpus", type=positive_int, default=8, help="number of GPUs (default: 8)")
     h.add_argument("--gpus-per-node", type=positive_int, default=None, help="GPUs per node (default: min(8, --gpus))")
-    h.add_argument("--gpu-memory", type=positive_float, default=80.0,
-                   help="GB (1e9 bytes) of memory per GPU (default: 80)")
-    h.add_argument("--cpu-memory", type=positive_float, default=1024.0,
-                   help="GB of host memory per node, for offload (default: 1024)")
-    h.add_argument("--tflops", type=positive_float, default=200.0,
-                   help="achieved (not peak) TFLOP/s per GPU in the chosen precision, for the step-time estimate "
-                   "(default: 200)")
-    h.add_argument("--intra-node-gbps", type=positive_float, default=150.0,
-                   help="GB/s each GPU sends within a node (default: 150)")
-    h.add_argument("--inter-node-gbps", type=positive_float, default=25.0,
-                   help="GB/s each GPU sends across nodes (default: 25)")
-    h.add_argument("--pcie-gbps", type=positive_float, default=25.0,
-                   help="GB/s between a GPU and host memory (default: 25)")
-    h.add_argument("--cpu-memory-gbps", type=positive_float, default=100.0,
-                   help="GB/s of a node's host memory, which bounds offload's CPU optimizer step (default: 100)")
+    for flag, default, what in HARDWARE:
+        h.add_argument(flag, type=positive_float, default=default, help=f"{what} (default: {default:g})")
     h.add_argument("--headroom", type=fraction, default=0.1,
                    help="fraction of memory kept free for what the model does not count (CUDA context, buffers, "
                    "logits, fragmentation; default: 0.1)")

@@ -1,4 +1,4 @@
-"""The parallel-strategy planner (conformance.plan) and the formulas it adds (reference.parallelism).
+"""The parallel-strategy planner (tools.plan) and the formulas it adds (reference.parallelism).
 
 Hand-computed values (the ZeRO paper's 7.5B example among them), the formulas against what the implementations do
 (DeepSpeed's module count, the pipeline simulator, the pipeline splitter), properties over drawn shapes and clusters,
@@ -16,18 +16,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from rich.console import Console
 
-from conformance.plan import (
-    GB,
-    PRESETS,
-    Cluster,
-    Layout,
-    candidate_layouts,
-    estimate,
-    plan,
-    render,
-    workload,
-)
-from conformance.plan.cli import main, parser
 from reference.memory import FP32, MIXED, activation_bytes_per_layer, communication_elements, gpt_parameters
 from reference.model import GPT, GPTConfig
 from reference.parallelism import (
@@ -45,6 +33,18 @@ from reference.parallelism import (
     training_flops,
     zero_communication_elements,
 )
+from tools.plan import (
+    GB,
+    PRESETS,
+    Cluster,
+    Layout,
+    candidate_layouts,
+    estimate,
+    plan,
+    render,
+    workload,
+)
+from tools.plan.cli import main, parser
 
 HAS_PIPELINE = importlib.util.find_spec("optimized.pipeline") is not None
 

@@ -9,6 +9,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+from reference import parallelism
 from reference.memory import (
     FP32,
     MIXED,
@@ -20,20 +21,6 @@ from reference.memory import (
     params_per_model_parallel_rank,
 )
 from reference.model import GPTConfig
-from reference.parallelism import (
-    activation_bytes_per_rank,
-    context_parallel_communication_bytes,
-    data_parallel_communication_bytes,
-    in_flight_microbatches,
-    offload_step_seconds,
-    offload_transfer_bytes,
-    pipeline_bubble_fraction,
-    pipeline_communication_bytes,
-    pipeline_stage_parameters,
-    step_seconds,
-    tensor_parallel_communication_bytes,
-    training_flops,
-)
 
 GB = 1e9
 """Decimal gigabytes, as the ZeRO paper writes them (16Ψ for 7.5B = 120 GB)."""
@@ -334,7 +321,7 @@ def estimate(
     notes: list[str] = []
 
     if cfg is not None and work.num_params == gpt_parameters(cfg):
-        psi_gpu = float(pipeline_stage_parameters(cfg, pp=p, tp=t))
+        psi_gpu = float(parallelism.pipeline_stage_parameters(cfg, pp=p, tp=t))
     else:  # only the count is known (or it overrides the shape's): ZeRO Sec. 8's ideal split Ψ/(t·p)
         psi_gpu = params_per_model_parallel_rank(work.num_params, tp=t, pp=p)
     # The c context-parallel ranks hold the same parameters: gradients are reduced, and ZeRO shards, over d·c ranks.
@@ -349,9 +336,9 @@ def estimate(
         notes.append("context parallel: ring attention is blockwise (flash) whatever --attention says")
     if cfg is not None:
         layers = layers_per_stage(cfg.n_layer, p)
-        in_flight = in_flight_microbatches(p, m)
+        in_flight = parallelism.in_flight_microbatches(p, m)
         activations = {
-            f"{attn}{suffix}": float(activation_bytes_per_rank(
+            f"{attn}{suffix}": float(parallelism.activation_bytes_per_rank(
                 cfg, work.micro_batch, work.seq_len, num_layers=layers, in_flight=in_flight, attention=attn, tp=t,
                 cp=c, element_bytes=element, recompute=policy))
             for policy, suffix in RECOMPUTE_SUFFIX.items() for attn in ("naive", "flash")
@@ -369,18 +356,18 @@ def estimate(
 
     comm: dict[str, float | None] = {"dp": 0.0, "tp": 0.0, "pp": 0.0, "cp": 0.0, "offload": 0.0}
     if d * c > 1:
-        comm["dp"] = data_parallel_communication_bytes(psi_gpu, layout.zero, d * c, accumulation_steps=m,
-                                                       element_bytes=precision.grad)
+        comm["dp"] = parallelism.data_parallel_communication_bytes(
+            psi_gpu, layout.zero, d * c, accumulation_steps=m, element_bytes=precision.grad)
     if cfg is not None:
         local_seq = work.seq_len // c  # every per-token tensor of a rank is s/c long
         if t > 1:
-            comm["tp"] = tensor_parallel_communication_bytes(
+            comm["tp"] = parallelism.tensor_parallel_communication_bytes(
                 work.micro_batch, local_seq, cfg.n_embd, tp=t, num_layers=layers_per_stage(cfg.n_layer, p),
                 num_microbatches=m, element_bytes=element, recompute=recompute == "full")
-        comm["pp"] = pipeline_communication_bytes(work.micro_batch, local_seq, cfg.n_embd, pp=p,
-                                                  num_microbatches=m, element_bytes=element)
+        comm["pp"] = parallelism.pipeline_communication_bytes(work.micro_batch, local_seq, cfg.n_embd, pp=p,
+                                                              num_microbatches=m, element_bytes=element)
         if c > 1:
-            comm["cp"] = context_parallel_communication_bytes(
+            comm["cp"] = parallelism.context_parallel_communication_bytes(
                 cfg, work.micro_batch, work.seq_len, cp=c, num_layers=layers_per_stage(cfg.n_layer, p),
                 num_microbatches=m, tp=t, element_bytes=element, recompute=recompute == "full")
     else:
@@ -388,22 +375,22 @@ def estimate(
         comm["pp"] = None if p > 1 else 0.0
     offload_step_s = 0.0
     if layout.offload:
-        comm["offload"] = offload_transfer_bytes(psi_gpu, d, precision)
+        comm["offload"] = parallelism.offload_transfer_bytes(psi_gpu, d, precision)
         # The CPU step streams the host state: reads the gradient slice, reads and writes master and moments; the
         # node's GPUs share its memory bandwidth.
-        offload_step_s = offload_step_seconds(states.host_grads + 2 * states.host_optimizer,
-                                              ranks_per_node=cluster.node_size,
-                                              host_memory_bandwidth=cluster.cpu_memory_bandwidth)
+        offload_step_s = parallelism.offload_step_seconds(states.host_grads + 2 * states.host_optimizer,
+                                                          ranks_per_node=cluster.node_size,
+                                                          host_memory_bandwidth=cluster.cpu_memory_bandwidth)
 
     dp_bw, pp_bw, cp_bw = _link_bandwidths(layout, cluster)
     comm_s = ((comm["dp"] or 0.0) / dp_bw + (comm["tp"] or 0.0) / cluster.intra_node_bandwidth
               + (comm["pp"] or 0.0) / pp_bw + (comm["cp"] or 0.0) / cp_bw
               + (comm["offload"] or 0.0) / cluster.pcie_bandwidth)
     shape = dict(n_layer=cfg.n_layer, seq_len=work.seq_len, n_embd=cfg.n_embd) if cfg is not None else {}
-    flops = training_flops(work.num_params, work.tokens_per_step, recompute=recompute, **shape)
-    bubble = pipeline_bubble_fraction(p, m)
-    compute_s, step_s = step_seconds(flops, gpus=cluster.gpus, flops_per_second=cluster.tflops * 1e12, bubble=bubble,
-                                     communication_s=comm_s, offload_step_s=offload_step_s)
+    flops = parallelism.training_flops(work.num_params, work.tokens_per_step, recompute=recompute, **shape)
+    bubble = parallelism.pipeline_bubble_fraction(p, m)
+    compute_s, step_s = parallelism.step_seconds(flops, gpus=cluster.gpus, flops_per_second=cluster.tflops * 1e12,
+                                                 bubble=bubble, communication_s=comm_s, offload_step_s=offload_step_s)
     return Estimate(layout=layout, microbatches=m, params_per_gpu=psi_gpu, model_states=states,
                     activations=activations, attention="flash" if c > 1 else attention, recompute=recompute,
                     activation_bytes=act,

@@ -5,23 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from conformance.plan.model import (
-    GB,
-    PRECISIONS,
-    ZERO_NAMES,
-    Cluster,
-    Estimate,
-    Layout,
-    PlanError,
-    Workload,
-    _positive_int,
-    _require,
-    estimate,
-)
-from conformance.plan.model import (
-    decimal_bytes as _gb,
-)
+from tools.plan.model import GB, PRECISIONS, ZERO_NAMES, Layout, PlanError, _positive_int, _require, estimate
+from tools.plan.model import decimal_bytes as _gb
+
+if TYPE_CHECKING:  # only in annotations
+    from tools.plan.model import Cluster, Estimate, Workload
 
 # --- all layouts -----------------------------------------------------------------------------------------------------
 
@@ -227,16 +217,13 @@ def plan(
     work: Workload,
     cluster: Cluster,
     *,
-    tp: tuple[int, ...] | None = None,
-    pp: tuple[int, ...] | None = None,
-    cp: tuple[int, ...] | None = None,
-    zero: tuple[int, ...] = (0, 1, 2, 3),
-    offload: str = "consider",
     attention: str = "flash",
     checkpointing: str = "auto",
     prefer_simple_within: float = 0.1,
+    **space,
 ) -> Plan:
-    """Estimate every candidate layout and recommend one (see candidate_layouts and estimate for the options).
+    """Estimate every candidate layout and recommend one. `space`: the search space, candidate_layouts' keywords (tp,
+    pp, cp, zero, offload); attention and checkpointing: estimate's options.
 
     The step-time estimate is rough (no overlap, no kernel efficiency), so every fitting layout within
     `prefer_simple_within` (a fraction) of the fastest estimate counts as equally fast, and the simplest of them
@@ -244,7 +231,7 @@ def plan(
     _require(isinstance(prefer_simple_within, (int, float)) and 0 <= prefer_simple_within < 10,
              f"prefer_simple_within must be a fraction in [0, 10), got {prefer_simple_within!r}",
              "prefer_simple_within")
-    layouts, rejected = candidate_layouts(work, cluster, tp=tp, pp=pp, cp=cp, zero=zero, offload=offload)
+    layouts, rejected = candidate_layouts(work, cluster, **space)
     estimates = [estimate(work, cluster, lay, attention=attention, checkpointing=checkpointing) for lay in layouts]
     estimates.sort(key=lambda e: (not e.fits, e.step_s if e.fits else e.gpu_bytes, e.layout.complexity))
     fitting = [e for e in estimates if e.fits]

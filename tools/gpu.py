@@ -8,7 +8,7 @@ about 8 minutes in all:
     tests        pytest -m gpu: the gpu-marked tests (junit XML parsed for the counts, failures' short tracebacks
                  printed)
     conformance  python -m conformance --device cuda: every check, each check's rows held / failed and verdicts
-    bench        python -m conformance bench attention --quick (conformance/bench.py): TFLOP/s of our Triton
+    bench        python -m conformance bench attention --quick (tools/bench.py): TFLOP/s of our Triton
                  kernels, SDPA's backends and flash-attn, and the naive / flash peak-memory ratio at N=4K
 
 Last it prints a short summary: GPU, driver, torch, triton, python; each step's counts and time; each check's
@@ -39,6 +39,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+
+from tools.cuda import cuda_missing
 
 STEPS = ("tests", "conformance", "bench")
 BUDGETS = {"tests": 120.0, "conformance": 210.0, "bench": 130.0}
@@ -327,8 +329,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    if not torch.cuda.is_available():
-        print("gpu needs a CUDA device", file=sys.stderr)
+    if cuda_missing("gpu"):
         return 2
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -2,15 +2,15 @@
 every kernel at every padded head dim the launcher can pick, in bfloat16 with every mask on (the most live values),
 plus float16 and float32 at one head dim; none may fail to compile, spill at half precision or overflow shared
 memory. Every variant (each mask flag on or off, every dtype) is built by
-`conformance.triton_build.report_row(out_dir, full=True)`, the row of the conformance report."""
+`tools.triton_build.report_row(out_dir, full=True)`, the row of the conformance report."""
 
 import pytest
 import torch
 
 triton = pytest.importorskip("triton", reason="triton is not installed")
 
-from conformance import triton_build as tb  # noqa: E402
 from optimized.attention import triton as kernels  # noqa: E402
+from tools import triton_build as tb  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ The recommendation is the simplest fitting layout whose estimated step time is w
 of the fastest: the estimate is for ranking, and a simpler layout is easier to run.
 """
 
-from conformance.plan.model import (
+from tools.plan.model import (
     ACTIVATION_VARIANTS,
     GB,
     PRECISIONS,
@@ -43,8 +43,8 @@ from conformance.plan.model import (
     estimate,
     workload,
 )
-from conformance.plan.render import render
-from conformance.plan.search import Plan, candidate_layouts, plan
+from tools.plan.render import render
+from tools.plan.search import Plan, candidate_layouts, plan
 
 __all__ = ["ACTIVATION_VARIANTS", "GB", "PRECISIONS", "PRESETS", "ZERO_NAMES", "Cluster", "Estimate", "Layout", "Plan",
            "PlanError", "Workload", "candidate_layouts", "estimate", "plan", "render", "workload"]
