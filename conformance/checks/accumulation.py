@@ -71,16 +71,22 @@ class _AveragingWrapper(torch.nn.Module):
 
     def __init__(self, module):
         super().__init__()
-        self.module, self.sync, self.synced = module, True, []
+        self.module = module
+        self.synced: list[bool] = []
+        """Per forward: whether it ran outside every no_sync (then a real wrapper all-reduces after its backward)."""
+        self._no_sync_depth = 0
 
     @contextlib.contextmanager
     def no_sync(self):
-        self.sync = False
-        yield
-        self.sync = True
+        """Nestable, as DDP's; the depth is restored when the body raises."""
+        self._no_sync_depth += 1
+        try:
+            yield
+        finally:
+            self._no_sync_depth -= 1
 
     def forward(self, idx, targets, reduction):
-        self.synced.append(self.sync)  # a real wrapper would all-reduce after this micro-batch's backward
+        self.synced.append(self._no_sync_depth == 0)
         return self.module(idx, targets, reduction=reduction)
 
     def reduce(self):

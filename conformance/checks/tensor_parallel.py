@@ -121,6 +121,17 @@ def _per_step(sizes: dict, device: torch.device, dp_size: int, states: list[dict
     return out
 
 
+def _layer_collectives(block: torch.nn.Module, x: torch.Tensor) -> tuple[int, int, int, int]:
+    """One transformer layer alone, forward then backward of sum(y²): (all-reduces forward, all-reduces backward,
+    collectives forward, collectives backward). Megatron (Sec. 3, Fig. 4): two all-reduces each way, nothing else."""
+    forward, backward = CollectiveCounter(), CollectiveCounter()
+    with forward:
+        y = block(x)
+    with backward:
+        y.square().sum().backward()
+    return forward.count("all_reduce"), backward.count("all_reduce"), forward.count(), backward.count()
+
+
 def _measure(sizes: dict, device: torch.device) -> dict:
     """Communication and memory of the TP model in fp32: the collectives of one training step and of one
     transformer layer alone (Megatron Sec. 3, Fig. 4), the parameter bytes per rank and the logits one rank holds."""
@@ -135,12 +146,7 @@ def _measure(sizes: dict, device: torch.device) -> dict:
                  "logits_bytes": tensor_bytes([logits])}
     x = torch.randn(sizes["rows"], sizes["seq"], model.config.n_embd, device=device,
                     generator=torch.Generator(device=device).manual_seed(0), requires_grad=True)
-    with CollectiveCounter() as layer_fwd:
-        y = model.blocks[0](x)
-    with CollectiveCounter() as layer_bwd:
-        y.square().sum().backward()
-    out["layer"] = (layer_fwd.count("all_reduce"), layer_bwd.count("all_reduce"), layer_fwd.count(),
-                    layer_bwd.count())
+    out["layer"] = _layer_collectives(model.blocks[0], x)
     sharded, _ = split_parameters(model)
     out["param_bytes"] = tensor_bytes(model.parameters())
     out["split_param_bytes"] = tensor_bytes(sharded)

@@ -36,8 +36,8 @@ from conformance.checks import _zero_peers as peers
 from conformance.checks import _zero_workload as workload
 from conformance.checks._zero_memory import MEMORY_CASES, memory_figure, memory_rows, memory_worker
 from conformance.claims import Verdict
+from conformance.divergence import first_divergence
 from conformance.launch import spawn, under_torchrun
-from conformance.localize import first_divergence
 from conformance.measure import CollectiveCounter, time_fn
 from conformance.result import Metric, Result
 from conformance.tolerance import within_spread

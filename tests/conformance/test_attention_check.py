@@ -6,9 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
+import conformance.checks._attention_claims as claims
 import conformance.checks.attention as check
 from conformance.checks import Context
-from conformance.checks.attention import Case, VarlenCase, Workload
+from conformance.checks._attention_cases import Case, VarlenCase
+from conformance.checks._attention_claims import Workload
 from conformance.claims import Verdict
 from conformance.report import draw
 from conformance.tolerance import Equivalence
@@ -30,8 +32,8 @@ def small(monkeypatch):
         VarlenCase("one length", (9, 9), H=2, Hkv=1, d=8, is_causal=True),
     ))
     monkeypatch.setattr(check, "INTERPRETER_VARLEN_CASES", (VarlenCase("tiny", (5, 5), H=1, Hkv=1, d=16),))
-    monkeypatch.setattr(check, "_lengths", lambda device, quick: (128, 256, 512))
-    monkeypatch.setattr(check, "_packed_lengths", lambda device, quick: (100, 30, 7, 1))
+    monkeypatch.setattr(claims, "_lengths", lambda device, quick: (128, 256, 512))
+    monkeypatch.setattr(claims, "_packed_lengths", lambda device, quick: (100, 30, 7, 1))
     # The ahead-of-time build row with two builds: tests/tools/test_triton_build.py builds the whole CI set.
     quick_specs = check.triton_build.quick_specs
     monkeypatch.setattr(check.triton_build, "quick_specs", lambda: quick_specs()[:2])
@@ -90,9 +92,9 @@ def test_check_rows_on_cpu(small, tmp_path: Path):
 
 def test_saved_bytes_are_what_each_implementation_keeps_for_backward():
     w = Workload(B=1, H=2, d=16, dtype=torch.float32)
-    impls = check._implementations(torch.device("cpu"), w)
+    impls = claims._implementations(torch.device("cpu"), w)
     ctx = Context(device=torch.device("cpu"), world_size=1, quick=True, out_dir=Path("."))
-    memory = check._measure_memory(ctx, w, {k: impls[k] for k in ("naive", "blocked")}, (128,))
+    memory = claims._measure_memory(ctx, w, {k: impls[k] for k in ("naive", "blocked")}, (128,))
     n, qkv = 128, 2 * 128 * 16 * 4
     # naive: q, k, v, the (B, H, N, N) softmax output P, and the causal (N, N) bool mask
     assert memory["naive"][128][0] == 3 * qkv + 2 * n * n * 4 + n * n
@@ -106,11 +108,11 @@ def test_memory_verdicts():
                 "blocked": {2048: (100, 100), 4096: (100, 100)}}
 
     claimed = {2048: "10x @2K", 4096: "20x @4K"}
-    assert check._memory_verdict(memory(10.5, 21), "blocked", claimed)[0] == Verdict.HOLDS_UNDER_CONDITIONS
-    assert check._memory_verdict(memory(10.5, 12), "blocked", claimed)[0] == Verdict.DOES_NOT_HOLD
-    assert check._memory_verdict(memory(10.5, 21), "sdpa", claimed)[0] is None
+    assert claims._memory_verdict(memory(10.5, 21), "blocked", claimed)[0] == Verdict.HOLDS_UNDER_CONDITIONS
+    assert claims._memory_verdict(memory(10.5, 12), "blocked", claimed)[0] == Verdict.DOES_NOT_HOLD
+    assert claims._memory_verdict(memory(10.5, 21), "sdpa", claimed)[0] is None
     only_small = {"naive": {512: (9, 9)}, "blocked": {512: (1, 1)}}
-    assert check._memory_verdict(only_small, "blocked", claimed)[0] == Verdict.NOT_MEASURABLE
+    assert claims._memory_verdict(only_small, "blocked", claimed)[0] == Verdict.NOT_MEASURABLE
 
 
 def test_flop_count_is_fa2s():

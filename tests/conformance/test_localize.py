@@ -8,17 +8,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conformance.localize import (
+from conformance.divergence import (
     Divergence,
     OpDivergence,
     StepDivergence,
     first_divergence,
-    first_layer,
-    first_op,
-    localize,
     relative_band,
     table_band,
 )
+from conformance.localize import first_layer, first_op, localize
 from reference.model import GPT, GPTConfig
 
 CFG = GPTConfig(vocab_size=32, block_size=16, n_layer=2, n_head=2, n_embd=16)
@@ -67,14 +65,20 @@ def reference_run():
     return _train()
 
 
-# ----------------------------------------------------------------------------------------------------- steps
-def test_first_divergence_names_the_step_and_the_parameter(reference_run):
-    def bug(step, model):
-        if step == 2:
-            model.get_parameter(f"{BUGGY}.weight").mul_(BUG)
+def _scale_the_buggy_weight_at_step_2(step: int, model: nn.Module) -> None:
+    if step == 2:
+        model.get_parameter(f"{BUGGY}.weight").mul_(BUG)
 
-    states, _ = _train(bug)
-    found = first_divergence(states, reference_run[0], start=1)
+
+@pytest.fixture(scope="module")
+def buggy_states():
+    """The parameters after each step of a run whose BUGGY weight is scaled by BUG after step 2's update."""
+    return _train(_scale_the_buggy_weight_at_step_2)[0]
+
+
+# ----------------------------------------------------------------------------------------------------- steps
+def test_first_divergence_names_the_step_and_the_parameter(reference_run, buggy_states):
+    found = first_divergence(buggy_states, reference_run[0], start=1)
     assert found is not None and found.layer is None and found.op is None
     assert (found.step.step, found.step.name, found.step.kind) == (2, f"{BUGGY}.weight", "parameter")
     assert found.step.error > found.step.bound > 0
@@ -271,12 +275,8 @@ def test_transformers_llama():
 
 
 # ----------------------------------------------------------------------------------------------------- the record
-def test_the_whole_story_in_one_line(reference_run):
-    def bug(step, model):
-        if step == 2:
-            model.get_parameter(f"{BUGGY}.weight").mul_(BUG)
-
-    states, _ = _train(bug)
+def test_the_whole_story_in_one_line(reference_run, buggy_states):
+    states = buggy_states
     step = first_divergence(states, reference_run[0], start=1)
     model, reference = _gpt(), _gpt()
     model.load_state_dict(states[1], strict=False)

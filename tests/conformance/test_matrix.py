@@ -11,9 +11,19 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conformance import matrix
+from conformance import _matrix_run, matrix
 from conformance.__main__ import main as suite_main
-from conformance.matrix import IMPORTANT_PAIRS, ISA_LEVELS, Cell, Machine, cells_for, covering, dimensions, main
+from conformance._matrix_cells import (
+    IMPORTANT_PAIRS,
+    ISA_LEVELS,
+    Cell,
+    Machine,
+    cells_for,
+    covering,
+    dimensions,
+    parse_cell,
+)
+from conformance.matrix import main
 
 ROOT = Path(__file__).resolve().parents[2]
 MACHINES = [
@@ -44,7 +54,7 @@ def test_the_cells_cover_every_value_of_every_dimension_and_with_pairwise_every_
         assert len(cells) == max([len(v) for v in dims.values()] + [len(dims[a]) * len(dims[b]) for a, b in pairs])
         assert len({c.name for c in cells}) == len(cells)
         for c in cells:
-            assert matrix.parse_cell(c.name, m) == c  # a name printed in the table runs that cell again
+            assert parse_cell(c.name, m) == c  # a name printed in the table runs that cell again
             assert set(c.env()) <= SETTING_VARIABLES and c.env()["OMP_NUM_THREADS"] == str(c.threads)
             assert all(c.env()[k] == v for k, v in ISA_LEVELS[c.isa].items())
             # "high" and TF32 reach the spawned ranks through torch's start-up variable
@@ -183,8 +193,8 @@ def test_a_cell_that_crashes_or_hangs_fails_the_matrix_with_its_output(tmp_path,
     """A suite that exits without a report (here: an argument it rejects) or outlives --cell-timeout is a failed
     cell showing the end of its output, never a cell that holds."""
     _cells_see_this_checkout(monkeypatch)
-    crashed = matrix.run_cell(Cell("native", 1, 1, "highest"), ["--only", "nope"], tmp_path, timeout=120)
+    crashed = _matrix_run.run_cell(Cell("native", 1, 1, "highest"), ["--only", "nope"], tmp_path, timeout=120)
     assert crashed.failed and crashed.returncode == 2 and "without a report" in crashed.problem
     assert "unknown check 'nope'" in crashed.problem
-    hung = matrix.run_cell(Cell("native", 1, 1, "highest"), ["--only", "schedules"], tmp_path, timeout=0.5)
+    hung = _matrix_run.run_cell(Cell("native", 1, 1, "highest"), ["--only", "schedules"], tmp_path, timeout=0.5)
     assert hung.failed and hung.returncode is None and "timed out after 0.5 s" in hung.problem

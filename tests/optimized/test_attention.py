@@ -11,7 +11,7 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from conformance.checks.attention import Case, compare, compare_fn
+from conformance.checks._attention_cases import Case, compare, compare_fn
 from conformance.tolerance import assert_equivalent
 from optimized.attention import (
     BACKENDS,

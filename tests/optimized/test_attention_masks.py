@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import optimized.attention.blocked as blocked_module
-from conformance.checks.attention import Case, VarlenCase, compare, compare_fn, compare_varlen, compare_varlen_fn
+from conformance.checks._attention_cases import Case, VarlenCase, compare, compare_fn, compare_varlen, compare_varlen_fn
 from conformance.tolerance import assert_equivalent
 from optimized.attention import (
     BackendUnavailable,

@@ -237,7 +237,7 @@ def test_known_peer_defect_flex_attention_turns_an_all_minus_inf_row_into_zeros(
     """PEER DEFECT (FlexAttention, eager on CPU): a row whose visible scores are all -inf (q = -inf against keys of
     one sign, here row 0 under the causal mask, which sees key 0 only) gives zeros; the spec gives NaN (0/0)."""
     flex = pytest.importorskip("torch.nn.attention.flex_attention")
-    from conformance.checks.attention import flex_attention_fn
+    from conformance.checks._attention_flex import flex_attention_fn
 
     assert flex is not None
     q, k, v = (t[:, :1] for t in (torch.randn(1, 1, 6, 8), torch.randn(1, 1, 6, 8), torch.randn(1, 1, 6, 8)))

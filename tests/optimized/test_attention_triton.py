@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conformance.checks.attention import Case, compare
+from conformance.checks._attention_cases import Case, compare
 from conformance.tolerance import assert_equivalent
 from optimized.attention import BackendUnavailable, flash_attention
 from optimized.attention._inputs import Problem

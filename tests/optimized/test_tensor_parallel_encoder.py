@@ -176,9 +176,7 @@ def _attention_worker(heads_per_rank: int, head_dim: int, B: int, T: int, S: int
     world_size=st.sampled_from([2, 3]),
     heads_per_rank=st.integers(1, 2),
     head_dim=st.integers(1, 4),
-    B=st.integers(1, 3),
-    T=st.integers(1, 5),
-    S=st.integers(1, 5),
+    B=st.integers(1, 3), T=st.integers(1, 5), S=st.integers(1, 5),  # batch, target and source lengths
     batch_first=st.booleans(),
     mask=st.sampled_from(["none", "causal", "bool2d", "float3d", "padding"]),
     bias=st.booleans(),
