@@ -57,7 +57,7 @@ MUTATIONS: tuple[Mutation, ...] = (
        "hi = (i + p.causal_offset + 2).clamp(0, p.M)",
        "blocked attention's causal mask lets query i see key i + 1 (off by one: one future token leaks)",
        "attention"),
-    _m("attention-triton-causal-off-by-one", "attention/triton.py",
+    _m("attention-triton-causal-off-by-one", "attention/triton/forward.py",
        "last_key = offs_m + causal_offset  # causal: query i sees keys j <= i + offset",
        "last_key = offs_m + causal_offset + 1  # causal: query i sees keys j <= i + offset",
        "the Triton forward kernel's causal mask is one key too wide (j <= i + 1)",

@@ -12,7 +12,7 @@ import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 EXTRAS = ("rich", "matplotlib", "deepspeed", "transformers", "triton", "flash_attn")
-KERNEL_MODULES = {"optimized.attention.triton": "triton"}
+KERNEL_MODULES = {f"optimized.attention.triton.{m}": "triton" for m in ("backward", "common", "forward", "launch")}
 """Modules that are a kernel written in an extra: they may need it (and are imported only when it is there);
 everything that imports them (optimized.attention's dispatch) imports without it."""
 

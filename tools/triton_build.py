@@ -17,8 +17,9 @@ BLOCK_D (16 ... 256), and five flags: causal (the right edge), a key padding mas
 softcap, packed documents (varlen: cu_seqlens read per program; never with a key padding mask). Nothing else does:
 the sizes (H, N, M, the GQA group, the causal offset) are never specialised by the kernels, and `triton_attention`
 and `triton_attention_varlen` hand them every tensor in one layout (head dim zero-padded to BLOCK_D, strides multiples
-of 16 elements, 16-byte aligned, cu_seqlens contiguous and 16-byte aligned; see `optimized.attention.triton.aligned`),
-so the lengths, documents, GQA and odd head dims run the builds made here. (Not covered:
+of 16 elements, 16-byte aligned, cu_seqlens contiguous and 16-byte aligned; see
+`optimized.attention.triton.launch.aligned`), so the lengths, documents, GQA and odd head dims run the builds made here.
+(Not covered:
 a tensor with more than 2^31 elements in one batch row, whose stride Triton passes as a 64-bit integer.)
 
 The builds run in worker processes (compiling is CPU-bound, and a worker can import the kernels with Triton's
@@ -163,8 +164,8 @@ def build(spec: Spec) -> Build:
     from triton.compiler import ASTSource, make_backend
     from triton.runtime.jit import create_function_from_signature
 
-    from optimized.attention import triton as kernels
     from optimized.attention._inputs import Documents, Problem
+    from optimized.attention.triton import launch as kernels
 
     if kernels.interpreted():
         raise RuntimeError("the Triton kernels were imported with TRITON_INTERPRET=1: they cannot be compiled here")

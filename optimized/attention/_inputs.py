@@ -1,9 +1,15 @@
-"""Checks shared by every attention backend: one ValueError naming the argument, what was given and what is
-allowed, raised before any work is done."""
+"""The arguments every attention entry point takes, and their checks: one ValueError naming the argument, what was
+given and what is allowed, raised before any work is done.
+
+`flash_attention` and `flash_attention_varlen` spell the options out in their signatures (the drop-ins for
+`reference.attention`); the other entry points (blocked, Triton, `select_backend`) take them as `**options`,
+completed here by `with_defaults`, so their names and defaults live in one place.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import math
 from dataclasses import dataclass
@@ -13,6 +19,24 @@ from torch import Tensor
 
 CAUSAL_ALIGNMENTS = ("top_left", "bottom_right")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+OPTIONS = {"is_causal": False, "scale": None, "key_padding_mask": None, "causal_alignment": "top_left",
+           "window_size": (-1, -1), "softcap": 0.0, "return_lse": False}
+"""The keyword arguments of `reference.attention.attention`, with their defaults."""
+VARLEN_OPTIONS = ("is_causal", "scale", "window_size", "softcap", "return_lse")
+"""Those of `reference.attention.attention_varlen` (packed documents: no key padding mask, masks aligned
+bottom-right within each document)."""
+
+
+def with_defaults(given: dict, *, varlen: bool = False) -> dict:
+    """`given` keyword arguments with every missing option at its default (OPTIONS), ready for `check_inputs` or,
+    with `varlen`, `check_varlen_inputs`. A name that is not an option is a TypeError naming it, as Python's own."""
+    allowed = VARLEN_OPTIONS if varlen else tuple(OPTIONS)
+    for name in given:
+        if name not in allowed:
+            close = difflib.get_close_matches(name, allowed, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise TypeError(f"unexpected keyword argument {name!r}{hint}; the options are {', '.join(allowed)}")
+    return {name: given.get(name, OPTIONS[name]) for name in allowed}
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,8 @@ the rows between two binary searches: tiles that no query may see are never comp
 documents of length w cost O(N·w), not O(N·M). Softcap (Gemma 2, arXiv 2408.00118) caps each score tile as
 S = c·tanh(S_raw / c); the backward multiplies dS by its derivative 1 - tanh²(S_raw / c).
 
-This is the algorithm written for reading and for CPUs; optimized/attention/triton.py is the same algorithm as a
-GPU kernel. GQA is handled by viewing the H query heads as (Hkv, G) so every key/value head is read once per tile
+This is the algorithm written for reading and for CPUs; optimized/attention/triton/ is the same algorithm as
+GPU kernels. GQA is handled by viewing the H query heads as (Hkv, G) so every key/value head is read once per tile
 and never copied; the G query heads of a group add into their key/value head's gradients.
 Arithmetic runs in float32 (float64 for float64 inputs), as a GPU kernel accumulates, whatever the input dtype.
 """
@@ -36,68 +36,41 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from optimized.attention._inputs import Problem, check_inputs, check_varlen_inputs
+from optimized.attention._inputs import Problem, check_inputs, check_varlen_inputs, with_defaults
 
 DEFAULT_BLOCK = 128
 """Rows of Q and of K/V per tile: large enough that the Python loop is cheap on a CPU, small against N·M."""
 
 
-def blocked_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    *,
-    is_causal: bool = False,
-    scale: float | None = None,
-    key_padding_mask: Tensor | None = None,
-    causal_alignment: str = "top_left",
-    window_size: tuple[int, int] = (-1, -1),
-    softcap: float = 0.0,
-    return_lse: bool = False,
-    block_q: int = DEFAULT_BLOCK,
-    block_k: int = DEFAULT_BLOCK,
-) -> Tensor | tuple[Tensor, Tensor]:
+def blocked_attention(q: Tensor, k: Tensor, v: Tensor, *, block_q: int = DEFAULT_BLOCK, block_k: int = DEFAULT_BLOCK,
+                      **options) -> Tensor | tuple[Tensor, Tensor]:
     """Exact attention by FlashAttention-2's tiling: the arguments and results of `reference.attention.attention`.
 
-    q: (B, H, N, d); k, v: (B, Hkv, M, d); key_padding_mask: (B, M) bool, True = attend; window_size (left, right),
-    -1 unbounded; softcap c > 0 caps scores at c. Returns out (B, H, N, d) in q's dtype and, with return_lse=True,
-    lse (B, H, N) in float32 (float64 for float64 inputs), without gradient.
+    q: (B, H, N, d); k, v: (B, Hkv, M, d); options: is_causal, scale, key_padding_mask ((B, M) bool, True =
+    attend), causal_alignment, window_size ((left, right), -1 unbounded), softcap (c > 0 caps scores at c),
+    return_lse. Returns out (B, H, N, d) in q's dtype and, with return_lse=True, lse (B, H, N) in float32 (float64
+    for float64 inputs), without gradient.
     block_q, block_k: tile sizes (any positive integers; they need not divide N or M).
     """
-    problem = check_inputs(q, k, v, is_causal=is_causal, scale=scale, key_padding_mask=key_padding_mask,
-                           causal_alignment=causal_alignment, return_lse=return_lse, window_size=window_size,
-                           softcap=softcap)
+    options = with_defaults(options)
+    problem = check_inputs(q, k, v, **options)
     _check_blocks(block_q, block_k)
-    out, lse = BlockedAttention.apply(q, k, v, key_padding_mask, problem, block_q, block_k)
-    return (out, lse) if return_lse else out
+    out, lse = BlockedAttention.apply(q, k, v, options["key_padding_mask"], problem, block_q, block_k)
+    return (out, lse) if options["return_lse"] else out
 
 
-def blocked_attention_varlen(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    cu_seqlens_q: Tensor,
-    cu_seqlens_k: Tensor,
-    max_seqlen_q: int,
-    max_seqlen_k: int,
-    *,
-    is_causal: bool = False,
-    scale: float | None = None,
-    window_size: tuple[int, int] = (-1, -1),
-    softcap: float = 0.0,
-    return_lse: bool = False,
-    block_q: int = DEFAULT_BLOCK,
-    block_k: int = DEFAULT_BLOCK,
-) -> Tensor | tuple[Tensor, Tensor]:
+def blocked_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                             max_seqlen_q: int, max_seqlen_k: int, *, block_q: int = DEFAULT_BLOCK,
+                             block_k: int = DEFAULT_BLOCK, **options) -> Tensor | tuple[Tensor, Tensor]:
     """Packed documents, flash-attn's varlen layout: the arguments and results of
     `reference.attention.attention_varlen`. q: (total_q, H, d); k, v: (total_k, Hkv, d); cu_seqlens_*: (D + 1,)
-    int32. Returns out (total_q, H, d) and, with return_lse=True, lse (H, total_q)."""
-    problem = check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                  is_causal=is_causal, scale=scale, window_size=window_size, softcap=softcap,
-                                  return_lse=return_lse)
+    int32; options: is_causal, scale, window_size, softcap, return_lse. Returns out (total_q, H, d) and, with
+    return_lse=True, lse (H, total_q)."""
+    options = with_defaults(options, varlen=True)
+    problem = check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, **options)
     _check_blocks(block_q, block_k)
     out, lse = run_varlen(q, k, v, problem, block_q, block_k)
-    return (out, lse) if return_lse else out
+    return (out, lse) if options["return_lse"] else out
 
 
 def run_varlen(q: Tensor, k: Tensor, v: Tensor, problem: Problem, block_q: int = DEFAULT_BLOCK,

@@ -15,7 +15,7 @@ Backends, in the order "auto" tries them:
                 gives NaN, for every head layout, GQA or not (see `CPU_SDPA_NONFINITE`), and its float16/bfloat16
                 kernels fail the error rule this project holds every backend to (see `CPU_HALF_SDPA`). An explicit
                 backend="sdpa" still runs it.
-    triton      our Triton kernels (optimized/attention/triton.py): everything the reference does on CUDA, fp16 /
+    triton      our Triton kernels (optimized/attention/triton/): everything the reference does on CUDA, fp16 /
                 bf16 / fp32, d <= 256, windows, softcap and packed documents (one program per tile of a document)
                 included. Also runs on CPU tensors under Triton's interpreter, which "auto" never picks (it is a
                 debugging tool, far slower than "blocked").
@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from optimized.attention._inputs import Problem, check_inputs, check_varlen_inputs
+from optimized.attention._inputs import Problem, check_inputs, check_varlen_inputs, with_defaults
 from optimized.attention.blocked import DEFAULT_BLOCK, BlockedAttention, run_varlen
 
 log = logging.getLogger("optimized.attention")
@@ -145,9 +145,8 @@ def flash_attention_varlen(
     never compute a tile across a document boundary, so packing costs the sum of the documents' squares, not the
     square of their sum.
     """
-    problem, batch, kwargs = _varlen_problem(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                             is_causal=is_causal, scale=scale, window_size=window_size,
-                                             softcap=softcap, return_lse=return_lse)
+    options = dict(is_causal=is_causal, scale=scale, window_size=window_size, softcap=softcap, return_lse=return_lse)
+    problem, batch, kwargs = _varlen_problem(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, options)
     name = _resolve(backend, lambda name, auto: _varlen_unsupported(name, q, problem, batch, auto=auto, **kwargs))
     if name == "flash_attn":
         return _run_flash_attn_varlen(q, k, v, problem, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
@@ -164,22 +163,10 @@ def flash_attention_varlen(
     return (out, lse.transpose(0, 1).flatten(1, 2)) if return_lse else out  # lse (D, H, n) -> (H, total_q)
 
 
-def select_backend(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    *,
-    is_causal: bool = False,
-    scale: float | None = None,
-    key_padding_mask: Tensor | None = None,
-    causal_alignment: str = "top_left",
-    window_size: tuple[int, int] = (-1, -1),
-    softcap: float = 0.0,
-    return_lse: bool = False,
-) -> BackendChoice:
-    """The backend `flash_attention(..., backend="auto")` runs for these inputs, with the reasons."""
-    kwargs = dict(is_causal=is_causal, scale=scale, key_padding_mask=key_padding_mask,
-                  causal_alignment=causal_alignment, window_size=window_size, softcap=softcap, return_lse=return_lse)
+def select_backend(q: Tensor, k: Tensor, v: Tensor, **options) -> BackendChoice:
+    """The backend `flash_attention(..., backend="auto")` runs for these inputs (`options`: its keyword arguments
+    but `backend`), with the reasons."""
+    kwargs = with_defaults(options)
     problem = check_inputs(q, k, v, **kwargs)
     return _choose(lambda name: _unsupported(name, q, problem, auto=True, **kwargs))
 
@@ -188,7 +175,7 @@ def select_backend_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
                           max_seqlen_q: int, max_seqlen_k: int, **options) -> BackendChoice:
     """The backend `flash_attention_varlen(..., backend="auto")` runs for these inputs, with the reasons."""
     problem, batch, kwargs = _varlen_problem(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                             **_varlen_defaults(options))
+                                             with_defaults(options, varlen=True))
     return _choose(lambda name: _varlen_unsupported(name, q, problem, batch, auto=True, **kwargs))
 
 
@@ -196,8 +183,7 @@ def unsupported(backend: str, q: Tensor, k: Tensor, v: Tensor, **kwargs) -> str 
     """Why `backend` cannot serve these inputs (explicitly requested), or None when it can."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    kwargs = {"is_causal": False, "scale": None, "key_padding_mask": None, "causal_alignment": "top_left",
-              "window_size": (-1, -1), "softcap": 0.0, "return_lse": False, **kwargs}
+    kwargs = with_defaults(kwargs)
     return _unsupported(backend, q, check_inputs(q, k, v, **kwargs), **kwargs)
 
 
@@ -207,7 +193,7 @@ def unsupported_varlen(backend: str, q: Tensor, k: Tensor, v: Tensor, cu_seqlens
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     problem, batch, kwargs = _varlen_problem(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                             **_varlen_defaults(options))
+                                             with_defaults(options, varlen=True))
     return _varlen_unsupported(backend, q, problem, batch, **kwargs)
 
 
@@ -259,9 +245,9 @@ def _unsupported(name: str, q: Tensor, p: Problem, *, auto: bool = False, key_pa
             return "the triton package is not installed"
         if auto and q.device.type != "cuda":
             return f"needs CUDA tensors, got device {q.device} (Triton's interpreter is for tests, never 'auto')"
-        from optimized.attention import triton as triton_backend
+        from optimized.attention.triton import launch
 
-        return triton_backend.unsupported(q, p)
+        return launch.unsupported(q, p)
     return None
 
 
@@ -342,20 +328,11 @@ def _sdpa_unsupported(q: Tensor, p: Problem, key_padding_mask: Tensor | None, re
     return None
 
 
-def _varlen_defaults(options: dict) -> dict:
-    return {"is_causal": False, "scale": None, "window_size": (-1, -1), "softcap": 0.0, "return_lse": False,
-            **options}
-
-
-def _varlen_problem(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, is_causal, scale,
-                    window_size, softcap, return_lse):
-    """The packed problem; the same documents as a (D, heads, n, d) batch when they all have one length (else
-    None); and the batch's keyword arguments."""
-    problem = check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                  is_causal=is_causal, scale=scale, window_size=window_size, softcap=softcap,
-                                  return_lse=return_lse)
-    kwargs = dict(is_causal=is_causal, scale=scale, key_padding_mask=None, causal_alignment="bottom_right",
-                  window_size=window_size, softcap=softcap, return_lse=return_lse)
+def _varlen_problem(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, options: dict):
+    """The packed problem (`options`: every one of VARLEN_OPTIONS); the same documents as a (D, heads, n, d) batch
+    when they all have one length (else None); and the batch's keyword arguments."""
+    problem = check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, **options)
+    kwargs = dict(options, key_padding_mask=None, causal_alignment="bottom_right")
     len_q, len_k = problem.documents.lengths
     D = len(len_q)
     if len(set(len_q)) != 1 or len(set(len_k)) != 1 or 0 in (len_q[0], len_k[0]):
@@ -443,10 +420,11 @@ def _run_sdpa(q, k, v, p: Problem, **_):
                                           enable_gqa=p.Hkv != p.H)  # (B, H, N, d)
 
 
-def _run_triton(q, k, v, p: Problem, **kwargs):
-    from optimized.attention.triton import triton_attention
+def _run_triton(q, k, v, p: Problem, *, key_padding_mask, return_lse, **_):
+    from optimized.attention.triton import launch
 
-    return triton_attention(q, k, v, **kwargs)
+    out, lse = launch.run(q, k, v, p, key_padding_mask)
+    return (out, lse) if return_lse else out
 
 
 def _run_blocked(q, k, v, p: Problem, *, key_padding_mask, return_lse, **_):
@@ -461,6 +439,6 @@ def _run_varlen(name: str, q, k, v, p: Problem, cu_seqlens_q, cu_seqlens_k) -> t
     """Our backends on packed documents: out (total_q, H, d), lse (H, total_q)."""
     if name == "blocked":
         return run_varlen(q, k, v, p)
-    from optimized.attention import triton as triton_backend
+    from optimized.attention.triton import launch
 
-    return triton_backend.run_varlen(q, k, v, p, cu_seqlens_q, cu_seqlens_k)
+    return launch.run_varlen(q, k, v, p, cu_seqlens_q, cu_seqlens_k)

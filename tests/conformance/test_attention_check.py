@@ -60,7 +60,7 @@ def test_check_rows_on_cpu(small, tmp_path: Path):
     ratios = {m.name: m.measured for m in packing.memory + packing.metrics}
     assert ratios["saved, padded / varlen"] == pytest.approx(ratios["tokens, padded / packed"], rel=0.05)
     if importlib.util.find_spec("triton") is not None:
-        from optimized.attention.triton import interpreted
+        from optimized.attention.triton.launch import interpreted
 
         if interpreted():  # tests/conftest.py turns the interpreter on without CUDA
             for dtype in ("float32", "float16"):

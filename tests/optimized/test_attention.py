@@ -220,6 +220,14 @@ def test_bad_input_raises_value_error_before_work(fn):
         blocked_attention(q, q, q, block_q=0)
 
 
+def test_an_unknown_option_is_a_type_error_naming_it_and_the_options():
+    # blocked_attention and select_backend take the options as **options (named once, in _inputs.OPTIONS).
+    q = torch.randn(1, 2, 4, 8)
+    for fn in (blocked_attention, select_backend):
+        with pytest.raises(TypeError, match=r"'is_casual' \(did you mean 'is_causal'\?\); the options are is_causal,"):
+            fn(q, q, q, is_casual=True)
+
+
 def test_import_needs_neither_triton_nor_flash_attn():
     code = ("import sys, torch; import optimized.attention as a; "
             "q = torch.randn(1, 2, 8, 8); a.flash_attention(q, q, q, is_causal=True); "

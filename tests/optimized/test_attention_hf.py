@@ -111,7 +111,7 @@ def test_packed_documents_by_position_ids_equal_each_document_alone():
 def test_packed_documents_through_the_triton_kernels_equal_eager_alone(family):
     # The Triton kernels' varlen mode inside models nobody here wrote: GQA (Llama), a sliding window (Mistral),
     # softcap and windows (Gemma 2); on CPU under Triton's interpreter.
-    kernels = pytest.importorskip("optimized.attention.triton", reason="triton is not installed")
+    kernels = pytest.importorskip("optimized.attention.triton.launch", reason="triton is not installed")
     if not kernels.interpreted():
         pytest.skip("the models here run on CPU: needs TRITON_INTERPRET=1 before triton compiled the kernels")
     name = register_transformers("pretrain_spec_triton", backend="triton")

@@ -230,7 +230,7 @@ def test_select_backend_varlen_on_cpu():
 @pytest.mark.parametrize("name", ["flash_attention_varlen", "blocked_attention_varlen", "triton_attention_varlen"])
 def test_bad_varlen_input_raises_value_error_before_work(name):
     if name == "triton_attention_varlen":
-        kernels = pytest.importorskip("optimized.attention.triton", reason="triton is not installed")
+        kernels = pytest.importorskip("optimized.attention.triton.launch", reason="triton is not installed")
         fn = kernels.triton_attention_varlen
     else:
         fn = {"flash_attention_varlen": flash_attention_varlen, "blocked_attention_varlen": blocked_attention_varlen}
@@ -259,7 +259,7 @@ def test_bad_varlen_input_raises_value_error_before_work(name):
 
 
 def _triton_device() -> torch.device:
-    kernels = pytest.importorskip("optimized.attention.triton", reason="triton is not installed")
+    kernels = pytest.importorskip("optimized.attention.triton.launch", reason="triton is not installed")
     if torch.cuda.is_available():
         return torch.device("cuda")
     if kernels.interpreted():

@@ -177,7 +177,7 @@ def test_spec_gap_a_hidden_nan_value_reaches_rows_that_cannot_see_it_only_in_the
 
 
 def _triton_or_skip():
-    kernels = pytest.importorskip("optimized.attention.triton", reason="triton is not installed")
+    kernels = pytest.importorskip("optimized.attention.triton.launch", reason="triton is not installed")
     if not kernels.interpreted():
         pytest.skip("TRITON_INTERPRET=1 was not set before triton compiled the kernels")
 

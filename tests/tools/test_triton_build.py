@@ -9,7 +9,7 @@ import torch
 
 triton = pytest.importorskip("triton", reason="triton is not installed")
 
-from optimized.attention import triton as kernels  # noqa: E402
+from optimized.attention.triton import launch as kernels  # noqa: E402
 from tools import triton_build as tb  # noqa: E402
 
 

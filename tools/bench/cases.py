@@ -103,7 +103,7 @@ Attention = Callable[[Tensor, Tensor, Tensor, bool], Tensor]
 
 
 def _triton(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor:
-    from optimized.attention.triton import triton_attention
+    from optimized.attention.triton.launch import triton_attention
 
     return triton_attention(q, k, v, is_causal=causal)
 
