@@ -33,11 +33,12 @@ transformers' KV cache, with no user flag: the model builds a cache when `use_ca
 and each layer appends its keys to it; a recomputed block would append them a second time (torch raises a
 CheckpointError or a shape mismatch). So a block under "full" recomputation runs, when autograd records, without the
 cache, as transformers' own `GradientCheckpointingLayer` does: its `use_cache` is False and its cache argument None;
-the config is left alone, so generation keeps its cache (a recorded forward's output carries the
-model's cache, empty). A cache that already holds this block's keys (one the
-caller passed, filled by an earlier call) is an error instead: dropping it would change what attention sees, keeping
-it would append twice. Without autograd (`torch.no_grad()`, `generate`) the block's forward runs as is, cache
-included. Selective recomputation needs none of this: the cache is updated before the core, outside the checkpoint.
+the config is left alone, so generation keeps its cache (a recorded forward's output carries the model's cache,
+empty). A cache that already holds this block's keys (one the caller passed, filled by an earlier call) is an error
+instead: dropping it would change what attention sees, keeping it would append twice. Without autograd
+(`torch.no_grad()`, `generate`) the block's forward runs as is, cache included. Selective recomputation needs none of
+this: the cache is updated before the core, outside the checkpoint.
+
 ZeRO-3 gathers a module's parameters before its forward and frees them after, and gathers them again when the
 gradient reaches the module's output. Recomputation runs the forward again inside backward; if it runs to the end
 of the block (torch's early stop off, `set_checkpoint_early_stop(False)`), it frees the parameters of the module
