@@ -139,6 +139,11 @@ MUTATIONS: tuple[Mutation, ...] = (
        "return checkpoint(core, *args, use_reentrant=False, preserve_rng_state=False, **kwargs)",
        "selective recomputation of the attention core does not restore the RNG state (attention dropout)",
        "checkpointing"),
+    _m("checkpointing-hf-cache", "checkpointing.py",
+       "    args, kwargs = _without_cache(self, args, kwargs)\n",
+       "",
+       "full recomputation keeps transformers' KV cache in the recomputed block: it appends the keys a second time",
+       "checkpointing"),
     # --- optimizers ------------------------------------------------------------------------------------------------
     _m("optimizers-no-decay-rule", "optimizers.py",
        "    return param.dim() < 2\n",

@@ -13,6 +13,9 @@ bytes it keeps held to reference.memory's count per policy (Korthikanti et al. 2
 3. Speed (claim checkpointing.speed). Step time (forward + backward) per policy over none's, against the FLOP
    overhead reference.memory.recompute_flops_per_layer predicts (full: one more forward).
 4. Plot: saved bytes per block vs sequence length, per policy, measured and by formula.
+5. transformers' LlamaForCausalLM (GQA) built from a tiny config, its defaults kept (use_cache=True, transformers'
+   own attention implementation) and no flag from the user: gradients under "full" and "selective" bitwise equal to
+   the unwrapped model's, and the bytes the whole forward saves for backward per policy (full < selective < none).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from conformance.claims import Verdict
 from conformance.figure import Figure, Panel, Series
 from conformance.launch import spawn
 from conformance.localize import localize
-from conformance.measure import PeakLiveBytes, cuda_peak_bytes, saved_tensor_bytes, time_fn
+from conformance.measure import PeakLiveBytes, SavedTensorBytes, cuda_peak_bytes, saved_tensor_bytes, time_fn
 from conformance.result import Metric, Result
 from conformance.tolerance import bitwise, combine
 from optimized.checkpointing import apply_activation_checkpointing
@@ -335,6 +338,71 @@ def _speed_rows(ctx: Context) -> list[Result]:
               f"holds when full's measured overhead is within {SPEED_TOLERANCE:.0%} of it.")]
 
 
+# --- 5. transformers' Llama -------------------------------------------------------------------------------------------
+
+
+HF_LLAMA = dict(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2)
+"""The transformers Llama of section 5: GQA (4 query heads, 2 KV heads), every other field transformers' default."""
+
+
+def _hf_llama(policy: str, device: torch.device, attention: str | None = None):
+    import transformers  # optional; imported where it is used
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(**HF_LLAMA, **({"attn_implementation": attention} if attention else {}))
+    model = transformers.LlamaForCausalLM(config).to(device).float().train()
+    return model if policy == "none" else apply_activation_checkpointing(model, policy)
+
+
+def _hf_step(policy: str, idx: torch.Tensor, attention: str | None = None) -> tuple[list[torch.Tensor], int, str]:
+    """(gradients, bytes the forward saves for backward, attn_implementation) of one step of the Llama."""
+    model = _hf_llama(policy, idx.device, attention)
+    with SavedTensorBytes(exclude=list(model.parameters())) as saved:
+        loss = model(idx, labels=idx).loss  # no use_cache flag: the config's default (True) holds
+    loss.backward()
+    return [p.grad.detach().cpu() for p in model.parameters()], saved.bytes, model.config._attn_implementation
+
+
+def _transformers_rows(ctx: Context) -> list[Result]:
+    try:
+        import transformers  # noqa: F401 - only whether it is there
+    except ImportError:
+        return [SPEC.row(ctx, "transformers Llama: not run", notes="transformers is not installed "
+                                                                   "(pip install transformers)")]
+    batch, seq = 2, 64
+    idx = torch.randint(0, HF_LLAMA["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(0))  # (B, T)
+    idx = idx.to(ctx.device)
+    steps = {p: _hf_step(p, idx) for p in POLICIES}
+    grads, saved, default = {p: g for p, (g, _, _) in steps.items()}, {p: b for p, (_, b, _) in steps.items()}, \
+        steps["none"][2]
+    eager = {p: _hf_step(p, idx, "eager")[1] for p in POLICIES}  # a core that keeps its N x N probabilities
+    where = (f"LlamaForCausalLM, h={HF_LLAMA['hidden_size']}, 4 heads / 2 KV heads, {HF_LLAMA['num_hidden_layers']} "
+             f"layers, attn_implementation={default!r} (default), use_cache=True (default), B={batch}, T={seq}, fp32")
+    rows = []
+    for policy in ("full", "selective"):
+        eq = combine(f"transformers Llama, {policy}: gradients vs unwrapped",
+                     [bitwise(a, b, name=f"grad {i}") for i, (a, b) in enumerate(zip(grads[policy], grads["none"],
+                                                                                     strict=True))])
+        rows.append(SPEC.row(ctx, f"transformers Llama, policy={policy}, gradients (default config)",
+                             reference="the unwrapped transformers model", peer="transformers", equivalence=eq,
+                             notes=f"{where}; one backward, bitwise; no user flag (the KV cache is on by default)"))
+    ordered = all(b["full"] < b["selective"] < b["none"] for b in (saved, eager))
+    rows.append(SPEC.row(
+        ctx, f"transformers Llama, saved bytes of the forward, T={seq}", claim="checkpointing.memory",
+        reference="the unwrapped transformers model", peer="transformers",
+        memory=[Metric(f"saved for backward, {p}, {name}", b[p], "bytes",
+                       claimed=None if p == "none" else f"{1 - b[p] / b['none']:.1%} less than none")
+                for name, b in ((default, saved), ("eager", eager)) for p in POLICIES],
+        verdict=Verdict.HOLDS_UNDER_CONDITIONS if ordered else Verdict.DOES_NOT_HOLD,
+        notes=f"{where}, and the same with attn_implementation='eager'; unique storages saved by the whole forward "
+              f"(embedding, head and loss included), parameters excluded; full < selective < none with both: "
+              f"{ordered}. Selective saves most where the core keeps its N x N probabilities (eager); a fused core "
+              f"(sdpa, flash) keeps only its output and log-sum-exp beside q, k, v."))
+    return rows
+
+
 def run(ctx: Context) -> list[Result]:
     return (SPEC.guarded(ctx, "equivalence", _equivalence_rows) + SPEC.guarded(ctx, "wrappers", _wrapper_rows)
-            + SPEC.guarded(ctx, "memory", _memory_rows) + SPEC.guarded(ctx, "speed", _speed_rows))
+            + SPEC.guarded(ctx, "memory", _memory_rows) + SPEC.guarded(ctx, "speed", _speed_rows)
+            + SPEC.guarded(ctx, "transformers", _transformers_rows))
