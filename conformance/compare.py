@@ -35,14 +35,17 @@ def _report(text: str) -> dict[tuple[str, str], dict]:
     """An argparse type: the rows of the conformance report.json at `text`, by (check, row name). The file must be a
     regular, readable JSON file whose rows have the fields compare reads, with the types it reads them as: a file
     that is not a report is a usage error (exit 2), never a crash or a "regression"."""
-    data = json_file(text)
+    try:
+        data = json_file(text)
+    except argparse.ArgumentTypeError as error:
+        raise argparse.ArgumentTypeError(f"cannot read a conformance report: {error}") from None
     rows = data.get("results") if isinstance(data, dict) else None
     if not isinstance(rows, list):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a conformance report: no 'results' list")
+        raise argparse.ArgumentTypeError(f"cannot read a conformance report: {text!r} has no 'results' list")
     for row in rows:
         problem = _row_problem(row)
         if problem:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a conformance report: a row {problem}")
+            raise argparse.ArgumentTypeError(f"cannot read a conformance report: in {text!r}, a row {problem}")
     return {(r["check"], r["name"]): r for r in rows}
 
 

@@ -25,6 +25,8 @@ MAX_WORLD_SIZE = 1 << 20
 apply."""
 MAX_THREADS = 1024
 """The most intra-op threads --threads sets."""
+MAX_JOBS = 64
+"""The most parallel jobs (copies of the repository, each running the suite) a command starts."""
 MAX_INT = (1 << 31) - 1
 """The largest count a plain positive-integer flag accepts (threads, layers, a table's rows, ...)."""
 MAX_NUMBER = 1e12
@@ -60,7 +62,7 @@ def positive_integer(high: int, what: str = "a positive integer"):
 positive_int = positive_integer(MAX_INT)
 """An integer in [1, 2**31 - 1]."""
 
-world_size = positive_integer(MAX_WORLD_SIZE, "a positive number of ranks")
+world_size = positive_integer(MAX_WORLD_SIZE)
 """Ranks: an integer in [1, 2**20]; the command checks the machine's own cap (CPU ranks, GPUs) once the device is
 known."""
 
@@ -125,6 +127,22 @@ def writable_dir(text: str) -> Path:
         raise argparse.ArgumentTypeError(f"cannot create folder {text!r}: {error.strerror or error}") from None
     if not os.access(path, os.W_OK | os.X_OK):
         raise argparse.ArgumentTypeError(f"folder {text!r} is not writable")
+    return path
+
+
+def output_dir(text: str) -> Path:
+    """A folder that exists and is writable, or that could be created (its nearest existing ancestor is a writable
+    folder); unlike writable_dir, nothing is created, for commands that may still stop before any output."""
+    if not text:
+        raise argparse.ArgumentTypeError("expected a folder, got ''")
+    path = Path(text)
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise argparse.ArgumentTypeError(f"cannot create folder {text!r}: {str(probe)!r} is not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"folder {str(probe)!r} is not writable")
     return path
 
 

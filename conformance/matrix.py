@@ -73,7 +73,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from conformance.flags import Parser, names, parse, positive_float, writable_dir
+from conformance.flags import Parser, names, parse, seconds, writable_dir
 
 ISA_LEVELS: dict[str, dict[str, str]] = {
     "native": {},
@@ -416,7 +416,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=writable_dir, default=None,
                         help="folder for matrix.json, matrix.md and one report folder per cell (default: "
                         "./conformance-matrix)")
-    parser.add_argument("--cell-timeout", type=positive_float, default=3600.0, metavar="SECONDS",
+    parser.add_argument("--cell-timeout", type=seconds, default=3600.0, metavar="SECONDS",
                         help="seconds one cell may run before it is killed and counted as failed (default: 3600)")
     parser.add_argument("--list", action="store_true", help="print the cells and their settings, run nothing")
     return parser
