@@ -42,21 +42,26 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (--help for usage)\n")
 
 
-def positive_integer(high: int, what: str = "a positive integer"):
-    """An argparse type: an integer in [1, high], written as one ('1e3' and '2.0' are refused, not rounded)."""
+def _positive(convert, high: float, what: str):
+    """An argparse type: convert(text), finite and in (0, high]; else one line naming what is allowed."""
 
-    def parse_integer(text: str) -> int:
+    bound = f"{high:g}" if isinstance(high, float) else str(high)
+
+    def parse_value(text: str):
         try:
-            value = int(text)
+            value = convert(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"must be {what}, got {value}")
-        if value > high:
-            raise argparse.ArgumentTypeError(f"must be {what} at most {high}, got {value}")
+            raise argparse.ArgumentTypeError(f"must be {what} at most {bound}, got {text!r}") from None
+        if not (math.isfinite(value) and 0 < value <= high):
+            raise argparse.ArgumentTypeError(f"must be {what} at most {bound}, got {text}")
         return value
 
-    return parse_integer
+    return parse_value
+
+
+def positive_integer(high: int, what: str = "a positive integer"):
+    """An argparse type: an integer in [1, high], written as one ('1e3' and '2.0' are refused, not rounded)."""
+    return _positive(int, high, what)
 
 
 positive_int = positive_integer(MAX_INT)
@@ -69,17 +74,7 @@ known."""
 
 def positive_number(high: float, what: str = "a positive number"):
     """An argparse type: a finite number in (0, high]."""
-
-    def parse_number(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {what} at most {high:g}, got {text!r}") from None
-        if not (math.isfinite(value) and 0 < value <= high):
-            raise argparse.ArgumentTypeError(f"must be {what} at most {high:g}, got {text}")
-        return value
-
-    return parse_number
+    return _positive(float, high, what)
 
 
 positive_float = positive_number(MAX_NUMBER)
