@@ -61,7 +61,17 @@ def add_size_flags(parser: argparse.ArgumentParser, *, quick: str, full: str) ->
 
 def _parser() -> argparse.ArgumentParser:
     from conformance import checks
-    from conformance.flags import Parser, positive_float, positive_int, writable_dir, writable_file
+    from conformance.flags import (
+        MAX_CPU_RANKS,
+        MAX_SECONDS,
+        MAX_THREADS,
+        Parser,
+        positive_integer,
+        seconds,
+        world_size,
+        writable_dir,
+        writable_file,
+    )
 
     parser = Parser(
         prog="python -m conformance",
@@ -76,9 +86,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="comma-separated checks not to run")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto: cuda when a GPU is visible, else cpu (default: auto)")
-    parser.add_argument("--world-size", type=positive_int, default=None,
+    parser.add_argument("--world-size", type=world_size, default=None,
                         help="ranks for multi-rank checks (default: 2 on CPU, every visible GPU on CUDA, "
-                        "WORLD_SIZE under torchrun)")
+                        f"WORLD_SIZE under torchrun); at most {MAX_CPU_RANKS} on CPU, the visible GPUs on CUDA")
     add_size_flags(parser, quick="small sizes, a smoke run of every check (default)",
                    full="the full measurement sizes")
     parser.add_argument("--out", type=writable_dir, default=None,
@@ -86,9 +96,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--junitxml", type=writable_file, default=None, metavar="PATH",
                         help="also write JUnit XML to PATH: one testcase per row, a failure for each failing "
                         "equivalence, the measurements as properties (pytest's flag name)")
-    parser.add_argument("--timeout", type=positive_float, default=600.0,
-                        help="seconds a multi-rank run may take before its ranks are killed (default: 600)")
-    parser.add_argument("--threads", type=positive_int, default=None,
+    parser.add_argument("--timeout", type=seconds, default=600.0,
+                        help="seconds a multi-rank run may take before its ranks are killed (default: 600; at most "
+                        f"{MAX_SECONDS:g}, a week)")
+    parser.add_argument("--threads", type=positive_integer(MAX_THREADS), default=None,
                         help="intra-op threads of this process, torch.set_num_threads (default: torch's, "
                         "OMP_NUM_THREADS capped at the cores); spawned CPU ranks use one each")
     matmul = parser.add_mutually_exclusive_group()
@@ -109,7 +120,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     import torch
 
     from conformance import checks
-    from conformance.flags import writable_dir
+    from conformance.flags import MAX_CPU_RANKS, writable_dir
     from conformance.launch import under_torchrun
 
     parser = _parser()
@@ -129,6 +140,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
         args.world_size = env_world
     elif args.world_size is None:
         args.world_size = max(torch.cuda.device_count(), 1) if args.device.type == "cuda" else 2
+    if args.device.type == "cpu" and not under_torchrun() and args.world_size > MAX_CPU_RANKS:
+        parser.error(f"argument --world-size: {args.world_size} CPU ranks; at most {MAX_CPU_RANKS} gloo ranks run on "
+                     "one machine")
     if args.device.type == "cuda" and not under_torchrun() and args.world_size > torch.cuda.device_count():
         parser.error(f"argument --world-size: {args.world_size} exceeds the {torch.cuda.device_count()} visible "
                      "GPUs")

@@ -11,12 +11,11 @@ another stack or --only runs other rows. Exit status 2: a report that cannot be 
 from __future__ import annotations
 
 import argparse
-import json
+import math
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from conformance.flags import Parser, parse, positive_float
+from conformance.flags import Parser, json_file, parse, positive_float
 
 DOES_NOT_HOLD = "does not hold"
 
@@ -33,12 +32,41 @@ class Changes:
 
 
 def _report(text: str) -> dict[tuple[str, str], dict]:
-    """An argparse type: the rows of the conformance report.json at `text`, by (check, row name)."""
+    """An argparse type: the rows of the conformance report.json at `text`, by (check, row name). The file must be a
+    regular, readable JSON file whose rows have the fields compare reads, with the types it reads them as: a file
+    that is not a report is a usage error (exit 2), never a crash or a "regression"."""
     try:
-        data = json.loads(Path(text).read_text())
-        return {(r["check"], r["name"]): r for r in data["results"]}
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise argparse.ArgumentTypeError(f"cannot read a conformance report from {text!r}: {error}") from None
+        data = json_file(text)
+    except argparse.ArgumentTypeError as error:
+        raise argparse.ArgumentTypeError(f"cannot read a conformance report: {error}") from None
+    rows = data.get("results") if isinstance(data, dict) else None
+    if not isinstance(rows, list):
+        raise argparse.ArgumentTypeError(f"cannot read a conformance report: {text!r} has no 'results' list")
+    for row in rows:
+        problem = _row_problem(row)
+        if problem:
+            raise argparse.ArgumentTypeError(f"cannot read a conformance report: in {text!r}, a row {problem}")
+    return {(r["check"], r["name"]): r for r in rows}
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _row_problem(row) -> str | None:
+    """What makes `row` unusable by compare(), or None."""
+    if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("check", "name")):
+        return f"is not an object with string 'check' and 'name': {str(row)[:100]}"
+    eq = row.get("equivalence")
+    if eq is not None and not (isinstance(eq, dict) and _number(eq.get("max_error")) and _number(eq.get("bound"))
+                               and isinstance(eq.get("passed"), bool)):
+        return f"{row['name']!r} has an 'equivalence' without numeric max_error and bound and a boolean passed"
+    for kind in ("memory", "speed"):
+        ms = row.get(kind) or []
+        if not isinstance(ms, list) or not all(isinstance(m, dict) and isinstance(m.get("name"), str)
+                                               and (m.get("unit") != "x" or _number(m.get("measured"))) for m in ms):
+            return f"{row['name']!r} has a {kind!r} that is not a list of named measurements"
+    return None
 
 
 def _status(row: dict) -> str:
@@ -95,7 +123,7 @@ def _parser() -> argparse.ArgumentParser:
                     description="Compare two conformance reports (report.json): rows whose verdict changed, errors "
                     "that grew, memory and speed ratios that moved, rows added or gone. Exit status 1 on a "
                     "regression (a row that held now fails, a verdict now 'does not hold', an error grown by more "
-                    "than --factor), 2 on unreadable input.")
+                    "than --factor), 2 on unreadable input (missing, not a regular file, not JSON, not a report).")
     parser.add_argument("old", type=_report, metavar="OLD", help="the earlier report.json (or the other stack's)")
     parser.add_argument("new", type=_report, metavar="NEW", help="the report.json to judge")
     parser.add_argument("--factor", type=positive_float, default=10.0,

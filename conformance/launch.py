@@ -10,10 +10,14 @@ temp dir, atomically (a reader never sees half a file). The caller watches all r
   - a rank that raises or dies: the call raises RankError naming the rank whose failure came first (its traceback,
     or its exit code or signal; a rank that ends without a result, os._exit(0), counts as failed), then the
     failures that followed from it ("Connection reset by peer" on the survivors); the others are killed;
-  - ranks still running at `timeout`: all are killed and the call raises RankTimeout naming them;
+  - ranks still running at `timeout`: all are killed and the call raises RankTimeout naming the ranks that stopped
+    making progress (a process stopped by SIGSTOP or a debugger, or one whose heartbeat thread has not run for
+    seconds) apart from those that were only waiting on them (blocked in a collective with a stopped peer); without
+    such a rank, the ranks that had not finished are named;
   - in every case no process is left behind, and nothing outlives the caller: if the caller itself is killed
-    (SIGKILL, SIGTERM), its ranks notice within milliseconds, remove the temp dir and exit, and then the forkserver
-    and multiprocessing's resource tracker exit as well.
+    (SIGKILL, SIGTERM), its ranks notice within milliseconds, kill any peer that cannot notice (a stopped rank),
+    remove the temp dir and exit, and then the forkserver and multiprocessing's resource tracker exit as well.
+`world_size` is at most MAX_CPU_RANKS on CPU and the visible GPUs on CUDA; `timeout` at most a week.
 Under torchrun (RANK and WORLD_SIZE in the environment) the function runs in place on this process's rank and the
 results of all ranks are gathered with all_gather_object; a rank that raises is reported on every rank, so all of
 them raise the same RankError and stay in step for the next call.
@@ -21,6 +25,7 @@ them raise the same RankError and stay in step for the next call.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -38,10 +43,13 @@ import time
 import traceback
 from collections.abc import Callable
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
+
+from conformance.flags import MAX_CPU_RANKS, MAX_SECONDS
 
 # Imported once in the forkserver, so every rank starts with them loaded (torch._dynamo is pulled in by the first
 # optimizer or DDP a rank builds and costs seconds per process otherwise).
@@ -62,14 +70,11 @@ def under_torchrun() -> bool:
 
 
 def _check_timeout(timeout: Any) -> None:
-    ok = isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and math.isfinite(timeout) and timeout > 0
-    if ok:
-        try:
-            timedelta(seconds=timeout)  # what every rank's process group is built with
-        except OverflowError:
-            ok = False
+    ok = isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and math.isfinite(timeout) \
+        and 0 < timeout <= MAX_SECONDS
     if not ok:
-        raise ValueError(f"timeout must be a finite number of seconds > 0 (a hang must end), got {timeout!r}")
+        raise ValueError(f"timeout must be a finite number of seconds > 0 and at most {MAX_SECONDS:g} (a week; a "
+                         f"hang must end), got {timeout!r}")
 
 
 def _resolve(backend: str | None, device: str | torch.device | None) -> tuple[str, torch.device]:
@@ -103,6 +108,9 @@ def spawn(
     backend, device = _resolve(backend, device)
     if device.type == "cuda" and world_size > torch.cuda.device_count() and not under_torchrun():
         raise ValueError(f"world_size={world_size} exceeds the {torch.cuda.device_count()} visible CUDA devices")
+    if device.type == "cpu" and world_size > MAX_CPU_RANKS and not under_torchrun():
+        raise ValueError(f"world_size={world_size} exceeds the {MAX_CPU_RANKS} gloo ranks one CPU machine runs "
+                         "(each rank is a process with torch loaded)")
     if under_torchrun():
         return _run_in_place(fn, world_size, args, kwargs, backend, device, timeout)
     return _spawn_processes(fn, world_size, args, kwargs, backend, device, timeout)
@@ -136,12 +144,20 @@ def _run_in_place(fn, world_size, args, kwargs, backend, device, timeout) -> lis
 #   store             the FileStore of the rendezvous
 #   alive_<r>         locked (a POSIX record lock, lockf) by rank r for its whole life: the kernel releases the lock
 #                     when r dies, however it dies, so a peer can tell "r is gone" from "r is slow" without any message
-#                     from r; unlike flock, the lock is not inherited by processes r forks (DataLoader workers)
+#                     from r; unlike flock, the lock is not inherited by processes r forks (DataLoader workers).
+#                     It holds r's pid: while the lock is held the pid is r's, so a peer may kill it
+#   beat_<r>          touched by a thread of rank r every _BEAT_S: its age says whether r still runs at all (a rank
+#                     stopped by SIGSTOP, or one whose C code holds the GIL, stops touching it; one blocked in a
+#                     collective does not)
 #   result_<r>.pt     r's return value (torch.save)
 #   error_<r>.json    r's failure: traceback, when (time.monotonic, one clock for every process on the machine), and
 #                     which peers were already gone at that moment (then the failure is a consequence, not a cause)
 
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+_BEAT_S = 0.2
+"""How often a rank's heartbeat thread touches beat_<r>."""
+_STALE_S = 3.0
+"""A heartbeat older than this at the timeout means the rank stopped making progress."""
 _FOLLOW_ON_WINDOW_S = 0.2
 """How long a failing rank looks for a dead peer before calling its own failure the cause: the sockets of a dead
 process close a moment before its lock is released, so a peer's "Connection reset" can come first."""
@@ -154,9 +170,10 @@ def _write_atomically(path: str, write: Callable[[str], None]) -> None:
     os.replace(tmp, path)
 
 
-def _die_with_caller(caller_alive: mp.connection.Connection, workdir: str) -> None:
+def _die_with_caller(caller_alive: mp.connection.Connection, workdir: str, rank: int, world_size: int) -> None:
     """End this rank, and remove the workdir, as soon as the caller is gone (killed by SIGKILL or SIGTERM, which run
-    no cleanup in the caller).
+    no cleanup in the caller); kill the peers first, since a stopped peer (SIGSTOP) cannot notice by itself and
+    would keep the forkserver and the resource tracker alive with it.
 
     The caller holds the only write end of `caller_alive`; the kernel closes it when the caller dies, so the read
     here ends with EOF. A thread waits for it (collectives and sleeps release the GIL, so it runs while the main
@@ -174,6 +191,11 @@ def _die_with_caller(caller_alive: mp.connection.Connection, workdir: str) -> No
                 caller_alive.recv_bytes()
         except (EOFError, OSError):
             pass
+        for peer in range(world_size):
+            pid = _pid_if_alive(workdir, peer)
+            if peer != rank and pid is not None:
+                with contextlib.suppress(OSError):  # it ended meanwhile
+                    os.kill(pid, signal.SIGKILL)
         shutil.rmtree(workdir, ignore_errors=True)
         os._exit(1)
 
@@ -182,27 +204,61 @@ def _die_with_caller(caller_alive: mp.connection.Connection, workdir: str) -> No
 
 def _hold_alive_lock(workdir: str, rank: int) -> None:
     """Lock alive_<rank> until this process ends (the descriptor is never closed). The lock is taken under a temp
-    name and renamed into place, so a peer never finds the file unlocked while this rank lives."""
+    name and renamed into place, so a peer never finds the file unlocked while this rank lives. The file holds the
+    pid."""
     tmp = os.path.join(workdir, f"alive_{rank}.tmp")
     fd = os.open(tmp, os.O_CREAT | os.O_WRONLY, 0o600)
     fcntl.lockf(fd, fcntl.LOCK_EX)
+    os.write(fd, str(os.getpid()).encode())
     os.replace(tmp, os.path.join(workdir, f"alive_{rank}"))
 
 
-def _gone(workdir: str, rank: int) -> bool:
-    """True when `rank` started and has ended without a result (it raised or died)."""
+def _locked(workdir: str, rank: int) -> bool | None:
+    """Whether rank's alive lock is held (it lives); None when it has not started."""
     try:
         fd = os.open(os.path.join(workdir, f"alive_{rank}"), os.O_RDONLY)
     except FileNotFoundError:
-        return False  # not started yet
+        return None
     try:
         fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # shared: peers probing the same rank never block each other
     except OSError as e:
         if e.errno in (errno.EACCES, errno.EAGAIN):
-            return False  # the rank holds its exclusive lock: alive
+            return True
         raise
     finally:
         os.close(fd)
+    return False
+
+
+def _pid_if_alive(workdir: str, rank: int) -> int | None:
+    """The pid of `rank` while it lives (its lock is held, so the pid is not yet reused), else None."""
+    try:
+        pid = int(Path(workdir, f"alive_{rank}").read_text())
+    except (OSError, ValueError):
+        return None
+    return pid if _locked(workdir, rank) else None
+
+
+def _beat(workdir: str, rank: int) -> None:
+    """Touch beat_<rank> every _BEAT_S from a daemon thread, for as long as this process runs at all."""
+    path = os.path.join(workdir, f"beat_{rank}")
+
+    def beat() -> None:
+        while True:
+            try:
+                with open(path, "a"):
+                    os.utime(path)
+            except OSError:  # the workdir is gone: the caller has ended the call
+                return
+            time.sleep(_BEAT_S)
+
+    threading.Thread(target=beat, name="launch-heartbeat", daemon=True).start()
+
+
+def _gone(workdir: str, rank: int) -> bool:
+    """True when `rank` started and has ended without a result (it raised or died)."""
+    if _locked(workdir, rank) is not False:
+        return False  # not started yet, or alive
     return not os.path.exists(os.path.join(workdir, f"result_{rank}.pt"))
 
 
@@ -243,8 +299,9 @@ def _apply_numerics(numerics: dict[str, Any]) -> None:
 def _rank_main(rank, world_size, backend, device_type, timeout, workdir, caller_alive) -> None:
     """Body of one rank process. Reads the call from workdir; writes result_<rank>.pt or error_<rank>.json there."""
     try:
-        _die_with_caller(caller_alive, workdir)
+        _die_with_caller(caller_alive, workdir, rank, world_size)
         _hold_alive_lock(workdir, rank)
+        _beat(workdir, rank)
         fn, args, kwargs, numerics = torch.load(os.path.join(workdir, "call.pt"), weights_only=False)
         _apply_numerics(numerics)
         if device_type == "cpu":
@@ -324,19 +381,48 @@ def _watch(procs: list, workdir: str, timeout: float) -> None:
         left = deadline - time.monotonic()
         if left <= 0:
             # A rank that returned waits for the others before it exits (see _rank_main): it did not hang.
-            returned = {r for r in running.values() if os.path.exists(os.path.join(workdir, f"result_{r}.pt"))}
-            hung = ", ".join(str(r) for r in sorted(set(running.values()) - returned))
-            raise RankTimeout(
-                f"rank(s) {hung} of {len(procs)} did not finish within {timeout:g} s and were killed "
-                f"(a hang: a collective some rank never joined, or a deadlock)"
-                + (f"; rank(s) {', '.join(map(str, sorted(returned)))} had returned" if returned else "")
-            )
+            raise RankTimeout(_timeout_message(procs, workdir, sorted(running.values()), timeout))
         for sentinel in mp.connection.wait(list(running), timeout=min(left, 0.5)):
             rank = running.pop(sentinel)
             procs[rank].join()
             seen.append(rank)
             if procs[rank].exitcode != 0 or not os.path.exists(os.path.join(workdir, f"result_{rank}.pt")):
                 raise RankError(_failure_message(procs, workdir, seen))
+
+
+def _stalled(proc, workdir: str, rank: int) -> str | None:
+    """Why `rank` has stopped making progress, or None while it runs: its process is stopped (SIGSTOP, SIGTSTP, a
+    debugger), or its heartbeat is older than _STALE_S."""
+    try:
+        state = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        state = None
+    if state in ("T", "t"):
+        return "its process is stopped (SIGSTOP, SIGTSTP or a debugger)"
+    try:
+        age = time.time() - os.stat(os.path.join(workdir, f"beat_{rank}")).st_mtime
+    except OSError:
+        return None  # not started its heartbeat yet: nothing known
+    return f"its heartbeat thread had not run for {age:.1f} s" if age > _STALE_S else None
+
+
+def _timeout_message(procs: list, workdir: str, running: list[int], timeout: float) -> str:
+    """Name the ranks that stopped making progress, apart from those only waiting on them; else every rank that had
+    not finished. A rank that returned waits for the others before it exits (see _rank_main): it did not hang."""
+    world = len(procs)
+    returned = [r for r in running if os.path.exists(os.path.join(workdir, f"result_{r}.pt"))]
+    unfinished = [r for r in running if r not in returned]
+    stalled = {r: why for r in unfinished if (why := _stalled(procs[r], workdir, r))}
+    if stalled:
+        waiting = [r for r in unfinished if r not in stalled]
+        text = (f"rank(s) {', '.join(map(str, stalled))} of {world} stopped making progress ("
+                + "; ".join(f"rank {r}: {why}" for r, why in stalled.items())
+                + f") and did not finish within {timeout:g} s; all ranks were killed"
+                + (f"; rank(s) {', '.join(map(str, waiting))} were still running, waiting on them" if waiting else ""))
+    else:
+        text = (f"rank(s) {', '.join(map(str, unfinished))} of {world} did not finish within {timeout:g} s and were "
+                "killed (a hang: a collective some rank never joined, or a deadlock)")
+    return text + (f"; rank(s) {', '.join(map(str, returned))} had returned" if returned else "")
 
 
 def _failure_message(procs: list, workdir: str, seen: list[int]) -> str:

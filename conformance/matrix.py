@@ -29,7 +29,7 @@ import sys
 
 from conformance._matrix_cells import Cell, Machine, cells_for, machine, parse_cell
 from conformance._matrix_run import print_table, run_cell, write_markdown
-from conformance.flags import Parser, names, parse, positive_float, writable_dir
+from conformance.flags import Parser, names, parse, seconds, writable_dir
 
 REDUCED_CELLS = ("native-t2-w2-medium", "avx2-t1-w3-highest", "default-t4-w1-high")
 """--reduced (the CI step): every ISA family a CI runner has (avx2 and default run on any x86; native is the
@@ -72,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=writable_dir, default=None,
                         help="folder for matrix.json, matrix.md and one report folder per cell (default: "
                         "./conformance-matrix)")
-    parser.add_argument("--cell-timeout", type=positive_float, default=3600.0, metavar="SECONDS",
+    parser.add_argument("--cell-timeout", type=seconds, default=3600.0, metavar="SECONDS",
                         help="seconds one cell may run before it is killed and counted as failed (default: 3600)")
     parser.add_argument("--list", action="store_true", help="print the cells and their settings, run nothing")
     return parser

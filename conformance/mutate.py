@@ -196,7 +196,7 @@ def _cuda_visible() -> bool:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from conformance.flags import Parser, names, positive_float, positive_int, writable_dir
+    from conformance.flags import MAX_JOBS, Parser, names, positive_integer, seconds, world_size, writable_dir
 
     parser = Parser(prog="python -m conformance mutate",
                     description="Inject each mutation of conformance/mutations.py (a realistic bug in optimized/) "
@@ -206,12 +206,13 @@ def _parser() -> argparse.ArgumentParser:
                         help="comma-separated mutation ids (default: all)")
     parser.add_argument("--all-checks", action="store_true",
                         help="run the whole quick suite for every mutation, not only the checks it names")
-    parser.add_argument("--jobs", type=positive_int, default=2, help="copies run in parallel (default: 2)")
-    parser.add_argument("--timeout", type=positive_float, default=900.0,
+    parser.add_argument("--jobs", type=positive_integer(MAX_JOBS), default=2,
+                        help="copies run in parallel (default: 2)")
+    parser.add_argument("--timeout", type=seconds, default=900.0,
                         help="seconds one run of the suite may take before it counts as a hang (default: 900)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="passed to the suite (default: auto)")
-    parser.add_argument("--world-size", type=positive_int, default=None, help="passed to the suite")
+    parser.add_argument("--world-size", type=world_size, default=None, help="passed to the suite")
     parser.add_argument("--out", type=writable_dir, default=None,
                         help="folder for mutate.json and mutate.md (default: ./conformance-report/mutate)")
     parser.add_argument("--list", action="store_true", help="print the mutations and exit")

@@ -40,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+from conformance.flags import Parser, names, output_dir, seconds
 from tools.cuda import cuda_missing
 
 STEPS = ("tests", "conformance", "bench")
@@ -307,28 +308,38 @@ def commands(out: Path, budgets: dict[str, float]) -> dict[str, list[str]]:
     }
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m conformance gpu",
-                                     description="The prepared run for one CUDA GPU: gpu tests, conformance, bench.")
-    parser.add_argument("--out", type=Path, default=Path("gpu-report"), help="default: ./gpu-report")
-    parser.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated subset of {', '.join(STEPS)}")
+def _steps(text: str) -> tuple[str, ...]:
+    """--steps: comma-separated step names, each one of STEPS, at least one."""
+    chosen = tuple(names(text))
+    unknown = [s for s in chosen if s not in STEPS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown step {unknown[0]!r}; choose from {', '.join(STEPS)}")
+    return chosen
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="python -m conformance gpu",
+                    description="The prepared run for one CUDA GPU: gpu tests, conformance, bench.")
+    parser.add_argument("--out", type=output_dir, default=Path("gpu-report"), help="default: ./gpu-report")
+    parser.add_argument("--steps", type=_steps, default=STEPS, help=f"comma-separated subset of {', '.join(STEPS)}")
     for name in STEPS:
-        parser.add_argument(f"--budget-{name}", type=float, default=BUDGETS[name], metavar="SECONDS",
-                            help=f"time budget of the {name} step (default: {BUDGETS[name]:g})")
-    args = parser.parse_args(argv)
-    args.steps = tuple(s.strip() for s in args.steps.split(",") if s.strip())
-    unknown = [s for s in args.steps if s not in STEPS]
-    if unknown or not args.steps:
-        parser.error(f"--steps: unknown or empty {unknown or args.steps}; choose from {', '.join(STEPS)}")
+        parser.add_argument(f"--budget-{name}", type=seconds, default=BUDGETS[name], metavar="SECONDS",
+                            help=f"time budget of the {name} step (default: {BUDGETS[name]:g}; at most a week)")
+    return parser
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The flags, each checked by its type; a bad one exits 2 with one line naming it (SystemExit)."""
+    args = _parser().parse_args(argv)
     args.budgets = {name: getattr(args, f"budget_{name}") for name in STEPS}
-    bad = {n: b for n, b in args.budgets.items() if b <= 0}
-    if bad:
-        parser.error(f"budgets must be > 0 seconds, got {bad}")
     return args
 
 
 def main(argv: list[str]) -> int:
-    args = parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except SystemExit as exit_:  # a bad flag (2) or --help (0), as a status
+        return int(exit_.code or 0)
     if cuda_missing("gpu"):
         return 2
     out = args.out.resolve()

@@ -130,6 +130,10 @@ def _is_int(value: Any, low: int = 0, high: int | None = None) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= low and (high is None or value <= high)
 
 
+FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                "float64": torch.float64}
+"""The dtypes a layout (flat parameters, master weights) may name: an allow-list, never getattr(torch, name), which
+would hand back torch.os or torch.int8 for a forged manifest."""
 MAX_ELEMENTS = 1 << 48  # far beyond any model; bounds the arithmetic a forged manifest can ask for
 
 
@@ -182,8 +186,10 @@ def _check_layouts(layouts: Any, file: Path) -> None:
             isinstance(ld, dict) and {"group", "dtype", "params"} <= ld.keys() for ld in layouts):
         raise ValueError(f"{file}: {what}")
     for ld in layouts:
-        dtype = getattr(torch, ld["dtype"], None) if isinstance(ld["dtype"], str) else None
-        if not isinstance(dtype, torch.dtype) or not _is_int(ld["group"]) or not isinstance(ld["params"], list):
+        if not isinstance(ld["dtype"], str) or ld["dtype"] not in FLOAT_DTYPES:
+            raise ValueError(f"{file}: layout dtype {str(ld['dtype'])[:100]!r} is not one of the floating dtypes "
+                             f"{', '.join(FLOAT_DTYPES)}")
+        if not _is_int(ld["group"]) or not isinstance(ld["params"], list):
             raise ValueError(f"{file}: {what}; got group {ld['group']!r}, dtype {ld['dtype']!r}")
         numel = 0
         for p in ld["params"]:
@@ -200,7 +206,7 @@ def _check_layouts(layouts: Any, file: Path) -> None:
 def _layouts(manifest: dict) -> list[FlatLayout]:
     n = manifest["zero"]["world_size"]
     return [
-        FlatLayout.build(ld["group"], getattr(torch, ld["dtype"]),
+        FlatLayout.build(ld["group"], FLOAT_DTYPES[ld["dtype"]],
                          [(tuple(p["names"]), tuple(p["shape"])) for p in ld["params"]], n)
         for ld in manifest["layouts"]
     ]

@@ -35,3 +35,23 @@ def report_and_block(out):
     if dist.get_rank() == 0:
         dist.all_reduce(torch.ones(1))
     time.sleep(3600)
+
+
+def stop_mid_collective(victim):
+    """The victim stops itself (SIGSTOP) at step 3; its peers wait for it inside the next all-reduce."""
+    t = torch.ones(16)
+    for step in range(1000):
+        if step == 3 and dist.get_rank() == victim:
+            os.kill(os.getpid(), signal.SIGSTOP)
+        dist.all_reduce(t)
+    return "survived"
+
+
+def report_and_stop(out):
+    """Rank 1 stops itself (SIGSTOP: it can run no code, so it cannot notice its caller die) while rank 0 waits in
+    an all-reduce for it. Both report their pid."""
+    Path(out, f"rank{dist.get_rank()}").write_text(str(os.getpid()))
+    if dist.get_rank() == 1:
+        os.kill(os.getpid(), signal.SIGSTOP)
+    dist.all_reduce(torch.ones(1))
+    time.sleep(3600)

@@ -1,5 +1,6 @@
 """The launcher: results in rank order, failures and hangs surface fast, nothing is left running."""
 
+import contextlib
 import math
 import os
 import re
@@ -17,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from conformance.launch import RankError, RankTimeout, _gone, _hold_alive_lock, _write_atomically, spawn
-from tests.conformance.launch_faults import die_mid_collective
+from tests.conformance.launch_faults import die_mid_collective, stop_mid_collective
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -96,7 +97,30 @@ def test_bad_arguments_are_refused_before_anything_starts():
         spawn(_rank_and_sum, 1, 0.0, backend="mpi")
 
 
-@pytest.mark.parametrize("timeout", [0, -1.0, math.inf, math.nan, True, "60", None, 1e300])
+def test_a_stopped_rank_is_named_alone_and_its_waiting_peers_apart():
+    """Rank 1 is SIGSTOPped inside the collectives; ranks 0 and 2 wait for it in an all-reduce. The timeout names
+    rank 1 as the one that stopped making progress, and 0 and 2 only as waiting on it."""
+    start = time.monotonic()
+    with pytest.raises(RankTimeout) as info:
+        spawn(stop_mid_collective, 3, 1, timeout=6)
+    message = str(info.value)
+    assert time.monotonic() - start < 20
+    assert message.startswith("rank(s) 1 of 3 stopped making progress (rank 1: its process is stopped"), message
+    assert "rank(s) 0, 2 were still running, waiting on them" in message, message
+
+
+def test_world_size_beyond_the_cpu_cap_is_refused_before_anything_starts():
+    from conformance.flags import MAX_CPU_RANKS
+
+    start = time.monotonic()
+    with pytest.raises(ValueError, match=f"world_size=1000 exceeds the {MAX_CPU_RANKS} gloo ranks"):
+        spawn(_rank_and_sum, 1000, 0.0)
+    with pytest.raises(ValueError, match=f"world_size={MAX_CPU_RANKS + 1} exceeds"):
+        spawn(_rank_and_sum, MAX_CPU_RANKS + 1, 0.0)
+    assert time.monotonic() - start < 1
+
+
+@pytest.mark.parametrize("timeout", [0, -1.0, math.inf, math.nan, True, "60", None, 1e300, 7 * 24 * 3600 + 1])
 def test_a_timeout_that_cannot_end_a_hang_is_refused(timeout):
     with pytest.raises(ValueError, match=r"timeout must be a finite number of seconds > 0 .*got " + re.escape(
             repr(timeout))):
@@ -274,9 +298,9 @@ import multiprocessing.forkserver as fs, multiprocessing.resource_tracker as rt
 from pathlib import Path
 import conformance.launch
 from conformance.launch import spawn
-from tests.conformance.launch_faults import report_and_block
+from tests.conformance import launch_faults
 
-out = sys.argv[1]
+out, fn = sys.argv[1], getattr(launch_faults, sys.argv[2])
 conformance.launch._FORKSERVER_PRELOAD = ["torch", "torch.distributed"]  # faster start; nothing here needs more
 
 def report_helpers():
@@ -285,19 +309,42 @@ def report_helpers():
     Path(out, "helpers").write_text(f"{fs._forkserver._forkserver_pid} {rt._resource_tracker._pid}")
 
 threading.Thread(target=report_helpers, daemon=True).start()
-spawn(report_and_block, 2, out, timeout=600)
+spawn(fn, 2, out, timeout=600)
 """
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
-def test_a_killed_caller_leaves_no_process_and_no_temp_dir(tmp_path, request, sig):
+def _in_session(sid):
+    """Live processes (not zombies) of session `sid`: everything the caller started, however deep."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # ended meanwhile
+        if fields[0] != "Z" and int(fields[3]) == sid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.parametrize("fn", ["report_and_block", "report_and_stop"], ids=["blocked", "one-stopped"])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL, signal.SIGINT], ids=["SIGTERM", "SIGKILL", "SIGINT"])
+def test_a_killed_caller_leaves_no_process_and_no_temp_dir(tmp_path, request, sig, fn):
+    """The caller is killed while rank 0 waits in an all-reduce for rank 1, which sleeps or is stopped (SIGSTOP: it
+    can notice nothing). No rank, forkserver or resource tracker stays behind, nor the launcher's temp dir."""
     # The caller's TMPDIR must be short: multiprocessing puts the forkserver's socket there, and an AF_UNIX path
     # has at most 107 bytes (pytest's tmp_path under xdist is already close to that).
     out, tmp = tmp_path / "out", Path(tempfile.mkdtemp(prefix="launch-test-"))
     out.mkdir()
     request.addfinalizer(lambda: shutil.rmtree(tmp, ignore_errors=True))
     env = {**os.environ, "TMPDIR": str(tmp), "PYTHONPATH": str(ROOT)}
-    caller = subprocess.Popen([sys.executable, "-c", _CALLER, str(out)], cwd=ROOT, env=env)
+    caller = subprocess.Popen([sys.executable, "-c", _CALLER, str(out), fn], cwd=ROOT, env=env,
+                              start_new_session=True)  # its own session and process group: found and ended below
+
+    def end_the_session():  # whatever the outcome, nothing of this test outlives it (SIGKILL ends stopped ones too)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(caller.pid, signal.SIGKILL)
+
+    request.addfinalizer(end_the_session)
     try:
         deadline = time.monotonic() + 120
         names = ("rank0", "rank1", "helpers")
@@ -318,6 +365,7 @@ def test_a_killed_caller_leaves_no_process_and_no_temp_dir(tmp_path, request, si
     left = _wait_gone(ranks + helpers, 15)
     assert not left, f"still running after the caller was killed: {left} (ranks {ranks}, forkserver and " \
                      f"resource tracker {helpers})"
+    assert not _in_session(caller.pid), "a process of the caller's session is still running"
     # Only the launcher's own dir: multiprocessing's pymp-* (the forkserver's socket) and torch's caches are theirs.
     assert not list(tmp.glob("pretrain-spec-launch-*")), "the launcher's temp dir was left behind"
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from conformance.flags import Parser, output_dir, positive_integer, seconds
 from tools.bench.cases import (
     CONVENTION,
     DTYPES,
@@ -106,49 +107,69 @@ def _list(kind: Callable, allowed: tuple | None, flag: str):
     return parse
 
 
+MAX_SEQLEN = 1 << 20
+MAX_HEAD_DIM = 1024
+MAX_TOKENS = 1 << 30
+"""Bounds of --seqlen, --head-dim and --tokens / --hidden: past them a case cannot fit any GPU."""
+
+
+def _bounded(kind: Callable[[str], int], high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        n = kind(text)
+        if not 1 <= n <= high:
+            raise ValueError(text)
+        return n
+
+    return parse
+
+
 def _seqlen(text: str) -> int:
-    n = int(text[:-1]) * 1024 if text.lower().endswith("k") else int(text)
-    if n < 1:
-        raise ValueError(text)
-    return n
+    return int(text[:-1]) * 1024 if text.lower().endswith("k") else int(text)
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m conformance bench",
-                                     description="Benchmark attention implementations on one CUDA GPU.")
+def _parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="python -m conformance bench",
+                    description="Benchmark attention implementations on one CUDA GPU.")
     parser.add_argument("target", choices=("attention",), help="what to benchmark")
     parser.add_argument("--dtype", type=_list(str, tuple(DTYPES), "--dtype"), default=tuple(DTYPES),
                         help="comma-separated: bf16, fp16 (default: both)")
-    parser.add_argument("--head-dim", type=_list(int, None, "--head-dim"), default=HEAD_DIMS,
-                        help="comma-separated head dims (default: 64,128)")
-    parser.add_argument("--seqlen", type=_list(_seqlen, None, "--seqlen"), default=None,
-                        help="comma-separated sequence lengths, 4096 or 4k (default: 1K..16K; --quick: 1K,4K,8K)")
+    parser.add_argument("--head-dim", type=_list(_bounded(int, MAX_HEAD_DIM), None, "--head-dim"), default=HEAD_DIMS,
+                        help=f"comma-separated head dims in [1, {MAX_HEAD_DIM}] (default: 64,128)")
+    parser.add_argument("--seqlen", type=_list(_bounded(_seqlen, MAX_SEQLEN), None, "--seqlen"), default=None,
+                        help=f"comma-separated sequence lengths, 4096 or 4k, at most {MAX_SEQLEN} (default: 1K..16K; "
+                        "--quick: 1K,4K,8K)")
     parser.add_argument("--causal", choices=("both", "yes", "no"), default="both", help="default: both")
     parser.add_argument("--impl", type=_list(str, IMPLS, "--impl"), default=IMPLS,
                         help=f"comma-separated implementations (default: all of {', '.join(IMPLS)})")
     parser.add_argument("--quick", action="store_true", help="N = 1K, 4K, 8K and fewer repetitions")
-    parser.add_argument("--tokens", type=int, default=TOKENS, help=f"B·N per case (default: {TOKENS})")
-    parser.add_argument("--hidden", type=int, default=HIDDEN, help=f"H·d per case (default: {HIDDEN})")
+    parser.add_argument("--tokens", type=positive_integer(MAX_TOKENS), default=TOKENS,
+                        help=f"B·N per case (default: {TOKENS})")
+    parser.add_argument("--hidden", type=positive_integer(MAX_TOKENS), default=HIDDEN,
+                        help=f"H·d per case (default: {HIDDEN})")
     parser.add_argument("--no-memory", dest="memory", action="store_false",
                         help="skip the naive / flash peak-memory ratio at N=4K")
-    parser.add_argument("--budget", type=float, default=math.inf,
-                        help="seconds after which no new case starts; the first always runs (default: no limit)")
-    parser.add_argument("--out", type=Path, default=Path("bench-report"), help="default: ./bench-report")
-    args = parser.parse_args(argv)
+    parser.add_argument("--budget", type=seconds, default=math.inf,
+                        help="seconds after which no new case starts; the first always runs (default: no limit; at "
+                        "most a week)")
+    parser.add_argument("--out", type=output_dir, default=Path("bench-report"), help="default: ./bench-report")
+    return parser
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The flags, each checked by its type; a bad one exits 2 with one line naming it (SystemExit)."""
+    args = _parser().parse_args(argv)
     if args.seqlen is None:
         args.seqlen = QUICK_SEQLENS if args.quick else SEQLENS
-    for flag, value in (("--tokens", args.tokens), ("--hidden", args.hidden)):
-        if value < 1:
-            parser.error(f"{flag} must be >= 1, got {value}")
-    if args.budget <= 0:
-        parser.error(f"--budget must be > 0 seconds, got {args.budget}")
     args.causal = {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal]
     args.warmup, args.reps = (2, 7) if args.quick else (3, 10)
     return args
 
 
 def main(argv: list[str]) -> int:
-    args = parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except SystemExit as exit_:  # a bad flag (2) or --help (0), as a status
+        return int(exit_.code or 0)
     if cuda_missing("bench attention"):
         return 2
     run(args, torch.device("cuda"))

@@ -12,7 +12,16 @@ import sys
 
 from rich.console import Console
 
-from conformance.flags import Parser, fraction, in_range, parse, positive_float, positive_int, writable_file
+from conformance.flags import (
+    Parser,
+    fraction,
+    in_range,
+    parse,
+    positive_float,
+    positive_int,
+    positive_integer,
+    writable_file,
+)
 from reference.memory import gpt_parameters
 from reference.model import GPTConfig
 from tools.plan.model import (
@@ -45,7 +54,15 @@ HARDWARE = (
     ("--pcie-gbps", 25.0, "GB/s between a GPU and host memory"),
     ("--cpu-memory-gbps", 100.0, "GB/s of a node's host memory, which bounds offload's CPU optimizer step"),
 )
-"""The cluster's numbers: (flag, default, what it is), each a positive number."""
+"""The cluster's numbers: (flag, default, what it is), each a positive number (at most 1e12)."""
+MAX_GPUS = 1 << 20
+"""The most GPUs (and degrees of parallelism) the planner takes: beyond every cluster built."""
+MAX_PARAMS = 10**15
+"""The largest parameter count the planner takes (a quadrillion: far beyond any model)."""
+MAX_TOKENS = 1 << 40
+"""The largest sequence length, micro-batch or global batch."""
+gpus = positive_integer(MAX_GPUS)
+tokens = positive_integer(MAX_TOKENS)
 
 
 def _count(text: str) -> int:
@@ -56,8 +73,8 @@ def _count(text: str) -> int:
         value = float(s[:-1]) * scale[s[-1]] if s and s[-1] in scale else float(s)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a parameter count: {text!r} (e.g. 7e9, 7B, 350M)") from None
-    if not (math.isfinite(value) and value >= 1):
-        raise argparse.ArgumentTypeError(f"the parameter count must be >= 1, got {text!r}")
+    if not (math.isfinite(value) and 1 <= value <= MAX_PARAMS):
+        raise argparse.ArgumentTypeError(f"the parameter count must be in [1, {MAX_PARAMS:.0e}], got {text!r}")
     return int(round(value))
 
 
@@ -69,8 +86,8 @@ def _int_list(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
     if not values:
         raise argparse.ArgumentTypeError(f"expected at least one integer, got {text!r}")
-    if any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"degrees must be positive integers, got {text!r}")
+    if any(not 1 <= v <= MAX_GPUS for v in values):
+        raise argparse.ArgumentTypeError(f"degrees must be integers in [1, {MAX_GPUS}], got {text!r}")
     return values
 
 
@@ -113,18 +130,18 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--mlp-ratio", type=positive_int, default=None,
                    help="MLP width as a multiple of --hidden (default 4)")
     b = parser.add_argument_group("batch and precision")
-    b.add_argument("--seq-len", type=positive_int, default=None,
+    b.add_argument("--seq-len", type=tokens, default=None,
                    help="tokens per sequence (default: the preset's context, else 2048)")
-    b.add_argument("--micro-batch", type=positive_int, default=1,
+    b.add_argument("--micro-batch", type=tokens, default=1,
                    help="sequences per micro-batch per model replica (default: 1)")
-    b.add_argument("--global-batch", type=positive_int, default=None,
+    b.add_argument("--global-batch", type=tokens, default=None,
                    help="sequences per optimizer step (default: 16 x GPUs x micro-batch)")
     b.add_argument("--precision", choices=sorted(PRECISIONS), default="bf16",
                    help="bf16 (default): bf16 compute, fp32 master weights and Adam (2+2+12 bytes per "
                    "parameter); fp32: 4+4+8")
     h = parser.add_argument_group("hardware")
-    h.add_argument("--gpus", type=positive_int, default=8, help="number of GPUs (default: 8)")
-    h.add_argument("--gpus-per-node", type=positive_int, default=None, help="GPUs per node (default: min(8, --gpus))")
+    h.add_argument("--gpus", type=gpus, default=8, help=f"number of GPUs (default: 8; at most {MAX_GPUS})")
+    h.add_argument("--gpus-per-node", type=gpus, default=None, help="GPUs per node (default: min(8, --gpus))")
     for flag, default, what in HARDWARE:
         h.add_argument(flag, type=positive_float, default=default, help=f"{what} (default: {default:g})")
     h.add_argument("--headroom", type=fraction, default=0.1,

@@ -4,6 +4,7 @@ recommendation with its reasons (plan -> Plan)."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -16,8 +17,15 @@ if TYPE_CHECKING:  # only in annotations
 # --- all layouts -----------------------------------------------------------------------------------------------------
 
 
+MAX_LAYOUTS = 20_000
+"""The most layouts one plan estimates (about 0.2 ms each): a GPU count with hundreds of divisors and a model that
+allows them all would otherwise take hours."""
+
+
 def _divisors(n: int) -> list[int]:
-    return [k for k in range(1, n + 1) if n % k == 0]
+    """The divisors of n in increasing order, in O(sqrt n) steps (a planner input of 10**12 GPUs must not hang)."""
+    small = [k for k in range(1, math.isqrt(n) + 1) if n % k == 0]
+    return small + [n // k for k in reversed(small) if k * k != n]
 
 
 def _tp_problem(work: Workload, cluster: Cluster, t: int) -> str | None:
@@ -125,6 +133,8 @@ def candidate_layouts(
                         layouts.append(Layout(t, p, d, s, off, cp=c))
     if not layouts and not rejected:
         raise PlanError("no layout left to consider: widen tp, pp, zero or offload", "zero")
+    _require(len(layouts) <= MAX_LAYOUTS, f"{len(layouts)} layouts to estimate, more than the {MAX_LAYOUTS} a plan "
+             f"estimates (seconds, not hours): narrow tp, pp or cp, or choose gpus with fewer divisors", "tp")
     return layouts, rejected
 
 
