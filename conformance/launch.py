@@ -25,10 +25,6 @@ them raise the same RankError and stay in step for the next call.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import errno
-import fcntl
 import json
 import math
 import multiprocessing as mp
@@ -36,19 +32,17 @@ import multiprocessing.connection
 import os
 import shutil
 import signal
-import sys
 import tempfile
-import threading
 import time
 import traceback
 from collections.abc import Callable
 from datetime import timedelta
-from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
 
+from conformance import liveness
 from conformance.flags import MAX_CPU_RANKS, MAX_SECONDS
 
 # Imported once in the forkserver, so every rank starts with them loaded (torch._dynamo is pulled in by the first
@@ -146,130 +140,21 @@ def _run_in_place(fn, world_size, args, kwargs, backend, device, timeout) -> lis
 #                     when r dies, however it dies, so a peer can tell "r is gone" from "r is slow" without any message
 #                     from r; unlike flock, the lock is not inherited by processes r forks (DataLoader workers).
 #                     It holds r's pid: while the lock is held the pid is r's, so a peer may kill it
-#   beat_<r>          touched by a thread of rank r every _BEAT_S: its age says whether r still runs at all (a rank
-#                     stopped by SIGSTOP, or one whose C code holds the GIL, stops touching it; one blocked in a
-#                     collective does not)
+#   beat_<r>          touched by a thread of rank r every liveness.BEAT_S: its age says whether r still runs at all
+#                     (a rank stopped by SIGSTOP, or one whose C code holds the GIL, stops touching it; one blocked
+#                     in a collective does not)
 #   result_<r>.pt     r's return value (torch.save)
 #   error_<r>.json    r's failure: traceback, when (time.monotonic, one clock for every process on the machine), and
 #                     which peers were already gone at that moment (then the failure is a consequence, not a cause)
-
-_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-_BEAT_S = 0.2
-"""How often a rank's heartbeat thread touches beat_<r>."""
-_STALE_S = 3.0
-"""A heartbeat older than this at the timeout means the rank stopped making progress."""
-_FOLLOW_ON_WINDOW_S = 0.2
-"""How long a failing rank looks for a dead peer before calling its own failure the cause: the sockets of a dead
-process close a moment before its lock is released, so a peer's "Connection reset" can come first."""
-
-
-def _write_atomically(path: str, write: Callable[[str], None]) -> None:
-    """write(tmp) then rename tmp to path: a reader of `path` never sees a half-written file."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def _die_with_caller(caller_alive: mp.connection.Connection, workdir: str, rank: int, world_size: int) -> None:
-    """End this rank, and remove the workdir, as soon as the caller is gone (killed by SIGKILL or SIGTERM, which run
-    no cleanup in the caller); kill the peers first, since a stopped peer (SIGSTOP) cannot notice by itself and
-    would keep the forkserver and the resource tracker alive with it.
-
-    The caller holds the only write end of `caller_alive`; the kernel closes it when the caller dies, so the read
-    here ends with EOF. A thread waits for it (collectives and sleeps release the GIL, so it runs while the main
-    thread is blocked). Once every rank is gone, the forkserver and the resource tracker see their own pipes close
-    and exit too (the ranks hold their pipes' other ends, which is why they outlived the caller before). On Linux the
-    rank also gets SIGKILL if its parent, the forkserver, is killed (prctl PR_SET_PDEATHSIG)."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() == 1:  # the forkserver died before the prctl took effect
-            os._exit(1)
-
-    def watch() -> None:
-        try:
-            while True:
-                caller_alive.recv_bytes()
-        except (EOFError, OSError):
-            pass
-        for peer in range(world_size):
-            pid = _pid_if_alive(workdir, peer)
-            if peer != rank and pid is not None:
-                with contextlib.suppress(OSError):  # it ended meanwhile
-                    os.kill(pid, signal.SIGKILL)
-        shutil.rmtree(workdir, ignore_errors=True)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="launch-watchdog", daemon=True).start()
-
-
-def _hold_alive_lock(workdir: str, rank: int) -> None:
-    """Lock alive_<rank> until this process ends (the descriptor is never closed). The lock is taken under a temp
-    name and renamed into place, so a peer never finds the file unlocked while this rank lives. The file holds the
-    pid."""
-    tmp = os.path.join(workdir, f"alive_{rank}.tmp")
-    fd = os.open(tmp, os.O_CREAT | os.O_WRONLY, 0o600)
-    fcntl.lockf(fd, fcntl.LOCK_EX)
-    os.write(fd, str(os.getpid()).encode())
-    os.replace(tmp, os.path.join(workdir, f"alive_{rank}"))
-
-
-def _locked(workdir: str, rank: int) -> bool | None:
-    """Whether rank's alive lock is held (it lives); None when it has not started."""
-    try:
-        fd = os.open(os.path.join(workdir, f"alive_{rank}"), os.O_RDONLY)
-    except FileNotFoundError:
-        return None
-    try:
-        fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # shared: peers probing the same rank never block each other
-    except OSError as e:
-        if e.errno in (errno.EACCES, errno.EAGAIN):
-            return True
-        raise
-    finally:
-        os.close(fd)
-    return False
-
-
-def _pid_if_alive(workdir: str, rank: int) -> int | None:
-    """The pid of `rank` while it lives (its lock is held, so the pid is not yet reused), else None."""
-    try:
-        pid = int(Path(workdir, f"alive_{rank}").read_text())
-    except (OSError, ValueError):
-        return None
-    return pid if _locked(workdir, rank) else None
-
-
-def _beat(workdir: str, rank: int) -> None:
-    """Touch beat_<rank> every _BEAT_S from a daemon thread, for as long as this process runs at all."""
-    path = os.path.join(workdir, f"beat_{rank}")
-
-    def beat() -> None:
-        while True:
-            try:
-                with open(path, "a"):
-                    os.utime(path)
-            except OSError:  # the workdir is gone: the caller has ended the call
-                return
-            time.sleep(_BEAT_S)
-
-    threading.Thread(target=beat, name="launch-heartbeat", daemon=True).start()
-
-
-def _gone(workdir: str, rank: int) -> bool:
-    """True when `rank` started and has ended without a result (it raised or died)."""
-    if _locked(workdir, rank) is not False:
-        return False  # not started yet, or alive
-    return not os.path.exists(os.path.join(workdir, f"result_{rank}.pt"))
-
 
 def _record_error(workdir: str, rank: int, world_size: int) -> NoReturn:
     """Record the exception being handled for the caller, then end this rank at once."""
     when = time.monotonic()
     text = traceback.format_exc()
-    deadline = when + _FOLLOW_ON_WINDOW_S
+    deadline = when + liveness.FOLLOW_ON_WINDOW_S
     peers = [r for r in range(world_size) if r != rank]
     while True:
-        gone = [r for r in peers if _gone(workdir, r)]
+        gone = [r for r in peers if liveness.gone(workdir, r)]
         if gone or not peers or time.monotonic() >= deadline:
             break
         time.sleep(0.01)
@@ -279,7 +164,7 @@ def _record_error(workdir: str, rank: int, world_size: int) -> NoReturn:
         with open(path, "w") as f:
             f.write(record)
 
-    _write_atomically(os.path.join(workdir, f"error_{rank}.json"), write)
+    liveness.write_atomically(os.path.join(workdir, f"error_{rank}.json"), write)
     os._exit(1)
 
 
@@ -299,9 +184,9 @@ def _apply_numerics(numerics: dict[str, Any]) -> None:
 def _rank_main(rank, world_size, backend, device_type, timeout, workdir, caller_alive) -> None:
     """Body of one rank process. Reads the call from workdir; writes result_<rank>.pt or error_<rank>.json there."""
     try:
-        _die_with_caller(caller_alive, workdir, rank, world_size)
-        _hold_alive_lock(workdir, rank)
-        _beat(workdir, rank)
+        liveness.die_with_caller(caller_alive, workdir, rank, world_size)
+        liveness.hold_alive_lock(workdir, rank)
+        liveness.beat(workdir, rank)
         fn, args, kwargs, numerics = torch.load(os.path.join(workdir, "call.pt"), weights_only=False)
         _apply_numerics(numerics)
         if device_type == "cpu":
@@ -317,7 +202,7 @@ def _rank_main(rank, world_size, backend, device_type, timeout, workdir, caller_
         _record_error(workdir, rank, world_size)
     try:
         # A result that cannot be pickled fails here, with its traceback.
-        _write_atomically(os.path.join(workdir, f"result_{rank}.pt"), lambda path: torch.save(result, path))
+        liveness.write_atomically(os.path.join(workdir, f"result_{rank}.pt"), lambda path: torch.save(result, path))
         # Stay until every rank has returned: exiting closes this rank's connections, and a peer still inside
         # init_process_group's connect or a last collective with it would fail with "Connection closed by peer".
         # The wait is on the store, not a collective, so it cannot itself be cut short that way.
@@ -342,7 +227,7 @@ def _spawn_processes(fn, world_size, args, kwargs, backend, device, timeout) -> 
     workdir = tempfile.mkdtemp(prefix="pretrain-spec-launch-")
     ctx = _context()
     procs: list = []
-    # The ranks watch `caller_alive` (see _die_with_caller); this process holds the only write end.
+    # The ranks watch `caller_alive` (see liveness.die_with_caller); this process holds the only write end.
     caller_alive, keep_alive = ctx.Pipe(duplex=False)
     try:
         # The call travels as a file, not as Process arguments: multiprocessing would share tensor arguments
@@ -390,29 +275,13 @@ def _watch(procs: list, workdir: str, timeout: float) -> None:
                 raise RankError(_failure_message(procs, workdir, seen))
 
 
-def _stalled(proc, workdir: str, rank: int) -> str | None:
-    """Why `rank` has stopped making progress, or None while it runs: its process is stopped (SIGSTOP, SIGTSTP, a
-    debugger), or its heartbeat is older than _STALE_S."""
-    try:
-        state = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        state = None
-    if state in ("T", "t"):
-        return "its process is stopped (SIGSTOP, SIGTSTP or a debugger)"
-    try:
-        age = time.time() - os.stat(os.path.join(workdir, f"beat_{rank}")).st_mtime
-    except OSError:
-        return None  # not started its heartbeat yet: nothing known
-    return f"its heartbeat thread had not run for {age:.1f} s" if age > _STALE_S else None
-
-
 def _timeout_message(procs: list, workdir: str, running: list[int], timeout: float) -> str:
     """Name the ranks that stopped making progress, apart from those only waiting on them; else every rank that had
     not finished. A rank that returned waits for the others before it exits (see _rank_main): it did not hang."""
     world = len(procs)
     returned = [r for r in running if os.path.exists(os.path.join(workdir, f"result_{r}.pt"))]
     unfinished = [r for r in running if r not in returned]
-    stalled = {r: why for r in unfinished if (why := _stalled(procs[r], workdir, r))}
+    stalled = {r: why for r in unfinished if (why := liveness.stalled(procs[r], workdir, r))}
     if stalled:
         waiting = [r for r in unfinished if r not in stalled]
         text = (f"rank(s) {', '.join(map(str, stalled))} of {world} stopped making progress ("

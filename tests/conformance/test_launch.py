@@ -17,7 +17,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from conformance.launch import RankError, RankTimeout, _gone, _hold_alive_lock, _write_atomically, spawn
+from conformance.launch import RankError, RankTimeout, spawn
+from conformance.liveness import gone, hold_alive_lock, write_atomically
 from tests.conformance.launch_faults import die_mid_collective, stop_mid_collective
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -233,7 +234,7 @@ def test_result_and_error_files_are_never_seen_half_written(tmp_path):
     thread.start()
     try:
         for v in versions:
-            _write_atomically(path, lambda tmp, v=v: Path(tmp).write_bytes(bytes([v]) * size))
+            write_atomically(path, lambda tmp, v=v: Path(tmp).write_bytes(bytes([v]) * size))
     finally:
         stop.set()
         thread.join()
@@ -263,7 +264,7 @@ def test_a_rank_is_gone_when_it_dies_even_if_a_process_it_forked_lives_on(tmp_pa
     pid = os.fork()
     if pid == 0:  # the "rank"
         try:
-            _hold_alive_lock(str(tmp_path), 1)
+            hold_alive_lock(str(tmp_path), 1)
             if os.fork() == 0:  # its child, which inherits every descriptor
                 os.read(end_child[0], 1)
                 os._exit(0)
@@ -274,13 +275,13 @@ def test_a_rank_is_gone_when_it_dies_even_if_a_process_it_forked_lives_on(tmp_pa
     os.close(ready[1])  # the rank's end only: a rank that dies early gives EOF here, not a hang
     try:
         assert os.read(ready[0], 1) == b"x", "the rank did not start"
-        assert not _gone(str(tmp_path), 1), "a live rank must not look gone"
-        assert not _gone(str(tmp_path), 0), "a rank that never started must not look gone"
+        assert not gone(str(tmp_path), 1), "a live rank must not look gone"
+        assert not gone(str(tmp_path), 0), "a rank that never started must not look gone"
         os.write(end_rank[1], b"x")
         assert _end_by(pid, 30), "the rank did not end"
-        assert _gone(str(tmp_path), 1), "a dead rank must look gone while its forked child lives"
+        assert gone(str(tmp_path), 1), "a dead rank must look gone while its forked child lives"
         (tmp_path / "result_1.pt").write_bytes(b"")
-        assert not _gone(str(tmp_path), 1), "a rank that returned a result has finished, not failed"
+        assert not gone(str(tmp_path), 1), "a rank that returned a result has finished, not failed"
     finally:
         os.write(end_rank[1], b"x")
         os.write(end_child[1], b"x")  # the child (reparented when the rank ended) exits on this byte

@@ -94,7 +94,8 @@ def _bad_args(tmp_path: Path) -> list[tuple[list[str], str]]:
         (["--only", "zer"], "argument --only: unknown check 'zer'; did you mean zero?"),
         (["--only", "schedules", "--skip", "schedules"], "argument --skip: no check left to run"),
         (["--reduced", "--skip", "clipping,training"], "argument --skip: no check left to run"),
-        (["--cell-timeout", "0"], "argument --cell-timeout: must be a positive number, got 0"),
+        (["--cell-timeout", "0"],
+         "argument --cell-timeout: must be a positive number of seconds at most 604800, got 0"),
         (["--out", str(blocker / "m")], "argument --out: cannot create folder"),
         (["--quick", "--full"], "argument --full: not allowed with argument --quick"),
     ]
