@@ -12,10 +12,11 @@ from hypothesis import strategies as st
 from conformance.launch import spawn
 from optimized.accumulation import accumulate_gradients, count_tokens
 from reference.data import make_batches
-from reference.model import GPT, IGNORE_INDEX, GPTConfig
+from reference.model import GPT, IGNORE_INDEX
 from reference.training import accumulate_gradients as reference_accumulate
+from tests.models import tiny_config
 
-CFG = GPTConfig(n_layer=1, n_embd=16, n_head=2, vocab_size=16, block_size=16)
+CFG = tiny_config()
 
 
 def batch(rows=8, seed=0):

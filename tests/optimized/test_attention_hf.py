@@ -5,42 +5,21 @@ import pytest
 import torch
 
 from optimized.attention import register_transformers
+from tests.models import hf_causal_lm
 
 transformers = pytest.importorskip("transformers")
 
 NAME = register_transformers()
 
 
-def _llama():
-    return transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-
-
-def _gpt2():
-    return transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64)
-
-
-def _mistral():  # sliding window of 4 tokens
-    return transformers.MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=1, sliding_window=4,
-                                      max_position_embeddings=64)
-
-
-def _gemma2():  # softcap on the attention logits, every other layer a sliding window
-    return transformers.Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                     num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=4,
-                                     attn_logit_softcapping=2.0, query_pre_attn_scalar=8,
-                                     max_position_embeddings=64)
-
-
-MODELS = {"llama": (_llama, transformers.LlamaForCausalLM), "gpt2": (_gpt2, transformers.GPT2LMHeadModel),
-          "mistral": (_mistral, transformers.MistralForCausalLM), "gemma2": (_gemma2, transformers.Gemma2ForCausalLM)}
+MODELS = {"llama": {}, "gpt2": {}, "mistral": {"kv_heads": 1}, "gemma2": {}}
+"""The families and their shapes beyond tests.models' defaults (Mistral: MQA, a sliding window of 4; Gemma-2:
+softcap 2.0, every other layer a sliding window)."""
 
 
 def _model(family: str, impl: str):
-    config, cls = MODELS[family]
-    torch.manual_seed(0)  # the same weights for every attn_implementation
-    return cls._from_config(config(), attn_implementation=impl).eval()
+    # seeded: the same weights for every attn_implementation
+    return hf_causal_lm(family, attn_implementation=impl, **MODELS[family]).eval()
 
 
 def _batch(padding: str):
@@ -132,6 +111,6 @@ def test_bad_names_and_dropout_are_refused():
         register_transformers("sdpa")
     with pytest.raises(ValueError, match="backend must be"):
         register_transformers("ours", backend="cudnn")
-    model = transformers.GPT2LMHeadModel._from_config(_gpt2(), attn_implementation=NAME).train()  # attn_pdrop 0.1
+    model = hf_causal_lm("gpt2", attn_implementation=NAME, attn_pdrop=0.1).train()
     with pytest.raises(ValueError, match="attn_pdrop=0.0"):
         model(input_ids=torch.zeros(1, 4, dtype=torch.long))

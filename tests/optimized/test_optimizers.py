@@ -10,9 +10,10 @@ from hypothesis import strategies as st
 from optimized.optimizers import Lion, build_optimizer, param_groups
 from reference import optimizers as ref
 from reference.data import make_batches
-from reference.model import GPT, GPTConfig
+from reference.model import GPT
+from tests.models import tiny_config
 
-CFG = GPTConfig(n_layer=1, n_embd=16, n_head=2, vocab_size=16, block_size=16)
+CFG = tiny_config()
 
 
 def train_steps(model, opt, steps=5):

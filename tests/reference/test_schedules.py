@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 
 from reference import schedules as S
 from reference.data import make_batches
-from reference.model import GPT, GPTConfig
 from reference.training import train
+from tests.models import tiny_gpt
 
 transformers_opt = pytest.importorskip("transformers.optimization")
 
@@ -114,7 +114,7 @@ def test_cosine_annealing_is_torch_closed_form_and_chainable_follows_it(t_max, r
 
 
 def test_plugs_into_the_reference_training_loop():
-    model = GPT(GPTConfig(n_layer=1, n_embd=16, n_head=2, vocab_size=16, block_size=16))
+    model = tiny_gpt()
     batches = make_batches(2, batch_size=2, seq_len=8, vocab_size=16)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     hist = train(model, opt, batches, steps=6, lr_lambda=S.get_schedule("linear_warmup_decay", warmup_steps=2,

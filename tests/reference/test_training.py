@@ -6,12 +6,13 @@ import pytest
 import torch
 
 from reference.data import make_batch, make_batches
-from reference.model import GPT, IGNORE_INDEX, GPTConfig
+from reference.model import IGNORE_INDEX
 from reference.training import accumulate_gradients, split_batch, train
+from tests.models import tiny_gpt
 
 
 def _model():
-    return GPT(GPTConfig(vocab_size=16, block_size=16, n_layer=1, n_head=2, n_embd=16, seed=1))
+    return tiny_gpt(seed=1)
 
 
 def _uneven_batch():
