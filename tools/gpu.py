@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 from conformance.flags import Parser, names, output_dir, seconds
-from tools.cuda import cuda_missing
+from tools.cuda import args_for_cuda
 
 STEPS = ("tests", "conformance", "bench")
 BUDGETS = {"tests": 120.0, "conformance": 210.0, "bench": 130.0}
@@ -336,12 +336,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str]) -> int:
-    try:
-        args = parse_args(argv)
-    except SystemExit as exit_:  # a bad flag (2) or --help (0), as a status
-        return int(exit_.code or 0)
-    if cuda_missing("gpu"):
-        return 2
+    args = args_for_cuda(parse_args, argv, "gpu")
+    if isinstance(args, int):
+        return args
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     log = Log(out / "gpu.log")

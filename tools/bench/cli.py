@@ -31,7 +31,7 @@ from tools.bench.cases import (
 )
 from tools.bench.measure import CaseResult, measure_case, measure_memory, memory_case
 from tools.bench.report import headline_ratios, plot, rate, render_table
-from tools.cuda import cuda_missing
+from tools.cuda import args_for_cuda
 
 
 def environment(device: torch.device) -> dict:
@@ -166,11 +166,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str]) -> int:
-    try:
-        args = parse_args(argv)
-    except SystemExit as exit_:  # a bad flag (2) or --help (0), as a status
-        return int(exit_.code or 0)
-    if cuda_missing("bench attention"):
-        return 2
+    args = args_for_cuda(parse_args, argv, "bench attention")
+    if isinstance(args, int):
+        return args
     run(args, torch.device("cuda"))
     return 0
