@@ -27,15 +27,9 @@ TECHNIQUES = ("data_parallel", "zero", "tensor_parallel", "pipeline", "context_p
 """The specs, in reading order; each has conformance/checks/_spec_<name>.py."""
 
 
-def _present(name: str) -> bool:
-    return importlib.util.find_spec(f"{__package__}._spec_{name}") is not None
-
-
 def run(ctx: Context) -> list[Result]:
     rows: list[Result] = []
     for name in TECHNIQUES:
-        if not _present(name):
-            continue
         module = importlib.import_module(f"{__package__}._spec_{name}")
         rows += SPEC.guarded(ctx, name, lambda c, m=module: m.rows(c, SPEC))
     return rows
