@@ -99,13 +99,14 @@ def apply_activation_checkpointing(
             targets.append(("forward", block))
         else:
             targets.extend(_attention_cores(name, block))
+    if any(kind == "transformers" for kind, _ in targets):
+        _register_recomputing_attention()
     for kind, module in targets:  # every check passed: change the model
         if kind == "forward":
             module.forward = types.MethodType(_checkpointed_forward, module)
         elif kind == "attribute":
             module.attention = functools.partial(_checkpointed_core, module.attention)
         else:
-            _register_recomputing_attention()
             module.config = _RecomputingConfig(module.config)
     return model
 
