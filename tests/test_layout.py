@@ -7,7 +7,7 @@
   tools/ has no cycle (an import inside a function runs when called, after every module has loaded: it is lazy and
   does not count; neither does an `if TYPE_CHECKING:` block, which never runs);
 - no file over MAX_LINES lines, except the Triton kernels (a kernel file is one that defines a `@triton.jit`
-  function: a kernel reads best whole) and the files in SPLIT_IN_PROGRESS.
+  function: a kernel reads best whole).
 """
 
 from __future__ import annotations
@@ -19,9 +19,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("reference", "optimized", "conformance", "tools")
 MAX_LINES = 450
-SPLIT_IN_PROGRESS = {
-}
-"""Files allowed over MAX_LINES for now; each entry goes when its file is split."""
 
 
 def _sources(*packages: str) -> dict[str, Path]:
@@ -130,13 +127,13 @@ def test_no_import_cycles_between_modules():
     assert _cycles(graph) == []
 
 
-def test_no_file_over_450_lines_but_kernels_and_the_listed_splits():
+def test_no_file_over_450_lines_but_kernels():
     long = {}
     for path in _sources(*PACKAGES).values():
         name = path.relative_to(ROOT).as_posix()
         text = path.read_text()
         lines = text.count("\n")
-        if lines > MAX_LINES and name not in SPLIT_IN_PROGRESS and not _defines_a_kernel(text):
+        if lines > MAX_LINES and not _defines_a_kernel(text):
             long[name] = lines
     assert long == {}, f"over {MAX_LINES} lines: split by job (see DESIGN.md)"
 
